@@ -1,0 +1,169 @@
+"""The computing layer that replaces a residual conv block (spec §3)."""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .synthesis import apply_chain, collapse_kernel, mix_channels
+
+# A position's sources: (neighbour name, the neighbour's conv module).
+Sources = Sequence[Tuple[str, nn.Module]]
+
+
+class ConvSite(nn.Module):
+    """RepL computing layer for a BasicBlock / Bottleneck site.
+
+    For every conv position j of the replaced block, the site synthesizes a
+    pointwise weight from the same position of its kept neighbours:
+
+    .. math::
+        \\hat W^j = \\mathrm{diag}(\\phi^j_{prev}) S(W^j_{prev})
+                  + \\mathrm{diag}(\\phi^j_{next}) S(W^j_{next})
+
+    where S sums a kernel over its taps, and computes
+
+    .. math::
+        out = act(scale \\cdot norm(\\hat W^J \\cdots \\hat W^1 h) + h)
+
+    (``residual=False`` drops ``+ h``: the literal Eq. 7/12). Synthesis runs
+    every forward from the neighbours' live weights, so autograd carries
+    the gradient of Eq. 8 to phi and to the neighbours. The chain is folded
+    into one matrix when that costs fewer multiply-adds.
+
+    The neighbours' convs are held outside ``_modules``: they are not
+    registered, counted, optimised or saved twice, and ``copy.deepcopy`` of
+    the whole model maps them to the copy's neighbours.
+
+    Decisions the spec leaves open (documented, not options):
+
+    - A position that neither kept neighbour can serve (shape mismatch,
+      e.g. conv1 of ResNet-18's block 4, whose neighbours are the
+      down-sampling first blocks of stages 2 and 3) becomes a (Cout, Cin)
+      weight the site owns, initialised like a 1x1 ``nn.Conv2d``; the plan
+      table shows it as ``own``. This keeps the spec's example plans
+      (ResNet-18 -> 4) valid.
+    - ``drop_path`` (mmpretrain blocks) applies the replaced block's
+      stochastic-depth rate to the site's update, as for ViT sites (§4).
+
+    Args:
+        shapes (Sequence[tuple[int, int]]): (Cout_j, Cin_j) per position.
+        sources (Sequence[Sources]): Per position, the neighbours' convs it
+            is drawn from; empty means the site owns that weight.
+        norm (nn.Module): Fresh norm of width Cout_J (never shared).
+        act (nn.Module): Activation after the residual sum.
+        residual (bool): Keep ``+ h``. Defaults to True.
+        zero_init (bool): Zero gamma of ``norm`` at init. Defaults to True.
+        scale (float): Update multiplier (buffer). Defaults to 1.0.
+        drop_path (nn.Module, optional): Stochastic depth on the update.
+        with_cp (bool): Checkpoint the site (non-reentrant). Defaults to
+            False.
+
+    Example:
+        >>> prev, nxt = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
+        >>> site = ConvSite([(8, 8)], [[('prev', prev), ('next', nxt)]],
+        ...                 nn.BatchNorm2d(8), nn.ReLU())
+        >>> site(torch.rand(2, 8, 5, 5)).shape
+        torch.Size([2, 8, 5, 5])
+    """
+
+    def __init__(self,
+                 shapes: Sequence[Tuple[int, int]],
+                 sources: Sequence[Sources],
+                 norm: nn.Module,
+                 act: nn.Module,
+                 residual: bool = True,
+                 zero_init: bool = True,
+                 scale: float = 1.0,
+                 drop_path: Optional[nn.Module] = None,
+                 with_cp: bool = False):
+        super().__init__()
+        if len(shapes) != len(sources):
+            raise ValueError(f'{len(shapes)} shapes but {len(sources)} '
+                             'source lists')
+        for j in range(1, len(shapes)):
+            if shapes[j][1] != shapes[j - 1][0]:
+                raise ValueError(f'position {j + 1} takes {shapes[j][1]} '
+                                 f'channels but position {j} gives '
+                                 f'{shapes[j - 1][0]}')
+        if shapes[-1][0] != shapes[0][1] and residual:
+            raise ValueError('a residual site must preserve channels, got '
+                             f'{shapes[0][1]} -> {shapes[-1][0]}')
+        self.shapes = [tuple(s) for s in shapes]
+        self._sources: List[List[Tuple[str, nn.Module]]] = [
+            list(s) for s in sources
+        ]
+        for j, ((cout, cin), srcs) in enumerate(
+                zip(self.shapes, self._sources), 1):
+            for name, conv in srcs:
+                w = conv.weight
+                if tuple(w.shape[:2]) != (cout, cin):
+                    raise ValueError(
+                        f'{name} neighbour conv{j} has weight shape '
+                        f'{tuple(w.shape)}, the site needs ({cout}, {cin})')
+                self.register_parameter(f'phi{j}_{name}',
+                                        nn.Parameter(torch.empty(cout)))
+            if not srcs:
+                self.register_parameter(f'weight{j}',
+                                        nn.Parameter(torch.empty(cout, cin)))
+        self.norm = norm
+        self.act = act
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()
+        self.residual = residual
+        self.zero_init = zero_init
+        self.with_cp = with_cp
+        self.register_buffer(
+            'scale', torch.tensor(float(scale)), persistent=False)
+        self.init_weights()
+
+    @property
+    def sources(self) -> List[Tuple[str, ...]]:
+        """Per position, the neighbour names it mixes (``('own',)``)."""
+        return [tuple(n for n, _ in s) or ('own', ) for s in self._sources]
+
+    def init_weights(self):
+        """phi = 0.5; own weights like a 1x1 conv; norm gamma 0 or 1.
+
+        Called by mmengine's ``init_weights`` recursion after the
+        backbone's own initialisers (which would set every BN gamma to 1).
+        """
+        with torch.no_grad():
+            for j, srcs in enumerate(self._sources, 1):
+                for name, _ in srcs:
+                    getattr(self, f'phi{j}_{name}').fill_(0.5)
+                if not srcs:
+                    nn.init.kaiming_uniform_(
+                        getattr(self, f'weight{j}'), a=math.sqrt(5))
+            if getattr(self.norm, 'weight', None) is not None:
+                self.norm.weight.fill_(0.0 if self.zero_init else 1.0)
+            if getattr(self.norm, 'bias', None) is not None:
+                self.norm.bias.zero_()
+
+    def synthesize(self) -> List[Tensor]:
+        """The (Cout_j, Cin_j) matrices What^j from the live neighbours."""
+        mats = []
+        for j, srcs in enumerate(self._sources, 1):
+            if srcs:
+                mats.append(
+                    mix_channels([(getattr(self, f'phi{j}_{name}'),
+                                   collapse_kernel(conv.weight))
+                                  for name, conv in srcs]))
+            else:
+                mats.append(getattr(self, f'weight{j}'))
+        return mats
+
+    def _forward(self, h: Tensor) -> Tensor:
+        x_hat = apply_chain(h, self.synthesize())
+        update = self.drop_path(self.scale * self.norm(x_hat))
+        return self.act(update + h if self.residual else update)
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.with_cp and h.requires_grad:
+            return checkpoint(self._forward, h, use_reentrant=False)
+        return self._forward(h)
+
+    def extra_repr(self) -> str:
+        src = ', '.join(f"conv{j}<-{'+'.join(s)}"
+                        for j, s in enumerate(self.sources, 1))
+        return f'{src}, residual={self.residual}'

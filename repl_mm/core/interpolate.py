@@ -1,0 +1,92 @@
+"""``mode='interpolate'``: the supplement's Algorithm 1 (spec §2)."""
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# (a weight-owning submodule of the block, [(neighbour name, its twin)])
+Target = Tuple[nn.Module, Sequence[Tuple[str, nn.Module]]]
+
+
+class InterpolatedBlock(nn.Module):
+    """Run the original block with weights interpolated from neighbours.
+
+    Each target weight is set every forward to
+
+    .. math::
+        W = a W_{prev} + b W_{next}
+
+    (scalars a, b initialised to 0.5; a weight one neighbour cannot serve
+    is drawn from the other only). The block's own copies of the target
+    weights are deleted; its other parameters (norms; for ViT the MLP and
+    the attention biases) stay its own and train.
+
+    Args:
+        block (nn.Module): The replaced block, kept as ``self.block``.
+        targets (Sequence[Target]): Weights to interpolate and their
+            neighbour twins of equal shape. A target with no twin keeps its
+            own weight and is left out.
+        with_cp (bool): Checkpoint non-reentrantly (the block's own
+            ``with_cp`` is turned off so it does not checkpoint again).
+    """
+
+    def __init__(self, block: nn.Module, targets: Sequence[Target],
+                 with_cp: bool = False):
+        super().__init__()
+        self._targets: List[Target] = []
+        used = set()
+        for mod, srcs in targets:
+            srcs = list(srcs)
+            if not srcs:
+                continue
+            for name, twin in srcs:
+                if twin.weight.shape != mod.weight.shape:
+                    raise ValueError(
+                        f'{name} neighbour weight {tuple(twin.weight.shape)} '
+                        f'does not match {tuple(mod.weight.shape)}')
+                used.add(name)
+            del mod.weight
+            mod.weight = None
+            self._targets.append((mod, srcs))
+        for name in sorted(used, reverse=True):  # prev -> a, next -> b
+            self.register_parameter('a' if name == 'prev' else 'b',
+                                    nn.Parameter(torch.full((), 0.5)))
+        if hasattr(block, 'with_cp'):
+            block.with_cp = False
+        self.block = block
+        self.with_cp = with_cp
+
+    @property
+    def sources(self) -> List[Tuple[str, ...]]:
+        return [tuple(n for n, _ in s) for _, s in self._targets]
+
+    def init_weights(self):
+        with torch.no_grad():
+            for name in ('a', 'b'):
+                if hasattr(self, name):
+                    getattr(self, name).fill_(0.5)
+
+    def interpolate(self) -> List[Tensor]:
+        coef = {'prev': getattr(self, 'a', None), 'next': getattr(self, 'b',
+                                                                  None)}
+        return [
+            sum(coef[name] * twin.weight for name, twin in srcs)
+            for _, srcs in self._targets
+        ]
+
+    def _run(self, x: Tensor, *weights: Tensor) -> Tensor:
+        for (mod, _), w in zip(self._targets, weights):
+            mod.weight = w
+        try:
+            return self.block(x)
+        finally:
+            # Leave no graph tensor behind (deepcopy, init_weights).
+            for mod, _ in self._targets:
+                mod.weight = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = self.interpolate()
+        if self.with_cp and x.requires_grad:
+            return checkpoint(self._run, x, *weights, use_reentrant=False)
+        return self._run(x, *weights)

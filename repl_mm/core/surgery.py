@@ -1,0 +1,211 @@
+"""Apply a replacement plan to a backbone's blocks: the one place that edits
+a model (spec §1-§3). Backbones (and, later, the hook) call
+:func:`replace_blocks`; it never learns which codebase a block came from:
+the adapter hands it block slots and a ``describe`` function.
+"""
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+from .checkpoint import use_non_reentrant_checkpoint
+from .cnn_site import ConvSite
+from .interpolate import InterpolatedBlock
+from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
+                   nearest_kept, select_sites)
+from .vit_site import TransformerSite
+
+
+@dataclass
+class BlockSlot:
+    """Where block ``stage``.``block`` (1-based) lives: ``parent[key]``."""
+
+    parent: Any
+    key: int
+    stage: int
+    block: int
+    replaceable: bool
+
+
+def pick_sources(prev_ok: bool, next_ok: bool,
+                 neighbors: str) -> Tuple[str, ...]:
+    """Neighbours that serve one weight position under ``neighbors``.
+
+    ``'prev'``/``'next'`` fall back to the other neighbour when the chosen
+    one cannot serve the position (spec §3); empty when neither can.
+    """
+    ok = {'prev': prev_ok, 'next': next_ok}
+    if neighbors == 'both':
+        return tuple(n for n in ('prev', 'next') if ok[n])
+    other = 'next' if neighbors == 'prev' else 'prev'
+    for n in (neighbors, other):
+        if ok[n]:
+            return (n, )
+    return ()
+
+
+def _conv_sources(mode, site_desc, nbrs, cfg):
+    """Per conv position: [(name, neighbour conv)] that can serve it."""
+    out = []
+    for j, conv in enumerate(site_desc['convs']):
+        shape = tuple(conv.weight.shape)
+
+        def serves(desc):
+            if desc is None or j >= len(desc['convs']):
+                return False
+            w = desc['convs'][j].weight.shape
+            # synthesize needs (Cout, Cin); interpolate the whole kernel.
+            return tuple(w) == shape if mode == 'interpolate' else \
+                tuple(w[:2]) == shape[:2]
+
+        names = pick_sources(
+            serves(nbrs['prev']), serves(nbrs['next']), cfg.neighbors)
+        out.append([(n, nbrs[n]['convs'][j]) for n in names])
+    return out
+
+
+def _vit_sources(nbrs, cfg, ops):
+    names = pick_sources(nbrs['prev'] is not None, nbrs['next'] is not None,
+                         cfg.neighbors)
+    return {op: [(n, nbrs[n][op]) for n in names] for op in ops}
+
+
+def fresh_norm(norm: nn.Module) -> nn.Module:
+    """A new norm of the same type and width as ``norm``: reset
+    parameters and statistics, trainable (spec §3: never shared)."""
+    new = copy.deepcopy(norm)
+    if hasattr(new, 'reset_parameters'):
+        new.reset_parameters()  # BN: also resets running statistics
+    for p in new.parameters():
+        p.requires_grad_(True)
+    return new
+
+
+def _build_site(kind, old, desc, nbrs, cfg, with_cp):
+    """The module that takes block ``old``'s place, and its sources."""
+    drop_path = copy.deepcopy(desc.get('drop_path'))
+    if cfg.mode == 'drop':
+        return nn.Identity(), {}
+    if cfg.mode == 'interpolate':
+        if kind == 'conv':
+            srcs = _conv_sources('interpolate', desc, nbrs, cfg)
+            targets = list(zip(desc['convs'], srcs))
+            names = [f'conv{j}' for j in range(1, len(srcs) + 1)]
+        else:
+            per_op = _vit_sources(nbrs, cfg, ('attn', ))['attn']
+            targets = [(m, [(n, t[i]) for n, t in per_op])
+                       for i, m in enumerate(desc['attn'])]
+            names = ['qkv', 'proj']
+        site = InterpolatedBlock(old, targets, with_cp=with_cp)
+        return site, {
+            k: tuple(n for n, _ in s) or ('own', )
+            for k, (_, s) in zip(names, targets)
+        }
+    if kind == 'conv':
+        srcs = _conv_sources('synthesize', desc, nbrs, cfg)
+        shapes = [tuple(c.weight.shape[:2]) for c in desc['convs']]
+        site = ConvSite(
+            shapes,
+            srcs,
+            fresh_norm(desc['norm']),
+            copy.deepcopy(desc['act']),
+            residual=cfg.residual,
+            zero_init=cfg.zero_init,
+            scale=cfg.scale,
+            drop_path=drop_path,
+            with_cp=with_cp)
+        return site, {f'conv{j}': s for j, s in enumerate(site.sources, 1)}
+    ops = {
+        'attn+mlp': ('attn', 'mlp'),
+        'attn': ('attn', ),
+        'mlp': ('mlp', ),
+        'none': ()
+    }[cfg.vit_weights]
+    site = TransformerSite(
+        desc['dim'],
+        _vit_sources(nbrs, cfg, ops),
+        fresh_norm(desc['norm']),
+        copy.deepcopy(desc['act']),
+        num_scalars=cfg.num_scalars,
+        zero_init=cfg.zero_init,
+        scale=cfg.scale,
+        drop_path=drop_path,
+        with_cp=with_cp)
+    return site, site.sources
+
+
+def _param_ids(module: nn.Module) -> Dict[int, int]:
+    return {id(p): p.numel() for p in module.parameters()}
+
+
+def replace_blocks(slots: Sequence[BlockSlot],
+                   options: Optional[dict],
+                   kind: str,
+                   describe: Callable[[nn.Module], dict],
+                   with_cp: bool = False) -> ReplacementPlan:
+    """Plan the sites of ``slots`` and put computing layers in their place.
+
+    Args:
+        slots (Sequence[BlockSlot]): Every residual block, forward order.
+        options (dict | ReplacementConfig | None): ``replacement=dict(...)``.
+        kind (str): ``'conv'`` (BasicBlock/Bottleneck) or ``'transformer'``.
+        describe (Callable): Block -> dict. For ``'conv'``: ``convs`` (the
+            block's convs in order), ``norm`` (its last norm, cloned fresh
+            for the site), ``act``, optional ``drop_path``. For
+            ``'transformer'``: ``dim``, ``attn`` ((qkv, proj) linears),
+            ``mlp`` ((fc1, fc2) linears), ``norm`` (a LayerNorm of width
+            d, cloned fresh), ``act``, optional ``drop_path``.
+        with_cp (bool): Checkpoint every block non-reentrantly (spec §8):
+            sites and, when they checkpoint, kept blocks.
+
+    Returns:
+        ReplacementPlan: The record of what was done.
+    """
+    if kind not in ('conv', 'transformer'):
+        raise ValueError(f"kind must be 'conv' or 'transformer', got {kind!r}")
+    cfg = ReplacementConfig.from_dict(options)
+    n = len(slots)
+    indices, notes = select_sites([s.replaceable for s in slots], cfg)
+    blocks = [s.parent[s.key] for s in slots]
+    descs = [describe(b) for b in blocks]
+    built: List[Tuple[BlockSlot, nn.Module]] = []
+    records = []
+    for i in indices:
+        slot, old = slots[i - 1], blocks[i - 1]
+        prev, nxt = nearest_kept(i, n, indices)
+        nbrs = {
+            'prev': descs[prev - 1] if prev else None,
+            'next': descs[nxt - 1] if nxt else None
+        }
+        before = _param_ids(old)
+        if cfg.mode == 'none':
+            new, sources = old, {}
+        else:
+            new, sources = _build_site(kind, old, descs[i - 1], nbrs, cfg,
+                                       with_cp)
+        after = _param_ids(new)
+        records.append(
+            SiteRecord(
+                index=i,
+                stage=slot.stage,
+                block=slot.block,
+                prev=prev,
+                next=nxt,
+                sources=sources,
+                removed_params=sum(v for k, v in before.items()
+                                   if k not in after),
+                added_params=sum(v for k, v in after.items()
+                                 if k not in before)))
+        built.append((slot, new))
+    # Edit only after every site is built: builders read original blocks.
+    for slot, new in built:
+        slot.parent[slot.key] = new
+    if with_cp:
+        for slot in slots:
+            block = slot.parent[slot.key]
+            if not isinstance(block, (ConvSite, TransformerSite,
+                                      InterpolatedBlock, nn.Identity)):
+                block.with_cp = True
+                use_non_reentrant_checkpoint(block)
+    return ReplacementPlan(cfg, n, records, notes)

@@ -1,0 +1,129 @@
+"""Weight-space math of RepL as plain functions (spec §3, §4).
+
+No module state and no registry imports: each function is testable on tiny
+tensors against values worked out by hand.
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def collapse_kernel(weight: Tensor) -> Tensor:
+    """Sum a conv kernel over its taps: S(W) of spec §3.
+
+    Args:
+        weight (Tensor): (Cout, Cin, kh, kw) conv weight, or an already
+            pointwise (Cout, Cin) matrix (returned unchanged).
+
+    Returns:
+        Tensor: (Cout, Cin).
+    """
+    if weight.dim() == 4:
+        return weight.sum(dim=(2, 3))  # (Cout, Cin, kh, kw) -> (Cout, Cin)
+    if weight.dim() == 2:
+        return weight
+    raise ValueError(f'expected a 2-D or 4-D weight, got shape '
+                     f'{tuple(weight.shape)}')
+
+
+def mix_channels(terms: Sequence) -> Tensor:
+    """Per-output-channel mix of neighbour matrices.
+
+    .. math::
+        \\hat W = \\sum_s \\mathrm{diag}(\\phi_s) W_s
+
+    Args:
+        terms (Sequence[tuple[Tensor, Tensor]]): Pairs ``(phi, W)`` with
+            phi of shape (Cout,) (or a scalar) and W of shape (Cout, Cin).
+    """
+    out = None
+    for phi, w in terms:
+        if phi.dim() == 1:
+            phi = phi[:, None]  # (Cout,) -> (Cout, 1)
+        t = phi * w
+        out = t if out is None else out + t
+    if out is None:
+        raise ValueError('mix_channels needs at least one term')
+    return out
+
+
+def fold_chain(mats: Sequence[Tensor]) -> Tensor:
+    """One matrix for the chain x -> W_J(...(W_1 x)): W_J @ ... @ W_1."""
+    out = mats[0]
+    for w in mats[1:]:
+        out = w @ out
+    return out
+
+
+def chain_macs(mats: Sequence[Tensor]) -> int:
+    """Multiply-adds per pixel of applying the chain one matrix at a time."""
+    return sum(w.shape[0] * w.shape[1] for w in mats)
+
+
+def folded_macs(mats: Sequence[Tensor]) -> int:
+    """Multiply-adds per pixel of the folded chain."""
+    return mats[-1].shape[0] * mats[0].shape[1]
+
+
+def should_fold(mats: Sequence[Tensor], pixels: int) -> bool:
+    """Whether folding the chain in weight space costs fewer multiply-adds.
+
+    Folding costs ``sum_j Cout_j * Cin_j * Cin_1`` once (it does not grow
+    with the batch) and then ``Cout_J * Cin_1`` per pixel; the chain costs
+    ``sum_j Cout_j * Cin_j`` per pixel.
+    """
+    if len(mats) == 1:
+        return False
+    fold_once = 0
+    cin = mats[0].shape[1]
+    for w in mats[1:]:
+        fold_once += w.shape[0] * w.shape[1] * cin
+    return fold_once + pixels * folded_macs(mats) < pixels * chain_macs(mats)
+
+
+def pointwise(x: Tensor, weight: Tensor) -> Tensor:
+    """Apply a (Cout, Cin) matrix as a 1x1, stride-1 conv."""
+    # (Cout, Cin) -> (Cout, Cin, 1, 1)
+    return F.conv2d(x, weight[:, :, None, None])
+
+
+def apply_chain(x: Tensor, mats: Sequence[Tensor],
+                fold: Optional[bool] = None) -> Tensor:
+    """x_hat = W_J(...(W_1 x)) on a (B, C, H, W) map, in the cheaper order.
+
+    Args:
+        x (Tensor): (B, Cin_1, H, W).
+        mats (Sequence[Tensor]): (Cout_j, Cin_j) matrices, Cin_{j+1} =
+            Cout_j.
+        fold (bool, optional): Force folding (True) or the chain (False);
+            None picks the cheaper by multiply-adds. Same function either
+            way (up to float rounding).
+    """
+    if fold is None:
+        fold = should_fold(mats, x.shape[0] * x.shape[2] * x.shape[3])
+    if fold:
+        return pointwise(x, fold_chain(mats))
+    for w in mats:
+        x = pointwise(x, w)
+    return x
+
+
+def value_weight(qkv_weight: Tensor) -> Tensor:
+    """W_v: rows 2d..3d of a fused (3d, d) qkv weight (q, k, v order)."""
+    d = qkv_weight.shape[1]
+    if qkv_weight.shape[0] != 3 * d:
+        raise ValueError('expected a fused qkv weight of shape (3d, d), got '
+                         f'{tuple(qkv_weight.shape)}')
+    return qkv_weight[2 * d:]
+
+
+def attention_operator(qkv_weight: Tensor, proj_weight: Tensor) -> Tensor:
+    """A = W_proj @ W_v (spec §4): (d, d)."""
+    return proj_weight @ value_weight(qkv_weight)
+
+
+def mlp_operator(fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
+    """M = W_fc2 @ W_fc1 (spec §4): (d, 4d) @ (4d, d) -> (d, d)."""
+    return fc2_weight @ fc1_weight

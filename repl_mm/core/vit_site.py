@@ -1,0 +1,156 @@
+"""The computing layer that replaces a transformer encoder layer (spec §4)."""
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .synthesis import attention_operator, mlp_operator
+
+# Per operator, its sources: (neighbour name, (linear, linear)) with
+# (qkv, proj) for 'attn' and (fc1, fc2) for 'mlp'.
+OperatorSources = Sequence[Tuple[str, Tuple[nn.Module, nn.Module]]]
+
+_OPERATORS = {'attn': attention_operator, 'mlp': mlp_operator}
+
+
+class TransformerSite(nn.Module):
+    """RepL computing layer for a ViT encoder layer (paper Eq. 10).
+
+    .. math::
+        \\hat A = \\alpha A_{prev} + \\beta A_{next}, \\quad
+        \\hat M = \\alpha M_{prev} + \\beta M_{next}
+
+        H_{out} = H + \\mathrm{DropPath}(scale \\cdot
+                  LN(\\mathrm{GELU}(H \\hat M^T) + H \\hat A^T))
+
+    with A = W_proj W_v and M = W_fc2 W_fc1 of each neighbour. An operator
+    not drawn from the neighbours (``vit_weights``) is a (d, d) weight the
+    site owns, initialised like ``nn.Linear``. With ``num_scalars=1``,
+    beta = 1 - alpha. Synthesis runs every forward in fp32 with autocast
+    off; biases are not synthesized.
+
+    Args:
+        dim (int): Embedding width d.
+        sources (dict[str, OperatorSources]): For ``'attn'`` and ``'mlp'``,
+            the neighbours' linears; empty means the site owns it.
+        norm (nn.Module): Fresh LayerNorm of width d.
+        act (nn.Module): The MLP activation (GELU).
+        num_scalars (int): 2 (alpha, beta) or 1. Defaults to 2.
+        zero_init (bool): Zero gamma of ``norm``. Defaults to True.
+        scale (float): Update multiplier (buffer). Defaults to 1.0.
+        drop_path (nn.Module, optional): The replaced layer's stochastic
+            depth.
+        with_cp (bool): Checkpoint the site (non-reentrant).
+
+    Example:
+        >>> qkv, proj = nn.Linear(8, 24), nn.Linear(8, 8)
+        >>> fc1, fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        >>> src = [('next', (qkv, proj))]
+        >>> site = TransformerSite(8, {'attn': src, 'mlp': [
+        ...     ('next', (fc1, fc2))]}, nn.LayerNorm(8), nn.GELU())
+        >>> site(torch.rand(2, 5, 8)).shape
+        torch.Size([2, 5, 8])
+    """
+
+    def __init__(self,
+                 dim: int,
+                 sources: Dict[str, OperatorSources],
+                 norm: nn.Module,
+                 act: nn.Module,
+                 num_scalars: int = 2,
+                 zero_init: bool = True,
+                 scale: float = 1.0,
+                 drop_path: Optional[nn.Module] = None,
+                 with_cp: bool = False):
+        super().__init__()
+        self.dim = dim
+        self._sources = {op: list(sources.get(op, ())) for op in _OPERATORS}
+        used = sorted({n for s in self._sources.values() for n, _ in s},
+                      reverse=True)  # ['prev', 'next'] order
+        # alpha weighs 'prev', beta weighs 'next'; one scalar with
+        # num_scalars=1 (beta = 1 - alpha) or when one neighbour is used.
+        self.tied = num_scalars == 1 and len(used) == 2
+        for name in used:
+            if self.tied and name == 'next':
+                continue
+            self.register_parameter(
+                'alpha' if name == 'prev' else 'beta',
+                nn.Parameter(torch.empty(())))
+        for op, srcs in self._sources.items():
+            if not srcs:
+                self.register_parameter(f'{op}_weight',
+                                        nn.Parameter(torch.empty(dim, dim)))
+        self.norm = norm
+        self.act = act
+        self.drop_path = drop_path if drop_path is not None else nn.Identity()
+        self.zero_init = zero_init
+        self.with_cp = with_cp
+        self.register_buffer(
+            'scale', torch.tensor(float(scale)), persistent=False)
+        self.init_weights()
+
+    @property
+    def sources(self) -> Dict[str, Tuple[str, ...]]:
+        return {
+            op: tuple(n for n, _ in s) or ('own', )
+            for op, s in self._sources.items()
+        }
+
+    def init_weights(self):
+        """alpha = beta = 0.5; own operators like nn.Linear; LN gamma."""
+        with torch.no_grad():
+            for name in ('alpha', 'beta'):
+                if hasattr(self, name):
+                    getattr(self, name).fill_(0.5)
+            for op, srcs in self._sources.items():
+                if not srcs:
+                    nn.init.kaiming_uniform_(
+                        getattr(self, f'{op}_weight'), a=math.sqrt(5))
+            if getattr(self.norm, 'weight', None) is not None:
+                self.norm.weight.fill_(0.0 if self.zero_init else 1.0)
+            if getattr(self.norm, 'bias', None) is not None:
+                self.norm.bias.zero_()
+
+    def coefficient(self, name: str) -> Tensor:
+        """The scalar that weighs neighbour ``name`` ('prev' or 'next')."""
+        if name == 'prev':
+            return self.alpha
+        return 1 - self.alpha if self.tied else self.beta
+
+    def synthesize(self) -> Dict[str, Tensor]:
+        """The (d, d) operators Ahat ('attn') and Mhat ('mlp'), fp32."""
+        out = {}
+        for op, srcs in self._sources.items():
+            if not srcs:
+                out[op] = getattr(self, f'{op}_weight').float()
+                continue
+            fn = _OPERATORS[op]
+            total = None
+            for name, (w_in, w_out) in srcs:
+                term = self.coefficient(name).float() * fn(
+                    w_in.weight.float(), w_out.weight.float())
+                total = term if total is None else total + term
+            out[op] = total
+        return out
+
+    def _forward(self, h: Tensor) -> Tensor:
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            ops = self.synthesize()
+        if not torch.is_autocast_enabled(h.device.type):
+            ops = {k: v.to(h.dtype) for k, v in ops.items()}
+        # (B, N, d) @ (d, d)^T -> (B, N, d)
+        y = self.act(F.linear(h, ops['mlp'])) + F.linear(h, ops['attn'])
+        return h + self.drop_path(self.scale * self.norm(y))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.with_cp and h.requires_grad:
+            return checkpoint(self._forward, h, use_reentrant=False)
+        return self._forward(h)
+
+    def extra_repr(self) -> str:
+        src = ', '.join(f"{op}<-{'+'.join(s)}"
+                        for op, s in self.sources.items())
+        return f'dim={self.dim}, {src}, tied={self.tied}'

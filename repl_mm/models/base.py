@@ -1,0 +1,168 @@
+"""What every RepL backbone shares: surgery at build time, the plan in the
+checkpoint, and train-mode rules for the sites' fresh norms (spec §3, §6).
+
+Imports mmengine only (for logging), never a task codebase.
+"""
+import json
+from typing import Dict, List, Sequence
+
+import torch
+from mmengine.logging import print_log
+from torch import nn
+
+from ..core import (BlockSlot, ConvSite, ReplacementPlan, TransformerSite,
+                    replace_blocks)
+
+PLAN_KEY = 'replacement_plan'
+
+
+def encode_plan(plan: ReplacementPlan) -> torch.Tensor:
+    """The plan as a uint8 tensor of JSON, so checkpoint writers that expect
+    tensors (``weights_to_cpu``, EMA) handle it like any buffer."""
+    data = json.dumps(plan.to_dict(), sort_keys=True).encode()
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def decode_plan(tensor) -> dict:
+    if isinstance(tensor, dict):
+        return tensor
+    return json.loads(bytes(tensor.tolist()).decode())
+
+
+class RepLBackboneMixin:
+    """Mixin placed before the upstream backbone class.
+
+    Subclasses call :meth:`_replace` at the end of ``__init__`` with their
+    block slots and a ``describe`` function (see
+    :func:`repl_mm.core.replace_blocks`), and define :meth:`_site_frozen`.
+    """
+
+    replacement_plan: ReplacementPlan
+
+    def _replace(self, slots: Sequence[BlockSlot], replacement, kind: str,
+                 describe, with_cp: bool) -> ReplacementPlan:
+        names = {id(m): n for n, m in self.named_modules()}
+        prefixes = [names[id(s.parent[s.key])] + '.' for s in slots]
+        plan = replace_blocks(slots, replacement, kind, describe, with_cp)
+        self.replacement_plan = plan
+        self._site_prefixes: Dict[int, str] = {
+            s.index: prefixes[s.index - 1]
+            for s in plan.sites
+        }
+        print_log(f'{type(self).__name__}:\n{plan}', logger='current')
+        return plan
+
+    def _site_frozen(self, index: int) -> bool:
+        """Whether site ``index`` lies in a frozen stage."""
+        raise NotImplementedError
+
+    def site_modules(self) -> Dict[int, nn.Module]:
+        """Site index -> the module that stands in for the block."""
+        mods = dict(self.named_modules())
+        return {
+            i: mods[p[:-1]]
+            for i, p in self._site_prefixes.items() if p[:-1] in mods
+        }
+
+    def train(self, mode: bool = True):
+        """Upstream ``train`` (frozen stages, ``norm_eval``), then the
+        sites' fresh norms train anyway unless their stage is frozen: a
+        site norm held at its initial statistics would never learn."""
+        super().train(mode)
+        if mode:
+            for i, m in self.site_modules().items():
+                if isinstance(m, (ConvSite, TransformerSite)) and \
+                        not self._site_frozen(i):
+                    m.norm.train(True)
+        return self
+
+    # -- checkpoints (spec §6) -------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.replacement_plan.mode != 'none':  # E2E keys stay upstream's
+            destination[prefix + PLAN_KEY] = encode_plan(
+                self.replacement_plan)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
+                              strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + PLAN_KEY
+        if key in state_dict:
+            theirs = decode_plan(state_dict.pop(key))
+            diff = self.replacement_plan.diff(theirs)
+            if diff:
+                raise ValueError(
+                    'checkpoint was saved with another RepL plan (indices '
+                    f"{theirs.get('indices')}, mode "
+                    f"{theirs.get('config', {}).get('mode')!r}) than this "
+                    f'model (indices {list(self.replacement_plan.indices)}, '
+                    f'mode {self.replacement_plan.mode!r}):\n  ' +
+                    '\n  '.join(diff))
+        elif self.replacement_plan.mode != 'none':
+            self._report_e2e_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata,
+                                      strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _report_e2e_keys(self, state_dict, prefix: str) -> List[str]:
+        """An E2E checkpoint (no plan): kept blocks load as usual; log the
+        keys of the replaced blocks, which the RepL model does not use."""
+        own = set(self.state_dict().keys())
+        unused = [
+            k for k in state_dict if k.startswith(prefix) and any(
+                k[len(prefix):].startswith(p)
+                for p in self._site_prefixes.values())
+            and k[len(prefix):] not in own
+        ]
+        if unused:
+            print_log(
+                'loading a checkpoint without a RepL plan (an end-to-end '
+                'one): kept blocks load; the replaced blocks '
+                f'{list(self.replacement_plan.indices)} leave '
+                f'{len(unused)} keys unused: {unused}',
+                logger='current')
+        return unused
+
+
+def describe_resnet_block(block: nn.Module) -> dict:
+    """BasicBlock / Bottleneck of mmdet, mmseg and mmpretrain alike."""
+    convs = [block.conv1, block.conv2]
+    last_norm = block.norm2
+    if hasattr(block, 'conv3'):
+        convs.append(block.conv3)
+        last_norm = block.norm3
+    return dict(
+        convs=convs,
+        norm=last_norm,
+        act=block.relu,
+        drop_path=getattr(block, 'drop_path', None))
+
+
+class RepLResNetMixin(RepLBackboneMixin):
+    """The ResNet families of all three codebases: ``res_layers`` of
+    ``ResLayer`` sequences; a block is replaceable iff it has no
+    ``downsample`` (identity shortcut: stride 1, same channels)."""
+
+    def _replace_resnet(self, replacement) -> ReplacementPlan:
+        slots = []
+        for stage, name in enumerate(self.res_layers, 1):
+            layer = getattr(self, name)
+            for b in range(len(layer)):
+                slots.append(
+                    BlockSlot(layer, b, stage, b + 1,
+                              layer[b].downsample is None))
+        plan = self._replace(slots, replacement, 'conv',
+                             describe_resnet_block, self.with_cp)
+        self._freeze_stages()  # sites in frozen stages freeze with them
+        return plan
+
+    def _site_frozen(self, index: int) -> bool:
+        site = next(s for s in self.replacement_plan.sites
+                    if s.index == index)
+        return site.stage <= self.frozen_stages
+
+
+__all__ = [
+    'RepLBackboneMixin', 'RepLResNetMixin', 'describe_resnet_block',
+    'encode_plan', 'decode_plan'
+]

@@ -1,0 +1,59 @@
+"""MMPretrain adapter: ``RepLVisionTransformer``."""
+from mmcv.cnn.bricks.transformer import FFN
+from mmpretrain.models.backbones import VisionTransformer
+from mmpretrain.registry import MODELS
+
+from ..core import BlockSlot
+from .base import RepLBackboneMixin
+
+
+def describe_vit_layer(layer) -> dict:
+    """mmpretrain ``TransformerEncoderLayer``: fused qkv, proj, 2-fc FFN."""
+    ffn = layer.ffn
+    if not isinstance(ffn, FFN) or ffn.num_fcs != 2:
+        raise ValueError("RepL's ViT computing layer needs the 'origin' FFN "
+                         "with num_fcs=2 (fc1, act, fc2); got "
+                         f'{type(ffn).__name__}')
+    fc1, act = ffn.layers[0][0], ffn.layers[0][1]
+    return dict(
+        dim=layer.embed_dims,
+        attn=(layer.attn.qkv, layer.attn.proj),
+        mlp=(fc1, ffn.layers[1]),
+        norm=layer.ln1,
+        act=act,
+        drop_path=ffn.dropout_layer)
+
+
+@MODELS.register_module()
+class RepLVisionTransformer(RepLBackboneMixin, VisionTransformer):
+    """mmpretrain ``VisionTransformer`` with RepL (spec §1, §2, §4).
+
+    Accepts every upstream keyword plus ``replacement=dict(...)`` and
+    ``with_cp``. ``with_cp`` is our feature (upstream's ViT has none): it
+    checkpoints every encoder layer and site with ``use_reentrant=False``.
+    Sites keep the ``layers.{i}.`` name prefix, so ``get_layer_depth``
+    gives them the replaced layer's depth; a site's stochastic depth is the
+    replaced layer's rate. Configs reproducing the paper's ViT runs use
+    ``replacement=dict(indices=[3, 7, 11])`` (spec §1).
+
+    Example:
+        >>> m = RepLVisionTransformer(arch='deit-small', img_size=32,
+        ...                           patch_size=8)
+        >>> m.replacement_plan.indices
+        (4, 8)
+    """
+
+    def __init__(self, *args, replacement=None, with_cp=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.with_cp = with_cp
+        slots = [
+            BlockSlot(self.layers, i, 1, i + 1, True)
+            for i in range(len(self.layers))
+        ]
+        self._replace(slots, replacement, 'transformer', describe_vit_layer,
+                      with_cp)
+        if self.frozen_stages > 0:
+            self._freeze_stages()
+
+    def _site_frozen(self, index: int) -> bool:
+        return index <= self.frozen_stages

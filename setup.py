@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+MM_ENGINE = ['mmengine==0.10.7', 'mmcv>=2.0.0,<2.2.0']
+EXTRAS = {
+    'det': MM_ENGINE + ['mmdet==3.3.0'],
+    # mmseg/utils/tokenizer.py imports ftfy and regex without declaring them.
+    'seg': MM_ENGINE + ['mmsegmentation==1.2.2', 'ftfy', 'regex'],
+    'cls': MM_ENGINE + ['mmpretrain==1.2.0'],
+    'tests': ['pytest'],
+}
+EXTRAS['all'] = sorted(set(EXTRAS['det'] + EXTRAS['seg'] + EXTRAS['cls']))
+
+
+def readme():
+    with open('README.md', encoding='utf-8') as f:
+        return f.read()
+
+
+setup(
+    name='repl_mm',
+    version='0.1.0',
+    description='Replacement Learning (RepL) backbones for MMDetection, '
+    'MMSegmentation and MMPretrain',
+    long_description=readme(),
+    long_description_content_type='text/markdown',
+    packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
+    python_requires='>=3.8',
+    install_requires=['torch>=2.0', 'numpy'],
+    extras_require=EXTRAS,
+    license='Apache License 2.0',
+)
