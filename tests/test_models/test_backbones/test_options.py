@@ -1,0 +1,183 @@
+"""Upstream options keep working with replacement on (issue 2, §3)."""
+import pytest
+import torch
+from torch.utils import checkpoint as torch_cp
+
+from repl_mm.core import ConvSite, NonReentrantCheckpoint, TransformerSite
+
+from .cases import CASES, IDS, TINY_VIT
+from .test_contract import outputs, weighted_loss
+
+
+def test_plans_of_real_backbones():
+    from repl_mm.models.cls_resnet import RepLResNet, RepLResNet_CIFAR
+    from repl_mm.models.cls_vit import RepLVisionTransformer
+    assert RepLResNet(depth=50).replacement_plan.indices == (5, 9, 12)
+    assert RepLResNet(depth=18).replacement_plan.indices == (4, )
+    assert RepLResNet_CIFAR(depth=32).replacement_plan.indices == (4, 8, 12)
+    c32 = RepLResNet_CIFAR(depth=32, replacement=dict(interval=2))
+    assert c32.replacement_plan.indices == (2, 4, 7, 8, 10, 12, 14)
+    s7, s8 = c32.replacement_plan.sites[2:4]
+    assert (s7.prev, s7.next, s8.prev, s8.next) == (6, 9, 6, 9)
+    vit = RepLVisionTransformer(arch='deit-tiny', img_size=32, patch_size=8)
+    assert vit.replacement_plan.indices == (4, 8)
+    vit = RepLVisionTransformer(
+        arch='deit-tiny',
+        img_size=32,
+        patch_size=8,
+        replacement=dict(indices=[3, 7, 11]))
+    assert vit.replacement_plan.indices == (3, 7, 11)
+    c110 = RepLResNet_CIFAR(depth=110)
+    assert c110.stage_blocks == (18, 18, 18)
+    assert c110.replacement_plan.indices == tuple(range(4, 54, 4))
+
+
+def test_cifar_he_nets_shape():
+    from repl_mm.models.cls_resnet import RepLResNet_CIFAR
+    m = RepLResNet_CIFAR(depth=32, replacement=dict(mode='none'))
+    assert m.conv1.out_channels == 16 and m.conv1.stride == (1, 1)
+    assert [len(getattr(m, n)) for n in m.res_layers] == [5, 5, 5]
+    assert m(torch.rand(2, 3, 32, 32))[0].shape == (2, 64, 8, 8)
+    assert sum(p.numel() for p in m.parameters()) < 0.5e6
+
+
+def test_unserved_position_is_owned():
+    from repl_mm.models.det_resnet import RepLResNet
+    m = RepLResNet(depth=18)
+    site = m.replacement_plan.sites[0]
+    assert site.index == 4 and site.sources == {
+        'conv1': ('own', ), 'conv2': ('prev', 'next')}
+    assert m.layer2[1].weight1.shape == (128, 128)
+    assert 'conv1:own' in str(m.replacement_plan)
+    # neighbors='prev' falls back to next where prev cannot serve
+    m = RepLResNet(depth=50, replacement=dict(neighbors='prev'))
+    s5 = m.replacement_plan.sites[0]
+    assert s5.sources == {'conv1': ('next', ), 'conv2': ('prev', ),
+                          'conv3': ('prev', )}
+    assert not hasattr(m.layer2[1], 'phi1_prev')
+
+
+@pytest.mark.parametrize('case', CASES, ids=IDS)
+def test_frozen_stages_and_norm_eval(case):
+    kwargs = dict(frozen_stages=2) if case.kind == 'conv' else dict(
+        frozen_stages=5)
+    model = case.cls('repl')(**case.kwargs, **kwargs,
+                             replacement=dict(interval=2))
+    model.train()
+    frozen = 0
+    for i, m in model.site_modules().items():
+        in_frozen = model._site_frozen(i)
+        frozen += in_frozen
+        assert all(p.requires_grad != in_frozen for p in m.parameters())
+        assert m.norm.training != in_frozen
+    assert frozen > 0
+    if case.kind == 'conv':
+        model = case.cls('repl')(**case.kwargs, norm_eval=True)
+        model.train()
+        assert not model.layer1[0].norm1.training  # upstream norm_eval
+        for m in model.site_modules().values():
+            assert m.norm.training  # fresh site norms always train
+
+
+@pytest.mark.parametrize('mode', ['synthesize', 'interpolate', 'none'])
+@pytest.mark.parametrize('case', CASES, ids=IDS)
+def test_with_cp_is_non_reentrant_and_exact(case, mode, monkeypatch):
+    kw = dict(case.kwargs, with_cp=True)
+    torch.manual_seed(0)
+    cp_model = case.cls('repl')(**kw, replacement=dict(mode=mode,
+                                                     zero_init=False))
+    torch.manual_seed(0)
+    plain = case.build(mode=mode, zero_init=False)
+    plain.load_state_dict(cp_model.state_dict())
+    calls = []
+    real = torch_cp.checkpoint
+
+    def spy(fn, *args, **kwargs):
+        calls.append(kwargs.get('use_reentrant'))
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(torch_cp, 'checkpoint', spy)
+    for mod in ('repl_mm.core.checkpoint', 'repl_mm.core.cnn_site',
+                'repl_mm.core.vit_site', 'repl_mm.core.interpolate'):
+        monkeypatch.setattr(f'{mod}.checkpoint', spy)
+    x = torch.rand(case.shape, requires_grad=True)
+    outs = outputs(cp_model, x)
+    weighted_loss(outs).backward()
+    ref = outputs(plain, x)
+    weighted_loss(ref).backward()
+    assert calls and all(c is False for c in calls)
+    n_blocks = cp_model.replacement_plan.num_blocks
+    if mode != 'drop':
+        assert len(calls) >= n_blocks
+    for a, b in zip(outs, ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    grads = dict(plain.named_parameters())
+    for n, p in cp_model.named_parameters():
+        assert torch.allclose(p.grad, grads[n].grad, atol=1e-4), n
+    blocks = [m for m in cp_model.modules()
+              if isinstance(m, NonReentrantCheckpoint)]
+    assert blocks
+
+
+def test_drop_path_rate_reaches_sites():
+    from repl_mm.models.cls_resnet import RepLResNet
+    from repl_mm.models.cls_vit import RepLVisionTransformer
+    m = RepLResNet(depth=50, drop_path_rate=0.3)
+    rates = [b.drop_path.drop_prob for layer in m.res_layers
+             for b in getattr(m, layer) if hasattr(b, 'drop_path')]
+    assert m.layer2[1].drop_path.drop_prob == pytest.approx(
+        0.3 * 4 / 15)  # block 5 of 16 on linspace(0, 0.3, 16)
+    assert len(rates) == 16
+    vit = RepLVisionTransformer(**TINY_VIT, drop_path_rate=0.5)
+    assert vit.layers[3].drop_path.drop_prob == pytest.approx(0.5 * 3 / 5)
+
+
+def test_out_indices_and_zero_init_residual():
+    from repl_mm.models.cls_resnet import RepLResNet
+    m = RepLResNet(depth=18, out_indices=(0, 1, 2, 3),
+                   zero_init_residual=True)
+    m.init_weights()
+    assert len(m(torch.rand(1, 3, 32, 32))) == 4
+    assert torch.all(m.layer1[0].norm2.weight == 0)
+    assert torch.all(m.layer2[1].norm.weight == 0)  # the site's (zero_init)
+
+
+def test_layer_depth_of_sites():
+    from repl_mm.models.cls_resnet import RepLResNet
+    from repl_mm.models.cls_vit import RepLVisionTransformer
+    m = RepLResNet(depth=50)
+    ref = m.get_layer_depth('backbone.layer2.1.conv1.weight', 'backbone.')
+    assert m.get_layer_depth('backbone.layer2.1.phi2_prev',
+                             'backbone.') == ref
+    vit = RepLVisionTransformer(**TINY_VIT)
+    assert vit.get_layer_depth('backbone.layers.3.alpha', 'backbone.') == \
+        vit.get_layer_depth('backbone.layers.3.ln1.weight', 'backbone.')
+
+
+def test_vit_options():
+    from repl_mm.models.cls_vit import RepLVisionTransformer
+    m = RepLVisionTransformer(**TINY_VIT, replacement=dict(num_scalars=1))
+    site = m.layers[3]
+    assert isinstance(site, TransformerSite) and site.tied
+    assert hasattr(site, 'alpha') and not hasattr(site, 'beta')
+    m = RepLVisionTransformer(**TINY_VIT, replacement=dict(vit_weights='attn'))
+    assert m.layers[3].mlp_weight.shape == (32, 32)
+    assert m.replacement_plan.sites[0].sources == {'attn': ('prev', 'next'),
+                                                   'mlp': ('own', )}
+    m = RepLVisionTransformer(**TINY_VIT, replacement=dict(vit_weights='none'))
+    s = m.layers[3]
+    assert not hasattr(s, 'alpha') and not hasattr(s, 'beta')
+    m = RepLVisionTransformer(**TINY_VIT, replacement=dict(neighbors='next'))
+    assert not hasattr(m.layers[3], 'alpha')
+
+
+def test_residual_false_is_literal_eq12():
+    from repl_mm.models.cls_resnet import RepLResNet
+    m = RepLResNet(depth=18, replacement=dict(residual=False,
+                                              zero_init=False)).eval()
+    site = m.layer2[1]
+    assert isinstance(site, ConvSite)
+    h = torch.rand(1, 128, 4, 4)
+    mats = site.synthesize()
+    x_hat = torch.einsum('oc,bchw->bohw', mats[1] @ mats[0], h)
+    assert torch.allclose(site(h), torch.relu(site.norm(x_hat)), atol=1e-5)
