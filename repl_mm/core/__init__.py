@@ -8,8 +8,13 @@ from .plan import (MODES, NEIGHBORS, ON_INVALID, VIT_WEIGHTS,
 from .surgery import BlockSlot, pick_sources, replace_blocks
 from .vit_site import TransformerSite
 
+# Substrings of the names of the parameters that get no weight decay (spec
+# §8): mixing weights and the sites' fresh norms. configs/_base_/
+# repl_paramwise.py writes them as ``paramwise_cfg.custom_keys``.
+NO_DECAY_KEYS = ('.phi', '.alpha', '.beta', '.site_norm.')
+
 __all__ = [
-    'MODES', 'NEIGHBORS', 'ON_INVALID', 'VIT_WEIGHTS', 'BlockSlot',
+    'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'VIT_WEIGHTS', 'BlockSlot',
     'ConvSite', 'InterpolatedBlock', 'NonReentrantCheckpoint',
     'ReplacementConfig', 'ReplacementPlan', 'SiteRecord', 'TransformerSite',
     'nearest_kept', 'pick_sources', 'replace_blocks', 'select_sites',

@@ -8,8 +8,10 @@ only once". :func:`use_non_reentrant_checkpoint` re-classes a block so its
 ``use_reentrant=False``; state-dict keys and ``isinstance`` checks are
 unchanged.
 """
+from contextlib import contextmanager, nullcontext
 from typing import Dict
 
+import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -47,3 +49,35 @@ def use_non_reentrant_checkpoint(module: nn.Module) -> nn.Module:
                              {'__module__': __name__})
     module.__class__ = _CLASSES[cls]
     return module
+
+
+@contextmanager
+def frozen_buffers(module: nn.Module):
+    """Restore ``module``'s buffers on exit: a recomputed forward must not
+    update BN running statistics a second time."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def recompute_in_backward(fn, *args, stateful: nn.Module = None):
+    """``fn(*args)``, storing only ``args`` for backward (non-reentrant
+    checkpoint); ``stateful``'s buffers are left as the forward set them
+    when backward re-runs ``fn``. RNG state (drop path) is replayed, so
+    outputs and gradients equal those of a plain call."""
+    if stateful is None:
+        return checkpoint(fn, *args, use_reentrant=False)
+    return checkpoint(
+        fn,
+        *args,
+        use_reentrant=False,
+        context_fn=lambda: (nullcontext(), frozen_buffers(stateful)))
+
+
+def needs_graph(*tensors) -> bool:
+    """Whether autograd will record a graph through any of ``tensors``."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

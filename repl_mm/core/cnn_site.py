@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import needs_graph, recompute_in_backward
 from .synthesis import apply_chain, collapse_kernel, mix_channels
 
 # A position's sources: (neighbour name, the neighbour's conv module).
@@ -59,6 +60,10 @@ class ConvSite(nn.Module):
         drop_path (nn.Module, optional): Stochastic depth on the update.
         with_cp (bool): Checkpoint the site (non-reentrant). Defaults to
             False.
+        recompute (bool): Store only the input and output for backward and
+            re-run the light update (chain, norm, drop path) in backward,
+            with the norm's running statistics updated once. Same outputs
+            and gradients. Defaults to True.
 
     Example:
         >>> prev, nxt = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
@@ -77,7 +82,8 @@ class ConvSite(nn.Module):
                  zero_init: bool = True,
                  scale: float = 1.0,
                  drop_path: Optional[nn.Module] = None,
-                 with_cp: bool = False):
+                 with_cp: bool = False,
+                 recompute: bool = True):
         super().__init__()
         if len(shapes) != len(sources):
             raise ValueError(f'{len(shapes)} shapes but {len(sources)} '
@@ -107,12 +113,13 @@ class ConvSite(nn.Module):
             if not srcs:
                 self.register_parameter(f'weight{j}',
                                         nn.Parameter(torch.empty(cout, cin)))
-        self.norm = norm
+        self.site_norm = norm
         self.act = act
         self.drop_path = drop_path if drop_path is not None else nn.Identity()
         self.residual = residual
         self.zero_init = zero_init
         self.with_cp = with_cp
+        self.recompute = recompute
         self.register_buffer(
             'scale', torch.tensor(float(scale)), persistent=False)
         self.init_weights()
@@ -135,10 +142,10 @@ class ConvSite(nn.Module):
                 if not srcs:
                     nn.init.kaiming_uniform_(
                         getattr(self, f'weight{j}'), a=math.sqrt(5))
-            if getattr(self.norm, 'weight', None) is not None:
-                self.norm.weight.fill_(0.0 if self.zero_init else 1.0)
-            if getattr(self.norm, 'bias', None) is not None:
-                self.norm.bias.zero_()
+            if getattr(self.site_norm, 'weight', None) is not None:
+                self.site_norm.weight.fill_(0.0 if self.zero_init else 1.0)
+            if getattr(self.site_norm, 'bias', None) is not None:
+                self.site_norm.bias.zero_()
 
     def synthesize(self) -> List[Tensor]:
         """The (Cout_j, Cin_j) matrices What^j from the live neighbours."""
@@ -153,9 +160,19 @@ class ConvSite(nn.Module):
                 mats.append(getattr(self, f'weight{j}'))
         return mats
 
+    def _update(self, h: Tensor, *mats: Tensor) -> Tensor:
+        """scale * norm(What^J ... What^1 h), through drop path."""
+        return self.drop_path(self.scale * self.site_norm(apply_chain(h, mats)))
+
     def _forward(self, h: Tensor) -> Tensor:
-        x_hat = apply_chain(h, self.synthesize())
-        update = self.drop_path(self.scale * self.norm(x_hat))
+        mats = self.synthesize()
+        if self.recompute and not self.with_cp and needs_graph(h, *mats):
+            # Keep only h (the previous block's output, stored anyway) and
+            # the small matrices; the chain and norm re-run in backward.
+            update = recompute_in_backward(
+                self._update, h, *mats, stateful=self.site_norm)
+        else:
+            update = self._update(h, *mats)
         return self.act(update + h if self.residual else update)
 
     def forward(self, h: Tensor) -> Tensor:

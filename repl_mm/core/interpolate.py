@@ -15,9 +15,10 @@ class InterpolatedBlock(nn.Module):
     Each target weight is set every forward to
 
     .. math::
-        W = a W_{prev} + b W_{next}
+        W = \\alpha W_{prev} + \\beta W_{next}
 
-    (scalars a, b initialised to 0.5; a weight one neighbour cannot serve
+    (the supplement's scalars a, b, named ``alpha``/``beta`` here as in the
+    ViT site so one ``paramwise_cfg`` key covers both; initialised to 0.5; a weight one neighbour cannot serve
     is drawn from the other only). The block's own copies of the target
     weights are deleted; its other parameters (norms; for ViT the MLP and
     the attention biases) stay its own and train.
@@ -50,7 +51,7 @@ class InterpolatedBlock(nn.Module):
             mod.weight = None
             self._targets.append((mod, srcs))
         for name in sorted(used, reverse=True):  # prev -> a, next -> b
-            self.register_parameter('a' if name == 'prev' else 'b',
+            self.register_parameter('alpha' if name == 'prev' else 'beta',
                                     nn.Parameter(torch.full((), 0.5)))
         if hasattr(block, 'with_cp'):
             block.with_cp = False
@@ -63,13 +64,13 @@ class InterpolatedBlock(nn.Module):
 
     def init_weights(self):
         with torch.no_grad():
-            for name in ('a', 'b'):
+            for name in ('alpha', 'beta'):
                 if hasattr(self, name):
                     getattr(self, name).fill_(0.5)
 
     def interpolate(self) -> List[Tensor]:
-        coef = {'prev': getattr(self, 'a', None), 'next': getattr(self, 'b',
-                                                                  None)}
+        coef = {'prev': getattr(self, 'alpha', None),
+                'next': getattr(self, 'beta', None)}
         return [
             sum(coef[name] * twin.weight for name, twin in srcs)
             for _, srcs in self._targets

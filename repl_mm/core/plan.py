@@ -49,6 +49,13 @@ class ReplacementConfig:
             site starts as its skip path. Defaults to True.
         scale (float): Multiplier of a site's update (a buffer, not
             trained; 0 leaves the skip path). Defaults to 1.0.
+        recompute (bool): Sites store only their input and output for
+            backward and recompute their light update (pointwise chain,
+            norm, activation) in backward: the memory a replaced block
+            saves is kept, at the cost of re-running the cheap site
+            forward. Same function and gradients either way; False stores
+            the intermediates instead. Our option, not the paper's.
+            Defaults to True.
     """
 
     mode: str = 'synthesize'
@@ -62,6 +69,7 @@ class ReplacementConfig:
     residual: bool = True
     zero_init: bool = True
     scale: float = 1.0
+    recompute: bool = True
 
     def __post_init__(self):
         _choice('mode', self.mode, MODES)
@@ -92,7 +100,7 @@ class ReplacementConfig:
                 raise ValueError('replacement option indices has repeated '
                                  f'entries: {list(idx)!r}')
             object.__setattr__(self, 'indices', tuple(idx))
-        for name in ('residual', 'zero_init'):
+        for name in ('residual', 'zero_init', 'recompute'):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f'replacement option {name} must be a '
                                  f'bool, but got {getattr(self, name)!r}')

@@ -114,7 +114,8 @@ def _build_site(kind, old, desc, nbrs, cfg, with_cp):
             zero_init=cfg.zero_init,
             scale=cfg.scale,
             drop_path=drop_path,
-            with_cp=with_cp)
+            with_cp=with_cp,
+            recompute=cfg.recompute)
         return site, {f'conv{j}': s for j, s in enumerate(site.sources, 1)}
     ops = {
         'attn+mlp': ('attn', 'mlp'),
@@ -131,12 +132,15 @@ def _build_site(kind, old, desc, nbrs, cfg, with_cp):
         zero_init=cfg.zero_init,
         scale=cfg.scale,
         drop_path=drop_path,
-        with_cp=with_cp)
+        with_cp=with_cp,
+        recompute=cfg.recompute)
     return site, site.sources
 
 
-def _param_ids(module: nn.Module) -> Dict[int, int]:
-    return {id(p): p.numel() for p in module.parameters()}
+def _params_by_id(module: nn.Module) -> Dict[int, nn.Parameter]:
+    """id -> parameter. Holding the parameters keeps their ids from being
+    reused by new ones while the site is built."""
+    return {id(p): p for p in module.parameters()}
 
 
 def replace_blocks(slots: Sequence[BlockSlot],
@@ -178,13 +182,13 @@ def replace_blocks(slots: Sequence[BlockSlot],
             'prev': descs[prev - 1] if prev else None,
             'next': descs[nxt - 1] if nxt else None
         }
-        before = _param_ids(old)
+        before = _params_by_id(old)
         if cfg.mode == 'none':
             new, sources = old, {}
         else:
             new, sources = _build_site(kind, old, descs[i - 1], nbrs, cfg,
                                        with_cp)
-        after = _param_ids(new)
+        after = _params_by_id(new)
         records.append(
             SiteRecord(
                 index=i,
@@ -193,9 +197,9 @@ def replace_blocks(slots: Sequence[BlockSlot],
                 prev=prev,
                 next=nxt,
                 sources=sources,
-                removed_params=sum(v for k, v in before.items()
+                removed_params=sum(p.numel() for k, p in before.items()
                                    if k not in after),
-                added_params=sum(v for k, v in after.items()
+                added_params=sum(p.numel() for k, p in after.items()
                                  if k not in before)))
         built.append((slot, new))
     # Edit only after every site is built: builders read original blocks.

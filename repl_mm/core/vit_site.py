@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import needs_graph, recompute_in_backward
 from .synthesis import attention_operator, mlp_operator
 
 # Per operator, its sources: (neighbour name, (linear, linear)) with
@@ -44,6 +45,9 @@ class TransformerSite(nn.Module):
         drop_path (nn.Module, optional): The replaced layer's stochastic
             depth.
         with_cp (bool): Checkpoint the site (non-reentrant).
+        recompute (bool): Store only the input for backward and re-run the
+            light update in backward. Same outputs and gradients.
+            Defaults to True.
 
     Example:
         >>> qkv, proj = nn.Linear(8, 24), nn.Linear(8, 8)
@@ -64,7 +68,8 @@ class TransformerSite(nn.Module):
                  zero_init: bool = True,
                  scale: float = 1.0,
                  drop_path: Optional[nn.Module] = None,
-                 with_cp: bool = False):
+                 with_cp: bool = False,
+                 recompute: bool = True):
         super().__init__()
         self.dim = dim
         self._sources = {op: list(sources.get(op, ())) for op in _OPERATORS}
@@ -83,11 +88,12 @@ class TransformerSite(nn.Module):
             if not srcs:
                 self.register_parameter(f'{op}_weight',
                                         nn.Parameter(torch.empty(dim, dim)))
-        self.norm = norm
+        self.site_norm = norm
         self.act = act
         self.drop_path = drop_path if drop_path is not None else nn.Identity()
         self.zero_init = zero_init
         self.with_cp = with_cp
+        self.recompute = recompute
         self.register_buffer(
             'scale', torch.tensor(float(scale)), persistent=False)
         self.init_weights()
@@ -109,10 +115,10 @@ class TransformerSite(nn.Module):
                 if not srcs:
                     nn.init.kaiming_uniform_(
                         getattr(self, f'{op}_weight'), a=math.sqrt(5))
-            if getattr(self.norm, 'weight', None) is not None:
-                self.norm.weight.fill_(0.0 if self.zero_init else 1.0)
-            if getattr(self.norm, 'bias', None) is not None:
-                self.norm.bias.zero_()
+            if getattr(self.site_norm, 'weight', None) is not None:
+                self.site_norm.weight.fill_(0.0 if self.zero_init else 1.0)
+            if getattr(self.site_norm, 'bias', None) is not None:
+                self.site_norm.bias.zero_()
 
     def coefficient(self, name: str) -> Tensor:
         """The scalar that weighs neighbour ``name`` ('prev' or 'next')."""
@@ -136,14 +142,22 @@ class TransformerSite(nn.Module):
             out[op] = total
         return out
 
+    def _update(self, h: Tensor, attn: Tensor, mlp: Tensor) -> Tensor:
+        """drop_path(scale * LN(GELU(h Mhat^T) + h Ahat^T))."""
+        # (B, N, d) @ (d, d)^T -> (B, N, d)
+        y = self.act(F.linear(h, mlp)) + F.linear(h, attn)
+        return self.drop_path(self.scale * self.site_norm(y))
+
     def _forward(self, h: Tensor) -> Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
             ops = self.synthesize()
         if not torch.is_autocast_enabled(h.device.type):
             ops = {k: v.to(h.dtype) for k, v in ops.items()}
-        # (B, N, d) @ (d, d)^T -> (B, N, d)
-        y = self.act(F.linear(h, ops['mlp'])) + F.linear(h, ops['attn'])
-        return h + self.drop_path(self.scale * self.norm(y))
+        args = (h, ops['attn'], ops['mlp'])
+        if self.recompute and not self.with_cp and needs_graph(*args):
+            # Keep only h and the (d, d) operators; re-run in backward.
+            return h + recompute_in_backward(self._update, *args)
+        return h + self._update(*args)
 
     def forward(self, h: Tensor) -> Tensor:
         if self.with_cp and h.requires_grad:

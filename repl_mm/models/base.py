@@ -64,6 +64,29 @@ class RepLBackboneMixin:
             for i, p in self._site_prefixes.items() if p[:-1] in mods
         }
 
+    def init_weights(self):
+        """Upstream ``init_weights``, then each site's own initialisation.
+
+        The backbone's generic initialisers (e.g. mmpretrain's
+        ``Constant(1)`` on every ``_BatchNorm``) also reach a site's fresh
+        norm, and upstream's recursion never reaches sites held in a plain
+        ``nn.Sequential``: so the sites (phi = alpha = beta = 0.5, norm gamma
+        0 with ``zero_init``) are initialised after upstream's. With a
+        ``Pretrained`` init_cfg (an upstream E2E or a RepL checkpoint) the
+        generic initialisers do not run and the sites keep what they were
+        built with or what the checkpoint holds. Runs once, like upstream's.
+        """
+        first = not getattr(self, '_is_init', False)
+        super().init_weights()
+        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [
+            self.init_cfg
+        ]
+        pretrained = any(c and c.get('type') == 'Pretrained' for c in cfgs)
+        if first and not pretrained:
+            for m in self.site_modules().values():
+                if hasattr(m, 'init_weights'):
+                    m.init_weights()
+
     def train(self, mode: bool = True):
         """Upstream ``train`` (frozen stages, ``norm_eval``), then the
         sites' fresh norms train anyway unless their stage is frozen: a
@@ -73,7 +96,7 @@ class RepLBackboneMixin:
             for i, m in self.site_modules().items():
                 if isinstance(m, (ConvSite, TransformerSite)) and \
                         not self._site_frozen(i):
-                    m.norm.train(True)
+                    m.site_norm.train(True)
         return self
 
     # -- checkpoints (spec §6) -------------------------------------------
