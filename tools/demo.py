@@ -30,12 +30,13 @@ def main():
     logger = MMLogger.get_instance('repl_mm_demo', log_level='INFO')
     rows = []
     for name, cfg in BACKBONES.items():
+        # each backbone logs its plan table when built
+        logger.info(f'{name}, E2E (mode=none, same plan):')
         e2e = MODELS.build(dict(cfg, replacement=dict(mode='none')))
+        logger.info(f'{name}, RepL (interval={args.interval}):')
         repl = MODELS.build(dict(cfg, replacement=dict(
             interval=args.interval)))
         assert e2e.replacement_plan.indices == repl.replacement_plan.indices
-        logger.info(f'{name} (RepL, interval={args.interval}):\n'
-                    f'{repl.replacement_plan}')
         rows.append((name, count(e2e), count(repl),
                      repl.replacement_plan.indices))
     lines = ['| backbone | sites | E2E params | RepL params | ratio |',

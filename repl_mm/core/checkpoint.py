@@ -18,20 +18,57 @@ from torch.utils.checkpoint import checkpoint
 
 class NonReentrantCheckpoint:
     """Mixin: checkpoint ``super().forward`` non-reentrantly when
-    ``self.with_cp`` is set and the input requires grad."""
+    ``self.with_cp`` is set and the input requires grad.
+
+    The segment may carry a *tail*: sites fused into this block's
+    checkpoint (``fuse_into_segment``), run after it inside the same
+    segment, so the boundary between the block and its sites is not kept
+    for backward. The block's (and tail's) norm statistics are updated once:
+    the recomputation in backward restores them.
+    """
 
     def forward(self, x):
         if getattr(self, 'with_cp', False) and x.requires_grad:
-            return checkpoint(self._forward_without_cp, x, use_reentrant=False)
-        return super().forward(x)
+            return checkpoint(
+                self._segment,
+                x,
+                use_reentrant=False,
+                context_fn=lambda: (nullcontext(),
+                                    frozen_buffers(self, *self.tail)))
+        return self._segment(x)
 
-    def _forward_without_cp(self, x):
+    def _segment(self, x):
         # Also runs when backward recomputes, so the flag is off there too.
-        self.with_cp = False
+        with_cp, self.with_cp = getattr(self, 'with_cp', False), False
         try:
-            return super().forward(x)
+            x = super().forward(x)
         finally:
-            self.with_cp = True
+            self.with_cp = with_cp
+        for site in self.tail:
+            x = site.compute(x)
+        return x
+
+    @property
+    def tail(self):
+        return getattr(self, 'repl_tail', ())
+
+
+def fuse_into_segment(block: nn.Module, site: nn.Module):
+    """Run ``site`` at the end of ``block``'s checkpoint segment.
+
+    ``block`` must be a :class:`NonReentrantCheckpoint` block followed
+    directly by ``site`` in the same container (nothing reads the output
+    in between); the site then passes its input through when the container
+    calls it. The tail is a plain list attribute: not a child module (no
+    double registration), and ``copy.deepcopy`` maps it to the copy's
+    sites.
+    """
+    if not isinstance(block, NonReentrantCheckpoint):
+        raise TypeError(f'{type(block).__name__} is not a checkpointed block')
+    if not hasattr(block, 'repl_tail'):
+        block.repl_tail = []
+    block.repl_tail.append(site)
+    site.fused = True
 
 
 _CLASSES: Dict[type, type] = {}
@@ -52,10 +89,10 @@ def use_non_reentrant_checkpoint(module: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def frozen_buffers(module: nn.Module):
-    """Restore ``module``'s buffers on exit: a recomputed forward must not
-    update BN running statistics a second time."""
-    saved = [(b, b.detach().clone()) for b in module.buffers()]
+def frozen_buffers(*modules: nn.Module):
+    """Restore the buffers of ``modules`` on exit: a recomputed forward must
+    not update BN running statistics a second time."""
+    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
     try:
         yield
     finally:

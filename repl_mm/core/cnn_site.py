@@ -120,6 +120,7 @@ class ConvSite(nn.Module):
         self.zero_init = zero_init
         self.with_cp = with_cp
         self.recompute = recompute
+        self.fused = False
         self.register_buffer(
             'scale', torch.tensor(float(scale)), persistent=False)
         self.init_weights()
@@ -164,7 +165,8 @@ class ConvSite(nn.Module):
         """scale * norm(What^J ... What^1 h), through drop path."""
         return self.drop_path(self.scale * self.site_norm(apply_chain(h, mats)))
 
-    def _forward(self, h: Tensor) -> Tensor:
+    def compute(self, h: Tensor) -> Tensor:
+        """The site's function, without ``with_cp`` checkpointing."""
         mats = self.synthesize()
         if self.recompute and not self.with_cp and needs_graph(h, *mats):
             # Keep only h (the previous block's output, stored anyway) and
@@ -176,9 +178,11 @@ class ConvSite(nn.Module):
         return self.act(update + h if self.residual else update)
 
     def forward(self, h: Tensor) -> Tensor:
+        if self.fused:  # computed in the previous block's segment
+            return h
         if self.with_cp and h.requires_grad:
-            return checkpoint(self._forward, h, use_reentrant=False)
-        return self._forward(h)
+            return checkpoint(self.compute, h, use_reentrant=False)
+        return self.compute(h)
 
     def extra_repr(self) -> str:
         src = ', '.join(f"conv{j}<-{'+'.join(s)}"

@@ -57,6 +57,7 @@ class InterpolatedBlock(nn.Module):
             block.with_cp = False
         self.block = block
         self.with_cp = with_cp
+        self.fused = False
 
     @property
     def sources(self) -> List[Tuple[str, ...]]:
@@ -86,8 +87,14 @@ class InterpolatedBlock(nn.Module):
             for mod, _ in self._targets:
                 mod.weight = None
 
+    def compute(self, x: Tensor) -> Tensor:
+        """The block's function, without ``with_cp`` checkpointing."""
+        return self._run(x, *self.interpolate())
+
     def forward(self, x: Tensor) -> Tensor:
-        weights = self.interpolate()
+        if self.fused:  # computed in the previous block's segment
+            return x
         if self.with_cp and x.requires_grad:
+            weights = self.interpolate()
             return checkpoint(self._run, x, *weights, use_reentrant=False)
-        return self._run(x, *weights)
+        return self.compute(x)

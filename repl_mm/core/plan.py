@@ -316,9 +316,11 @@ class ReplacementPlan:
                          str(s.prev or '-'), str(s.next or '-'), src or '-',
                          f'{s.removed_params:,}', f'{s.added_params:,}'))
         widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+        done = {'none': 'planned, all kept (E2E)', 'drop': 'removed'}.get(
+            self.mode, 'replaced')
         lines = [
             f'RepL plan: mode={self.mode}, {len(self._sites)} of '
-            f'{self._num_blocks} blocks replaced, params -'
+            f'{self._num_blocks} blocks {done}, params -'
             f'{self.removed_params:,} +{self.added_params:,}'
         ]
         for r in rows:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .checkpoint import use_non_reentrant_checkpoint
+from .checkpoint import fuse_into_segment, use_non_reentrant_checkpoint
 from .cnn_site import ConvSite
 from .interpolate import InterpolatedBlock
 from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
@@ -19,13 +19,19 @@ from .vit_site import TransformerSite
 
 @dataclass
 class BlockSlot:
-    """Where block ``stage``.``block`` (1-based) lives: ``parent[key]``."""
+    """Where block ``stage``.``block`` (1-based) lives: ``parent[key]``.
+
+    ``tap`` marks a block whose output is read outside its container's
+    sequence (a ViT ``out_indices`` layer); the last block of a container
+    needs no mark.
+    """
 
     parent: Any
     key: int
     stage: int
     block: int
     replaceable: bool
+    tap: bool = False
 
 
 def pick_sources(prev_ok: bool, next_ok: bool,
@@ -208,8 +214,32 @@ def replace_blocks(slots: Sequence[BlockSlot],
     if with_cp:
         for slot in slots:
             block = slot.parent[slot.key]
-            if not isinstance(block, (ConvSite, TransformerSite,
-                                      InterpolatedBlock, nn.Identity)):
+            if not isinstance(block, _SITES + (nn.Identity, )):
                 block.with_cp = True
                 use_non_reentrant_checkpoint(block)
+        if cfg.mode in ('synthesize', 'interpolate'):
+            _fuse_sites(slots, indices)
     return ReplacementPlan(cfg, n, records, notes)
+
+
+_SITES = (ConvSite, TransformerSite, InterpolatedBlock)
+
+
+def _fuse_sites(slots: Sequence[BlockSlot], indices: Sequence[int]):
+    """Under ``with_cp``, run each site inside the checkpoint segment of
+    the kept block before it (with any sites in between), so the segment
+    keeps only its input: a site checkpointed on its own would keep its
+    input too and save nothing over the block it replaced. A site with no
+    kept block before it in its container, or whose chain passes a tapped
+    output, keeps its own checkpoint."""
+    for i in indices:
+        site = slots[i - 1]
+        j = i - 1  # walk back over adjacent sites to the kept block
+        while j in indices:
+            j -= 1
+        chain = slots[j - 1:i - 1] if j >= 1 else []
+        if chain and all(
+                s.parent is site.parent and not s.tap for s in chain) and \
+                chain[0].key == site.key - len(chain):
+            fuse_into_segment(chain[0].parent[chain[0].key],
+                              site.parent[site.key])

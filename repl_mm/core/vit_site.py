@@ -94,6 +94,7 @@ class TransformerSite(nn.Module):
         self.zero_init = zero_init
         self.with_cp = with_cp
         self.recompute = recompute
+        self.fused = False
         self.register_buffer(
             'scale', torch.tensor(float(scale)), persistent=False)
         self.init_weights()
@@ -148,7 +149,8 @@ class TransformerSite(nn.Module):
         y = self.act(F.linear(h, mlp)) + F.linear(h, attn)
         return self.drop_path(self.scale * self.site_norm(y))
 
-    def _forward(self, h: Tensor) -> Tensor:
+    def compute(self, h: Tensor) -> Tensor:
+        """The site's function, without ``with_cp`` checkpointing."""
         with torch.autocast(device_type=h.device.type, enabled=False):
             ops = self.synthesize()
         if not torch.is_autocast_enabled(h.device.type):
@@ -160,9 +162,11 @@ class TransformerSite(nn.Module):
         return h + self._update(*args)
 
     def forward(self, h: Tensor) -> Tensor:
+        if self.fused:  # computed in the previous block's segment
+            return h
         if self.with_cp and h.requires_grad:
-            return checkpoint(self._forward, h, use_reentrant=False)
-        return self._forward(h)
+            return checkpoint(self.compute, h, use_reentrant=False)
+        return self.compute(h)
 
     def extra_repr(self) -> str:
         src = ', '.join(f"{op}<-{'+'.join(s)}"

@@ -47,7 +47,7 @@ class RepLVisionTransformer(RepLBackboneMixin, VisionTransformer):
         super().__init__(*args, **kwargs)
         self.with_cp = with_cp
         slots = [
-            BlockSlot(self.layers, i, 1, i + 1, True)
+            BlockSlot(self.layers, i, 1, i + 1, True, tap=i in self.out_indices)
             for i in range(len(self.layers))
         ]
         self._replace(slots, replacement, 'transformer', describe_vit_layer,
