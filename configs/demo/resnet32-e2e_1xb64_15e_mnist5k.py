@@ -1,0 +1,3 @@
+# E2E twin of resnet32-repl_1xb64_15e_mnist5k.py (mode='none', same plan).
+_base_ = './resnet32-repl_1xb64_15e_mnist5k.py'
+model = dict(backbone=dict(replacement=dict(mode='none')))

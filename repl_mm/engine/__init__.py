@@ -1,0 +1,11 @@
+"""mmengine extensions: runner, hooks and optimizer wrapper (registered in
+mmengine's root registries, so every codebase's scope finds them)."""
+from .checkpoint_globals import allow_mmengine_checkpoints, checkpoint_globals
+from .hooks import RNGStateHook
+from .optim_wrapper import AutocastOptimWrapper
+from .runner import RepLRunner
+
+__all__ = [
+    'AutocastOptimWrapper', 'RNGStateHook', 'RepLRunner',
+    'allow_mmengine_checkpoints', 'checkpoint_globals'
+]
