@@ -108,3 +108,14 @@ def test_vit_site_recompute_is_exact(drop):
     # lean keeps h and the two (d, d) operators only
     assert lean[3] <= one_map + 8 * (8 * 8 * 4)
     assert plain[3] >= lean[3] + 2 * one_map  # GELU and LN inputs
+
+
+def test_vit_synthesis_stays_fp32_under_autocast():
+    site, _ = vit_site(recompute=True)
+    h = torch.rand(2, 5, 8, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        ops = site.synthesize()
+        out = site(h)
+    assert all(v.dtype == torch.float32 for v in ops.values())
+    out.float().sum().backward()
+    assert site.alpha.grad is not None and torch.isfinite(site.alpha.grad)

@@ -102,3 +102,22 @@ def test_init_weights_keeps_site_init():
     model = RepLResNet(depth=18, replacement=dict(zero_init=False))
     model.init_weights()
     assert torch.all(model.layer2[1].site_norm.weight == 1)
+
+
+def test_ema_copy_reads_its_own_neighbours():
+    """mmengine's EMAHook deep-copies the model (spec §8)."""
+    from mmengine.model import ExponentialMovingAverage
+
+    from repl_mm.models.cls_resnet import RepLResNet_CIFAR
+    model = RepLResNet_CIFAR(depth=20, replacement=dict(zero_init=False))
+    ema = ExponentialMovingAverage(model, momentum=0.5)
+    site = ema.module.layer2[1]
+    own = {id(p) for p in ema.module.parameters()}
+    assert all(id(w) in own for _, w in neighbour_weights(site))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    # the average moved the copy's neighbours, and its site follows them
+    prev_conv2 = ema.module.layer2[0].conv2.weight
+    assert any(w is prev_conv2 for _, w in neighbour_weights(site))
