@@ -128,7 +128,13 @@ class TransformerSite(nn.Module):
         return 1 - self.alpha if self.tied else self.beta
 
     def synthesize(self) -> Dict[str, Tensor]:
-        """The (d, d) operators Ahat ('attn') and Mhat ('mlp'), fp32."""
+        """The (d, d) operators Ahat ('attn') and Mhat ('mlp'), in fp32
+        with autocast off, whoever calls."""
+        device = self.scale.device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return self._synthesize()
+
+    def _synthesize(self) -> Dict[str, Tensor]:
         out = {}
         for op, srcs in self._sources.items():
             if not srcs:
@@ -151,8 +157,7 @@ class TransformerSite(nn.Module):
 
     def compute(self, h: Tensor) -> Tensor:
         """The site's function, without ``with_cp`` checkpointing."""
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            ops = self.synthesize()
+        ops = self.synthesize()
         if not torch.is_autocast_enabled(h.device.type):
             ops = {k: v.to(h.dtype) for k, v in ops.items()}
         args = (h, ops['attn'], ops['mlp'])
