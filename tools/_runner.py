@@ -4,11 +4,17 @@ import repl_mm  # noqa: F401  (RepLRunner, RNGStateHook, the backbones)
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from repl_mm.engine.runner import init_cpu_distributed
+
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 
 
 def build_runner(cfg, train: bool) -> Runner:
     """The config's ``runner_type`` if it names one, else ``RepLRunner``.
+
+    ``launcher='pytorch'`` on a machine without CUDA trains with DDP over
+    gloo (see :class:`repl_mm.engine.RepLRunner`); GPU machines keep the
+    config's ``env_cfg.dist_cfg`` (NCCL upstream).
 
     The codebase comes from ``default_scope`` (mmengine imports it and
     registers its modules). Training adds ``RNGStateHook`` unless the
@@ -23,5 +29,8 @@ def build_runner(cfg, train: bool) -> Runner:
         if not any(h.get('type') == 'RNGStateHook' for h in hooks):
             hooks.append(dict(type='RNGStateHook'))
         cfg.custom_hooks = hooks
+    launcher = cfg.get('launcher', 'none')
+    if init_cpu_distributed(launcher):
+        cfg.env_cfg.dist_cfg = dict(backend='gloo')
     cfg.setdefault('runner_type', 'RepLRunner')
     return RUNNERS.build(cfg)

@@ -1,11 +1,11 @@
 """mmengine extensions: runner, hooks and optimizer wrapper (registered in
 mmengine's root registries, so every codebase's scope finds them)."""
 from .checkpoint_globals import allow_mmengine_checkpoints, checkpoint_globals
-from .hooks import RNGStateHook
+from .hooks import ReplacementHook, RNGStateHook
 from .optim_wrapper import AutocastOptimWrapper
-from .runner import RepLRunner
+from .runner import RepLRunner, init_cpu_distributed
 
 __all__ = [
-    'AutocastOptimWrapper', 'RNGStateHook', 'RepLRunner',
-    'allow_mmengine_checkpoints', 'checkpoint_globals'
+    'AutocastOptimWrapper', 'ReplacementHook', 'RNGStateHook', 'RepLRunner',
+    'allow_mmengine_checkpoints', 'checkpoint_globals', 'init_cpu_distributed'
 ]

@@ -32,12 +32,26 @@ def decode_plan(tensor) -> dict:
 class RepLBackboneMixin:
     """Mixin placed before the upstream backbone class.
 
-    Subclasses call :meth:`_replace` at the end of ``__init__`` with their
-    block slots and a ``describe`` function (see
-    :func:`repl_mm.core.replace_blocks`), and define :meth:`_site_frozen`.
+    Subclasses define :meth:`setup_replacement`, which calls
+    :meth:`_replace` with their block slots and a ``describe`` function (see
+    :func:`repl_mm.core.replace_blocks`), call it at the end of
+    ``__init__``, and define :meth:`_site_frozen`. Because everything RepL
+    adds happens in ``setup_replacement``, an already built upstream
+    backbone becomes the RepL one by changing its class and calling it
+    (:func:`to_repl_backbone`, used by ``ReplacementHook``): one surgery
+    for both routes.
     """
 
     replacement_plan: ReplacementPlan
+
+    @classmethod
+    def upstream_class(cls) -> type:
+        """The upstream backbone class this one extends."""
+        return cls.__bases__[-1]
+
+    def setup_replacement(self, replacement) -> ReplacementPlan:
+        """Plan and replace the sites of this (built) backbone."""
+        raise NotImplementedError
 
     def _replace(self, slots: Sequence[BlockSlot], replacement, kind: str,
                  describe, with_cp: bool) -> ReplacementPlan:
@@ -166,7 +180,7 @@ class RepLResNetMixin(RepLBackboneMixin):
     ``ResLayer`` sequences; a block is replaceable iff it has no
     ``downsample`` (identity shortcut: stride 1, same channels)."""
 
-    def _replace_resnet(self, replacement) -> ReplacementPlan:
+    def setup_replacement(self, replacement) -> ReplacementPlan:
         slots = []
         for stage, name in enumerate(self.res_layers, 1):
             layer = getattr(self, name)
@@ -185,7 +199,49 @@ class RepLResNetMixin(RepLBackboneMixin):
         return site.stage <= self.frozen_stages
 
 
+def repl_classes() -> List[type]:
+    """Every RepL backbone class defined so far (registered adapters)."""
+    out, todo = [], [RepLBackboneMixin]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if issubclass(sub, nn.Module):
+                out.append(sub)
+    return out
+
+
+def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
+    """Turn a built upstream backbone into its RepL twin, in place.
+
+    The result equals building the RepL class with the same keyword
+    arguments: same parameter names and shapes, same plan.
+
+    Args:
+        backbone (nn.Module): An instance of exactly an upstream class that
+            a RepL backbone extends (mmdet ``ResNet``, mmseg ``ResNetV1c``,
+            mmpretrain ``ResNet``, ``ResNet_CIFAR``, ``VisionTransformer``).
+        replacement (dict): The ``replacement=dict(...)`` options.
+
+    Returns:
+        ReplacementPlan: The backbone's plan.
+    """
+    if isinstance(backbone, RepLBackboneMixin):
+        raise ValueError(f'{type(backbone).__name__} is already a RepL '
+                         'backbone: use either the RepL backbone in the '
+                         'config or ReplacementHook, not both')
+    classes = {c.upstream_class(): c for c in repl_classes()}
+    cls = classes.get(type(backbone))
+    if cls is None:
+        known = sorted(f'{u.__module__}.{u.__name__}' for u in classes)
+        raise ValueError(
+            f'no RepL backbone extends {type(backbone).__module__}.'
+            f'{type(backbone).__name__}; supported upstream backbones: '
+            f'{known}')
+    backbone.__class__ = cls
+    return backbone.setup_replacement(replacement)
+
+
 __all__ = [
     'RepLBackboneMixin', 'RepLResNetMixin', 'describe_resnet_block',
-    'encode_plan', 'decode_plan'
+    'encode_plan', 'decode_plan', 'repl_classes', 'to_repl_backbone'
 ]

@@ -24,7 +24,7 @@ class RepLResNet(RepLResNetMixin, ResNet):
 
     def __init__(self, depth, *args, replacement=None, **kwargs):
         super().__init__(depth, *args, **kwargs)
-        self._replace_resnet(replacement)
+        self.setup_replacement(replacement)
 
 
 @MODELS.register_module()
@@ -64,4 +64,4 @@ class RepLResNet_CIFAR(RepLResNetMixin, ResNet_CIFAR):
                     out_indices=(2, )).items():
                 kwargs.setdefault(k, v)
         super().__init__(depth, *args, **kwargs)
-        self._replace_resnet(replacement)
+        self.setup_replacement(replacement)

@@ -45,15 +45,19 @@ class RepLVisionTransformer(RepLBackboneMixin, VisionTransformer):
 
     def __init__(self, *args, replacement=None, with_cp=False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.setup_replacement(replacement, with_cp)
+
+    def setup_replacement(self, replacement, with_cp=False):
         self.with_cp = with_cp
         slots = [
             BlockSlot(self.layers, i, 1, i + 1, True, tap=i in self.out_indices)
             for i in range(len(self.layers))
         ]
-        self._replace(slots, replacement, 'transformer', describe_vit_layer,
-                      with_cp)
+        plan = self._replace(slots, replacement, 'transformer',
+                             describe_vit_layer, with_cp)
         if self.frozen_stages > 0:
             self._freeze_stages()
+        return plan
 
     def _site_frozen(self, index: int) -> bool:
         return index <= self.frozen_stages

@@ -26,4 +26,4 @@ class RepLResNet(RepLResNetMixin, ResNet):
 
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._replace_resnet(replacement)
+        self.setup_replacement(replacement)

@@ -24,4 +24,4 @@ class RepLResNetV1c(RepLResNetMixin, ResNetV1c):
 
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._replace_resnet(replacement)
+        self.setup_replacement(replacement)

@@ -1,3 +1,4 @@
+from .replacement_hook import ReplacementHook
 from .rng_state_hook import RNGStateHook
 
-__all__ = ['RNGStateHook']
+__all__ = ['ReplacementHook', 'RNGStateHook']

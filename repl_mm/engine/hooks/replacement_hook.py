@@ -1,0 +1,90 @@
+"""Switch RepL on in an unmodified upstream config (spec §1-§6)."""
+import copy
+import gc
+
+from mmengine.hooks import Hook
+from mmengine.logging import print_log
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper, OptimWrapperDict
+from mmengine.registry import HOOKS
+
+from ...core import ReplacementConfig
+from ...models.base import to_repl_backbone
+
+META_KEY = 'repl_model'
+
+
+@HOOKS.register_module()
+class ReplacementHook(Hook):
+    """Apply RepL to the stock backbone of a config, before anything runs.
+
+    ``custom_hooks = [dict(type='ReplacementHook', interval=4, ...)]``: the
+    keywords are exactly those of ``replacement=dict(...)`` (spec §5). The
+    model's backbone (mmdet ``ResNet``, mmseg ``ResNetV1c``, mmpretrain
+    ``ResNet`` / ``ResNet_CIFAR`` / ``VisionTransformer``) becomes its RepL
+    twin through the same surgery as the registry backbones, so both routes
+    give the same parameter names, shapes and losses.
+
+    mmengine runs hooks after it has wrapped the model for DDP and built the
+    optimizer and schedulers, and ``test()`` runs ``before_run`` before
+    loading the checkpoint. So, at the highest priority in ``before_run``,
+    this hook edits the model, releases the old DDP wrapper and wraps the
+    model again, and rebuilds the optim wrapper (with auto-scale-lr) and
+    param schedulers from the config: the new parameters are optimised and
+    scheduled, the removed ones are gone from the optimizer and from DDP.
+    ``init_weights`` and ``load_or_resume`` then run on the RepL model.
+
+    Tools that never run hooks (inferencers, FLOP counters, deployment)
+    need the RepL model config: every checkpoint records it in
+    ``meta['repl_model']``, and ``publish_model.py`` writes the matching
+    config next to the published weights.
+    """
+
+    priority = 'HIGHEST'
+
+    def __init__(self, **replacement):
+        self.replacement = ReplacementConfig.from_dict(replacement).to_dict()
+        self.model_cfg = None
+
+    def before_run(self, runner) -> None:
+        wrapped = is_model_wrapper(runner.model)
+        model = runner.model.module if wrapped else runner.model
+        backbone = getattr(model, 'backbone', None)
+        if backbone is None:
+            raise ValueError('ReplacementHook needs a model with a '
+                             f'`backbone`, got {type(model).__name__}')
+        to_repl_backbone(backbone, self.replacement)
+        self.model_cfg = self._repl_model_cfg(runner.cfg.model, backbone)
+        if wrapped:
+            runner.model = None  # release the old DDP wrapper first
+            gc.collect()
+            runner.model = runner.wrap_model(
+                copy.deepcopy(runner.cfg.get('model_wrapper_cfg')), model)
+        if isinstance(runner.optim_wrapper, (OptimWrapper, OptimWrapperDict)):
+            # as Runner.train() does, in its order (scale_lr refuses to run
+            # once schedulers are built)
+            runner.optim_wrapper = runner.build_optim_wrapper(
+                copy.deepcopy(runner.cfg.optim_wrapper))
+            runner.param_schedulers = copy.deepcopy(
+                runner.cfg.get('param_scheduler'))
+            runner.scale_lr(runner.optim_wrapper, runner.auto_scale_lr)
+            if runner.param_schedulers is not None:
+                runner.param_schedulers = runner.build_param_scheduler(
+                    runner.param_schedulers)
+        print_log(
+            f'ReplacementHook: {type(backbone).__name__} built from the '
+            'config, optimizer and schedulers rebuilt', logger='current')
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint.setdefault('meta', {})[META_KEY] = self.model_cfg
+
+    @staticmethod
+    def _repl_model_cfg(model_cfg, backbone) -> dict:
+        """The config's model with the RepL backbone spelled out."""
+        cfg = copy.deepcopy(model_cfg.to_dict() if hasattr(
+            model_cfg, 'to_dict') else dict(model_cfg))
+        cfg['backbone'] = dict(
+            cfg['backbone'],
+            type=type(backbone).__name__,
+            replacement=backbone.replacement_plan.config.to_dict())
+        return cfg

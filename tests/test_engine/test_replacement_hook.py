@@ -1,0 +1,137 @@
+"""ReplacementHook gives what the registry backbone gives (issue 6 §1)."""
+import copy
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+
+from repl_mm.engine.hooks.replacement_hook import META_KEY
+from repl_mm.models.base import to_repl_backbone
+
+from ..test_models.test_backbones.cases import CASES, IDS
+
+
+@pytest.mark.parametrize('case', CASES, ids=IDS)
+def test_same_model_as_the_registry_backbone(case):
+    if case.upstream == case.repl:
+        pytest.skip('no upstream class (He et al. depths)')
+    torch.manual_seed(0)
+    stock = case.cls('upstream')(**case.kwargs)
+    plan = to_repl_backbone(stock, dict(interval=2))
+    torch.manual_seed(0)
+    repl = case.build(interval=2)
+    assert plan == repl.replacement_plan
+    assert type(stock) is type(repl)
+    a, b = stock.state_dict(), repl.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(case.shape)
+    stock.eval(), repl.eval()
+    for p, q in zip(stock(x), repl(x)):
+        assert torch.equal(p, q)
+
+
+def test_refuses_a_repl_backbone_and_unknown_ones():
+    from torch import nn
+
+    from repl_mm.models.cls_resnet import RepLResNet
+    with pytest.raises(ValueError, match='already a RepL backbone'):
+        to_repl_backbone(RepLResNet(depth=18), {})
+    with pytest.raises(ValueError, match='no RepL backbone extends.*Linear'):
+        to_repl_backbone(nn.Linear(2, 2), {})
+
+
+def tiny_cfg(tmp_path, route, data):
+    """ResNet-18 (mmpretrain ResNet_CIFAR) on a few synthetic images."""
+    backbone = dict(type='ResNet_CIFAR', depth=18, num_stages=4,
+                    out_indices=(3, ), style='pytorch')
+    cfg = Config(
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=backbone,
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(type='LinearClsHead', num_classes=10,
+                          in_channels=512,
+                          loss=dict(type='CrossEntropyLoss'))),
+            data_preprocessor=dict(num_classes=10, mean=[127.5] * 3,
+                                   std=[64.0] * 3),
+            train_dataloader=dict(
+                batch_size=8, num_workers=0,
+                dataset=dict(type='CIFARFormat', data_root=str(data),
+                             split='train',
+                             pipeline=[dict(type='PackInputs')]),
+                sampler=dict(type='DefaultSampler', shuffle=True)),
+            train_cfg=dict(by_epoch=True, max_epochs=1),
+            optim_wrapper=dict(
+                optimizer=dict(type='SGD', lr=0.1, momentum=0.9,
+                               weight_decay=1e-4),
+                paramwise_cfg=dict(custom_keys={
+                    k: dict(decay_mult=0.0)
+                    for k in ('.phi', '.alpha', '.beta', '.site_norm.')})),
+            param_scheduler=dict(type='CosineAnnealingLR', T_max=1,
+                                 by_epoch=True,
+                                 convert_to_iter_based=True),
+            default_hooks=dict(checkpoint=dict(type='CheckpointHook',
+                                               interval=1)),
+            randomness=dict(seed=0),
+            work_dir=str(tmp_path / route),
+            custom_imports=dict(imports=['repl_mm'])))
+    if route == 'hook':
+        cfg.custom_hooks = [dict(type='ReplacementHook', interval=4)]
+    else:
+        cfg.model.backbone.type = 'RepLResNet_CIFAR'
+        cfg.model.backbone.replacement = dict(interval=4)
+    return cfg
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    from repl_mm.datasets import synthetic_images, write_cifar
+    from repl_mm.datasets.writers import split_train_test
+    root = tmp_path_factory.mktemp('syn')
+    imgs, labels, classes = synthetic_images(num_per_class=4)
+    split = split_train_test(imgs, labels, 0.25, seed=0)
+    write_cifar(str(root), split['train'], split['test'], classes=classes)
+    return root
+
+
+def train(cfg):
+    from repl_mm.engine import RepLRunner
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        runner = RepLRunner.from_cfg(copy.deepcopy(cfg))
+        runner.train()
+    return runner
+
+
+def test_hook_route_trains_like_the_backbone_route(tmp_path, data):
+    hook = train(tiny_cfg(tmp_path, 'hook', data))
+    reg = train(tiny_cfg(tmp_path, 'registry', data))
+    a, b = hook.model.state_dict(), reg.model.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the new parameters are optimised, with the shipped no-decay rule;
+    # the removed ones are gone from the optimizer
+    names = {id(p): n for n, p in hook.model.named_parameters()}
+    groups = {names[id(p)]: g['weight_decay']
+              for g in hook.optim_wrapper.optimizer.param_groups
+              for p in g['params']}
+    assert set(groups) == set(names.values())
+    phis = [n for n in groups if '.phi' in n]
+    assert phis and all(groups[n] == 0 for n in phis)
+    assert groups['backbone.layer1.0.conv1.weight'] == pytest.approx(1e-4)
+    # the LR schedule drives the rebuilt optimizer
+    assert hook.param_schedulers[0].optimizer is hook.optim_wrapper
+    ckpt = torch.load(tmp_path / 'hook' / 'epoch_1.pth', weights_only=False)
+    assert ckpt['meta'][META_KEY]['backbone']['type'] == 'RepLResNet_CIFAR'
+    assert ckpt['meta'][META_KEY]['backbone']['replacement']['interval'] == 4
+
+
+def test_hook_route_keeps_auto_scale_lr(tmp_path, data):
+    cfg = tiny_cfg(tmp_path, 'hook', data)
+    cfg.auto_scale_lr = dict(enable=True, base_batch_size=4)  # batch 8: x2
+    runner = train(cfg)
+    assert runner.param_schedulers[0].base_values[0] == pytest.approx(0.2)
