@@ -17,8 +17,9 @@ def build_runner(cfg, train: bool) -> Runner:
     config's ``env_cfg.dist_cfg`` (NCCL upstream).
 
     The codebase comes from ``default_scope`` (mmengine imports it and
-    registers its modules). Training adds ``RNGStateHook`` unless the
-    config lists it, so a resumed run continues the random stream.
+    registers its modules). Training adds ``RNGStateHook`` (a resumed run
+    continues the random stream) and ``RepLLoggerHook`` (per-site mixing
+    weights in the log) unless the config lists them.
     """
     scope = cfg.get('default_scope', None)
     if scope not in SCOPES:
@@ -26,8 +27,9 @@ def build_runner(cfg, train: bool) -> Runner:
                          f'config has {scope!r}')
     if train:
         hooks = list(cfg.get('custom_hooks', None) or [])
-        if not any(h.get('type') == 'RNGStateHook' for h in hooks):
-            hooks.append(dict(type='RNGStateHook'))
+        for name in ('RNGStateHook', 'RepLLoggerHook'):
+            if not any(h.get('type') == name for h in hooks):
+                hooks.append(dict(type=name))
         cfg.custom_hooks = hooks
     launcher = cfg.get('launcher', 'none')
     if init_cpu_distributed(launcher):

@@ -1,6 +1,6 @@
 """The computing layer that replaces a residual conv block (spec §3)."""
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -147,6 +147,18 @@ class ConvSite(nn.Module):
                 self.site_norm.weight.fill_(0.0 if self.zero_init else 1.0)
             if getattr(self.site_norm, 'bias', None) is not None:
                 self.site_norm.bias.zero_()
+
+    @torch.no_grad()
+    def mixing_summary(self) -> Dict[str, float]:
+        """Mean phi per neighbour over all positions (for logging)."""
+        out = {}
+        for name in ('prev', 'next'):
+            phis = [getattr(self, f'phi{j}_{name}')
+                    for j, srcs in enumerate(self._sources, 1)
+                    if any(n == name for n, _ in srcs)]
+            if phis:
+                out[f'phi_{name}'] = torch.cat(phis).mean().item()
+        return out
 
     def synthesize(self) -> List[Tensor]:
         """The (Cout_j, Cin_j) matrices What^j from the live neighbours."""

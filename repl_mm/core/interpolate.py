@@ -1,5 +1,5 @@
 """``mode='interpolate'``: the supplement's Algorithm 1 (spec §2)."""
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,12 @@ class InterpolatedBlock(nn.Module):
             for name in ('alpha', 'beta'):
                 if hasattr(self, name):
                     getattr(self, name).fill_(0.5)
+
+    @torch.no_grad()
+    def mixing_summary(self) -> Dict[str, float]:
+        """alpha (prev) and beta (next) (for logging)."""
+        return {n: getattr(self, n).item() for n in ('alpha', 'beta')
+                if hasattr(self, n)}
 
     def interpolate(self) -> List[Tensor]:
         coef = {'prev': getattr(self, 'alpha', None),

@@ -127,6 +127,13 @@ class TransformerSite(nn.Module):
             return self.alpha
         return 1 - self.alpha if self.tied else self.beta
 
+    @torch.no_grad()
+    def mixing_summary(self) -> Dict[str, float]:
+        """alpha (prev) and beta (next) as used (for logging)."""
+        used = {n for s in self._sources.values() for n, _ in s}
+        names = {'prev': 'alpha', 'next': 'beta'}
+        return {names[n]: self.coefficient(n).item() for n in sorted(used)}
+
     def synthesize(self) -> Dict[str, Tensor]:
         """The (d, d) operators Ahat ('attn') and Mhat ('mlp'), in fp32
         with autocast off, whoever calls."""

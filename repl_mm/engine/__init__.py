@@ -1,11 +1,12 @@
 """mmengine extensions: runner, hooks and optimizer wrapper (registered in
 mmengine's root registries, so every codebase's scope finds them)."""
 from .checkpoint_globals import allow_mmengine_checkpoints, checkpoint_globals
-from .hooks import ReplacementHook, RNGStateHook
+from .hooks import RepLLoggerHook, ReplacementHook, RNGStateHook
 from .optim_wrapper import AutocastOptimWrapper
 from .runner import RepLRunner, init_cpu_distributed
 
 __all__ = [
-    'AutocastOptimWrapper', 'ReplacementHook', 'RNGStateHook', 'RepLRunner',
-    'allow_mmengine_checkpoints', 'checkpoint_globals', 'init_cpu_distributed'
+    'AutocastOptimWrapper', 'RepLLoggerHook', 'ReplacementHook',
+    'RNGStateHook', 'RepLRunner', 'allow_mmengine_checkpoints',
+    'checkpoint_globals', 'init_cpu_distributed'
 ]

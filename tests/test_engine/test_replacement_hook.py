@@ -1,5 +1,6 @@
 """ReplacementHook gives what the registry backbone gives (issue 6 §1)."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,3 +136,45 @@ def test_hook_route_keeps_auto_scale_lr(tmp_path, data):
     cfg.auto_scale_lr = dict(enable=True, base_batch_size=4)  # batch 8: x2
     runner = train(cfg)
     assert runner.param_schedulers[0].base_values[0] == pytest.approx(0.2)
+
+
+def test_published_hook_checkpoint_builds_without_the_hook(tmp_path, data):
+    """Tools that never run hooks get the RepL model from the config that
+    publish_model.py writes beside the weights."""
+    import importlib.util
+
+    from mmpretrain.registry import MODELS
+    runner = train(tiny_cfg(tmp_path, 'hook', data))
+    spec = importlib.util.spec_from_file_location(
+        'publish_model', Path(__file__).resolve().parents[2] / 'tools' /
+        'model_converters' / 'publish_model.py')
+    publish = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(publish)
+    final = publish.publish(str(tmp_path / 'hook' / 'epoch_1.pth'),
+                            str(tmp_path / 'pub.pth'))
+    cfg = Config.fromfile(final[:-4] + '.py')
+    assert not any(h['type'] == 'ReplacementHook'
+                   for h in cfg.get('custom_hooks', []))
+    assert cfg.model.backbone.type == 'RepLResNet_CIFAR'
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(cfg.model)
+    weights = torch.load(final, weights_only=True)['state_dict']
+    model.load_state_dict(weights)  # strict: same keys, same plan
+    ref = runner.model.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize('route', ['hook', 'registry'])
+def test_mixing_weights_are_logged(tmp_path, data, route):
+    cfg = tiny_cfg(tmp_path, route, data)
+    cfg.custom_hooks = cfg.get('custom_hooks', []) + [
+        dict(type='RepLLoggerHook', interval=1)]
+    runner = train(cfg)
+    scalars = runner.message_hub.log_scalars
+    site = runner.model.backbone.replacement_plan.indices[0]
+    for name in ('phi_prev', 'phi_next'):
+        buf = scalars[f'train/repl_site{site}_{name}']
+        assert len(buf.data[0]) == runner.iter  # one record per iteration
+    site_module = runner.model.backbone.site_modules()[site]
+    assert buf.current() == pytest.approx(
+        site_module.mixing_summary()['phi_next'])

@@ -7,6 +7,12 @@ optimizer, schedulers, message hub, RNG state and EMA copy; names the file
 ``{out stem}-{sha256[:8]}.pth``. The result loads with
 ``torch.load(weights_only=True)`` and no allow-list.
 
+It also writes the training config beside it (``{same name}.py``). For a
+run that switched RepL on with ``ReplacementHook``, that config names the
+RepL backbone instead (from ``meta['repl_model']``) and drops the hook, so
+tools that never run hooks (inferencers, FLOP counters) build the model
+the weights belong to.
+
 Usage:
     python tools/model_converters/publish_model.py IN_FILE OUT_FILE
 """
@@ -15,8 +21,10 @@ import hashlib
 import os
 
 import torch
+from mmengine.config import Config
 
 from repl_mm.engine import allow_mmengine_checkpoints
+from repl_mm.engine.hooks.replacement_hook import META_KEY
 from repl_mm.models.base import PLAN_KEY, decode_plan
 
 PLAIN = (str, int, float, bool, type(None))
@@ -40,6 +48,8 @@ def plain(value):
 
 def publish(in_file: str, out_file: str) -> str:
     """Write the published checkpoint; return its final path."""
+    if not os.path.isfile(in_file):
+        raise FileNotFoundError(f'IN_FILE: no checkpoint at {in_file!r}')
     if not out_file.endswith('.pth'):
         raise ValueError(f'OUT_FILE must end with .pth, but got {out_file!r}')
     with allow_mmengine_checkpoints():
@@ -60,7 +70,26 @@ def publish(in_file: str, out_file: str) -> str:
         sha = hashlib.sha256(f.read()).hexdigest()
     final = f'{out_file[:-4]}-{sha[:8]}.pth'
     os.replace(out_file, final)
+    if 'cfg' in meta:
+        model_config(meta).dump(final[:-4] + '.py')
     return final
+
+
+def model_config(meta: dict) -> Config:
+    """The training config of a checkpoint, with the RepL backbone spelled
+    out and ``ReplacementHook`` dropped when the run used the hook."""
+    cfg = Config.fromstring(meta['cfg'], '.py')
+    if META_KEY in meta:
+        cfg.model = meta[META_KEY]
+        cfg.custom_hooks = [
+            h for h in cfg.get('custom_hooks', [])
+            if h.get('type') != 'ReplacementHook'
+        ]
+        imports = list(cfg.get('custom_imports', {}).get('imports', []))
+        cfg.custom_imports = dict(
+            imports=imports + ['repl_mm'] * ('repl_mm' not in imports),
+            allow_failed_imports=False)
+    return cfg
 
 
 def main():
@@ -68,7 +97,8 @@ def main():
     parser.add_argument('in_file', help='input checkpoint filename')
     parser.add_argument('out_file', help='output checkpoint filename (.pth)')
     args = parser.parse_args()
-    print(publish(args.in_file, args.out_file))
+    final = publish(args.in_file, args.out_file)
+    print(final)
 
 
 if __name__ == '__main__':
