@@ -1,6 +1,7 @@
 """Every shipped config builds its model offline; RepL configs stand beside
 E2E twins with the same plan; the shipped paramwise rules keep mixing
 weights and site norms out of weight decay (spec §8)."""
+import functools
 import importlib
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def build(cfg):
         return registry.MODELS.build(cfg.model)
 
 
+@functools.lru_cache(maxsize=4)  # twins are neighbours in the order
+def built(path):
+    """A config's model, shared by the tests that read it in a row."""
+    return build(load(path))
+
+
 def test_configs_exist_in_pairs():
     assert CONFIGS
     for p in CONFIGS:
@@ -53,12 +60,11 @@ def twin_of(path):
 def test_config_builds(path):
     cfg = load(path)
     assert 'repl_mm' in cfg.custom_imports['imports']
-    model = build(cfg)
-    plan = model.backbone.replacement_plan
+    plan = built(path).backbone.replacement_plan
     if 'e2e' in path.name:
         assert plan.mode == 'none'
         # the E2E twin has the RepL config's plan
-        twin = build(load(twin_of(path))).backbone.replacement_plan
+        twin = built(twin_of(path)).backbone.replacement_plan
         assert twin.mode != 'none' and twin.indices == plan.indices
     if 'r50' in path.name or 'resnet50' in path.name:
         assert plan.indices == (5, 9, 12)  # ResNet-50, k = 4 (spec §1)
@@ -70,8 +76,8 @@ def test_paramwise_no_decay_on_mixing_weights(path):
     cfg = load(path)
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
     assert set(NO_DECAY_KEYS) <= set(keys)
-    model = build(cfg)
-    e2e = build(load(twin_of(path)))
+    model = built(path)
+    e2e = built(twin_of(path))
     # the keys never match an upstream (E2E) parameter
     for name, _ in e2e.named_parameters():
         assert not any(k in name for k in NO_DECAY_KEYS), name
