@@ -5,13 +5,9 @@ MMPretrain.
 registers the RepL backbones into whichever of the three codebases is
 installed; see :mod:`repl_mm.models`.
 """
-import importlib.util
-
+from . import datasets  # noqa: F401  (CIFARFormat when mmpretrain is there)
 from . import engine  # noqa: F401  (runner, hooks, optim wrapper)
 from . import models  # noqa: F401  (registers the backbones)
-
-if importlib.util.find_spec('mmpretrain') is not None:
-    from . import datasets  # noqa: F401  (CIFARFormat)
 from .core import ReplacementConfig, ReplacementPlan, replace_blocks
 
 __version__ = '0.1.0'

@@ -1,8 +1,16 @@
-# DeepLabV3 R50-D8 on Cityscapes, upstream 80k schedule, with a RepL
-# ResNetV1c-50 backbone (k = 4; the dilated stages keep their dilations).
-# SyncBN stays the GPU default of the base config; single-process CPU runs
-# fall back to BN, CPU DDP runs need
-# --cfg-options norm_cfg.type=BN model.backbone.norm_cfg.type=BN ...
+# DeepLabV3 R50-D8 on Cityscapes, upstream 80k schedule (SGD lr 0.01, 4 GPUs
+# x 2, crop 512x1024), with a RepL ResNetV1c-50 backbone (k = 4: blocks 5, 9,
+# 12 replaced; the dilated stages keep their dilations). The kept blocks load
+# from upstream's ImageNet-pretrained ResNetV1c-50 (model.pretrained of the
+# base config); the replaced blocks' keys are reported as unused (spec §6).
+# SyncBN stays the GPU default of the base config. A single-process run (CPU
+# or one GPU) reverts it to BN automatically (mmengine's Runner); DDP on CPUs
+# (gloo has no SyncBN) needs BN in every module that uses it. The base's
+# top-level `norm_cfg` was copied into the model when the base was parsed, so
+# overriding `norm_cfg` alone changes nothing; pass
+#   --cfg-options model.backbone.norm_cfg.type=BN \
+#       model.decode_head.norm_cfg.type=BN \
+#       model.auxiliary_head.norm_cfg.type=BN
 _base_ = [
     'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024.py',
     '../_base_/repl_paramwise.py',

@@ -28,7 +28,12 @@ class NonReentrantCheckpoint:
     """
 
     def forward(self, x):
-        if getattr(self, 'with_cp', False) and x.requires_grad:
+        # Unlike upstream's reentrant path, which needs an input that
+        # requires grad, any trainable tensor in the segment is enough (the
+        # first block after frozen stages is checkpointed too).
+        if getattr(self, 'with_cp', False) and needs_graph(
+                x, *self.parameters(),
+                *(t for site in self.tail for t in site.trainable_tensors())):
             return checkpoint(
                 self._segment,
                 x,

@@ -4,7 +4,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import needs_graph, recompute_in_backward
 from .synthesis import apply_chain, collapse_kernel, mix_channels
@@ -177,23 +176,34 @@ class ConvSite(nn.Module):
         """scale * norm(What^J ... What^1 h), through drop path."""
         return self.drop_path(self.scale * self.site_norm(apply_chain(h, mats)))
 
+    def _synthesized_update(self, h: Tensor) -> Tensor:
+        return self._update(h, *self.synthesize())
+
+    def trainable_tensors(self) -> List[Tensor]:
+        """What the site's graph carries gradients to: its own parameters
+        and the neighbours' weights."""
+        return [*self.parameters()] + [
+            conv.weight for srcs in self._sources for _, conv in srcs
+        ]
+
     def compute(self, h: Tensor) -> Tensor:
         """The site's function, without ``with_cp`` checkpointing."""
-        mats = self.synthesize()
-        if self.recompute and not self.with_cp and needs_graph(h, *mats):
-            # Keep only h (the previous block's output, stored anyway) and
-            # the small matrices; the chain and norm re-run in backward.
+        if self.recompute and not self.with_cp and needs_graph(
+                h, *self.trainable_tensors()):
+            # Keep only h (the previous block's output, stored anyway):
+            # synthesis, chain and norm re-run in backward.
             update = recompute_in_backward(
-                self._update, h, *mats, stateful=self.site_norm)
+                self._synthesized_update, h, stateful=self.site_norm)
         else:
-            update = self._update(h, *mats)
+            update = self._synthesized_update(h)
         return self.act(update + h if self.residual else update)
 
     def forward(self, h: Tensor) -> Tensor:
         if self.fused:  # computed in the previous block's segment
             return h
-        if self.with_cp and h.requires_grad:
-            return checkpoint(self.compute, h, use_reentrant=False)
+        if self.with_cp and needs_graph(h, *self.trainable_tensors()):
+            return recompute_in_backward(
+                self.compute, h, stateful=self.site_norm)
         return self.compute(h)
 
     def extra_repr(self) -> str:

@@ -3,7 +3,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from .checkpoint import needs_graph, recompute_in_backward
 
 # (a weight-owning submodule of the block, [(neighbour name, its twin)])
 Target = Tuple[nn.Module, Sequence[Tuple[str, nn.Module]]]
@@ -97,10 +98,17 @@ class InterpolatedBlock(nn.Module):
         """The block's function, without ``with_cp`` checkpointing."""
         return self._run(x, *self.interpolate())
 
+    def trainable_tensors(self) -> List[Tensor]:
+        """Its own parameters (block and scalars) and the neighbours'
+        weights it interpolates."""
+        return [*self.parameters()] + [
+            twin.weight for _, srcs in self._targets for _, twin in srcs
+        ]
+
     def forward(self, x: Tensor) -> Tensor:
         if self.fused:  # computed in the previous block's segment
             return x
-        if self.with_cp and x.requires_grad:
-            weights = self.interpolate()
-            return checkpoint(self._run, x, *weights, use_reentrant=False)
+        if self.with_cp and needs_graph(x, *self.trainable_tensors()):
+            # interpolation inside: the full-size weights are not kept
+            return recompute_in_backward(self.compute, x, stateful=self.block)
         return self.compute(x)

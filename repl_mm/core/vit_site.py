@@ -1,11 +1,10 @@
 """The computing layer that replaces a transformer encoder layer (spec §4)."""
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import needs_graph, recompute_in_backward
 from .synthesis import attention_operator, mlp_operator
@@ -162,22 +161,33 @@ class TransformerSite(nn.Module):
         y = self.act(F.linear(h, mlp)) + F.linear(h, attn)
         return self.drop_path(self.scale * self.site_norm(y))
 
-    def compute(self, h: Tensor) -> Tensor:
-        """The site's function, without ``with_cp`` checkpointing."""
+    def _synthesized_update(self, h: Tensor) -> Tensor:
         ops = self.synthesize()
         if not torch.is_autocast_enabled(h.device.type):
             ops = {k: v.to(h.dtype) for k, v in ops.items()}
-        args = (h, ops['attn'], ops['mlp'])
-        if self.recompute and not self.with_cp and needs_graph(*args):
-            # Keep only h and the (d, d) operators; re-run in backward.
-            return h + recompute_in_backward(self._update, *args)
-        return h + self._update(*args)
+        return self._update(h, ops['attn'], ops['mlp'])
+
+    def trainable_tensors(self) -> List[Tensor]:
+        """What the site's graph carries gradients to: its own parameters
+        and the neighbours' weights."""
+        return [*self.parameters()] + [
+            lin.weight for srcs in self._sources.values() for _, pair in srcs
+            for lin in pair
+        ]
+
+    def compute(self, h: Tensor) -> Tensor:
+        """The site's function, without ``with_cp`` checkpointing."""
+        if self.recompute and not self.with_cp and needs_graph(
+                h, *self.trainable_tensors()):
+            # Keep only h: synthesis and update re-run in backward.
+            return h + recompute_in_backward(self._synthesized_update, h)
+        return h + self._synthesized_update(h)
 
     def forward(self, h: Tensor) -> Tensor:
         if self.fused:  # computed in the previous block's segment
             return h
-        if self.with_cp and h.requires_grad:
-            return checkpoint(self.compute, h, use_reentrant=False)
+        if self.with_cp and needs_graph(h, *self.trainable_tensors()):
+            return recompute_in_backward(self.compute, h)
         return self.compute(h)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""Write small classification sets in upstream formats, offline.
+"""Write small classification, detection and segmentation sets in upstream
+formats, offline.
 
 Examples (from the repository root)::
 
@@ -8,6 +9,10 @@ Examples (from the repository root)::
         --out data/synthetic --num-per-class 20
     python tools/dataset_converters/make_datasets.py imagenet-folder \\
         --out data/imagenet-digits --source digits
+    python tools/dataset_converters/make_datasets.py coco-shapes \\
+        --out data/coco-shapes
+    python tools/dataset_converters/make_datasets.py cityscapes-shapes \\
+        --out data/cityscapes-shapes
 
 ``digits``, ``mnist5k`` and ``synthetic-cifar`` write
 ``<out>/cifar-10-batches-py`` for ``dict(type='CIFARFormat',
@@ -15,12 +20,21 @@ data_root=<out>, split='train'|'test')`` (``import repl_mm.datasets``
 first). ``imagenet-folder`` writes ``train/``, ``val/`` and ``meta/`` for
 ``dict(type='ImageNet', data_root=<out>, split='train'|'val',
 classes='<out>/meta/classes.txt')`` or ``dict(type='CustomDataset',
-data_root=<out>, data_prefix='train'|'val')``. The same arguments write
-the same bytes.
+data_root=<out>, data_prefix='train'|'val')``. ``coco-shapes`` writes
+COCO 2017 instances files (``annotations/instances_{train,val}2017.json``,
+``train2017/``, ``val2017/``) of filled rectangles, circles and triangles
+for mmdet's ``CocoDataset`` with ``metainfo=dict(classes=('rectangle',
+'circle', 'triangle'))``; ``cityscapes-shapes`` writes the same kind of
+scenes in the Cityscapes layout (``leftImg8bit/``, ``gtFine/`` with
+``*_gtFine_labelTrainIds.png``) for mmseg's ``CityscapesDataset`` (see
+``repl_mm/datasets/det_seg_writers.py`` for the train ids). The same
+arguments write the same bytes.
 """
 import argparse
 import sys
 
+from repl_mm.datasets.det_seg_writers import (make_cityscapes_shapes,
+                                              make_coco_shapes)
 from repl_mm.datasets.writers import (digits_images, mnist5k_images,
                                       split_train_test, synthetic_images,
                                       write_cifar, write_image_folder)
@@ -29,6 +43,11 @@ SOURCES = {
     'digits': digits_images,
     'mnist5k': mnist5k_images,
     'synthetic': synthetic_images,
+}
+# detection / segmentation: format -> (writer, default image height)
+SHAPE_SETS = {
+    'coco-shapes': (make_coco_shapes, 96),
+    'cityscapes-shapes': (make_cityscapes_shapes, 64),
 }
 
 
@@ -61,6 +80,19 @@ def parse_args(argv=None):
     folder.add_argument('--source', choices=sorted(SOURCES),
                         default='synthetic')
     folder.add_argument('--ext', choices=['JPEG', 'png'], default='JPEG')
+    shapes = argparse.ArgumentParser(add_help=False)
+    shapes.add_argument('--out', required=True, help='output data root')
+    shapes.add_argument('--seed', type=int, default=0, help='scene seed')
+    shapes.add_argument('--num-train', type=int, default=12)
+    shapes.add_argument('--num-val', type=int, default=4)
+    shapes.add_argument('--height', type=int, help='image height (default: '
+                        '96 for coco-shapes, 64 for cityscapes-shapes)')
+    shapes.add_argument('--width', type=int, default=128)
+    shapes.add_argument('--max-objects', type=int, default=3)
+    sub.add_parser('coco-shapes', parents=[shapes],
+                   help='COCO-format shapes for mmdet (3 classes)')
+    sub.add_parser('cityscapes-shapes', parents=[shapes],
+                   help='Cityscapes-format shapes for mmseg')
     return parser.parse_args(argv)
 
 
@@ -87,9 +119,35 @@ def summary(fmt, source, path, splits, classes):
             f'({size} uint8), {len(classes)} classes: {names}')
 
 
+def write_shapes(args) -> str:
+    """Write a detection / segmentation set; return its summary line."""
+    writer, height = SHAPE_SETS[args.format]
+    out = writer(
+        args.out,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        height=args.height or height,
+        width=args.width,
+        max_objects=args.max_objects,
+        seed=args.seed)
+    counts = ', '.join(f'{split} {n} images ({out["objects"][split]} '
+                       'objects)' for split, n in out['images'].items())
+    if 'classes' in out:
+        labels = f'{len(out["classes"])} classes: ' + ' '.join(
+            out['classes'])
+    else:
+        labels = 'train ids: ' + ', '.join(
+            f'{name} {i}' for name, i in out['train_ids'].items())
+    size = 'x'.join(map(str, out['size']))
+    return f'{args.format}: wrote {args.out}: {counts}, {size}, {labels}'
+
+
 def main(argv=None):
     """Write the requested set and print a one-line summary."""
     args = parse_args(argv)
+    if args.format in SHAPE_SETS:
+        print(write_shapes(args))
+        return 0
     source, (imgs, labels, classes) = load_source(args)
     splits = split_train_test(imgs, labels, args.test_fraction, args.seed)
     if args.format == 'imagenet-folder':

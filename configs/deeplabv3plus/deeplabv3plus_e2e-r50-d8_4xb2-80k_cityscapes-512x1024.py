@@ -1,0 +1,4 @@
+# E2E twin of deeplabv3plus_repl-r50-d8_4xb2-80k_cityscapes-512x1024.py
+# (mode='none': every block kept, same plan).
+_base_ = './deeplabv3plus_repl-r50-d8_4xb2-80k_cityscapes-512x1024.py'
+model = dict(backbone=dict(replacement=dict(mode='none')))
