@@ -1,0 +1,241 @@
+"""The efficiency benchmark (issue 3): hand-computed memory figures, the
+derived statistics, method configs, and an end-to-end run on a tiny CIFAR
+ResNet-20. Behaviour only: nothing here asserts a speed."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mmengine.model import BaseModel
+from torch import nn
+
+from repl_mm.analysis.benchmark import (METHODS, Case, build_model,
+                                        make_batch, make_case, measure_memory,
+                                        method_model_cfg, ratio_stats,
+                                        run_benchmark, saving_efficiency,
+                                        time_round_robin, training_loss)
+
+ROOT = Path(__file__).resolve().parents[2]
+RETINANET = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
+DEEPLAB = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024.py'
+
+
+class Tiny(BaseModel):
+    """A bare network with ``loss`` and ``parse_losses`` like a task
+    model; the loss is a sum, which saves nothing for backward."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, data_samples=None, mode='tensor'):
+        return self.net(x)
+
+    def loss(self, x):
+        return dict(loss=self.net(x).sum())
+
+
+def memory_of(net, x):
+    model = Tiny(net)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return measure_memory(model, opt, (x, ))
+
+
+def test_saved_bytes_conv_relu():
+    # conv saves its input x (2*3*8*8 floats), its weight is a parameter
+    # (excluded); relu saves its output (2*4*6*6 floats)
+    mem = memory_of(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
+                    torch.rand(2, 3, 8, 8))
+    assert mem['saved_bytes'] == (2 * 3 * 8 * 8 + 2 * 4 * 6 * 6) * 4
+    assert mem['synthesis_kept_bytes'] == 0
+    # the step's allocator peak holds at least the saved tensors
+    assert mem['peak_bytes'] >= mem['saved_bytes']
+
+
+def test_saved_bytes_storage_counted_once():
+    # fc1 saves x (3*4); relu saves its output (3*8), which fc2 saves again
+    # as its input: one storage, counted once; weights excluded
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert memory_of(net, torch.rand(3, 4))['saved_bytes'] == (12 + 24) * 4
+
+
+def test_saving_efficiency():
+    assert saving_efficiency(100, 80, 60) == pytest.approx(0.5)
+    assert saving_efficiency(100, 60, 60) == pytest.approx(1.0)
+    assert saving_efficiency(1.0, 1.1, 0.8) == pytest.approx(-0.5)
+    assert saving_efficiency(100, 90, 100) is None
+
+
+def test_ratio_stats_per_trial():
+    # per-trial ratios 2, 2, 3, 2 (not the ratio of medians, 5/2)
+    s = ratio_stats([2, 4, 6, 8], [1, 2, 2, 4])
+    assert s == pytest.approx(dict(median=2.0, q1=2.0, q3=2.25))
+
+
+def test_time_round_robin_interleaves():
+    calls = []
+    steps = {n: (lambda n=n: calls.append(n)) for n in 'abc'}
+    times = time_round_robin(steps, repeats=3, warmup=1)
+    assert {n: len(t) for n, t in times.items()} == dict(a=3, b=3, c=3)
+    # every round runs every method once, the start rotated each round
+    assert calls == list('abc' 'bca' 'cab' 'abc')
+
+
+def test_method_configs_of_upstream_detector():
+    case = make_case(RETINANET, input_size=64, batch_size=1)
+    assert case.task == 'det' and case.input_size == (64, 64)
+    assert case.backbone_type == 'RepLResNet'  # mmdet ResNet -> twin
+    assert case.model['backbone']['init_cfg'] is None  # offline
+    assert method_model_cfg(case, 'sd') is None  # no drop_path_rate
+    cp = method_model_cfg(case, 'repl+cp')['backbone']
+    assert cp['with_cp'] and cp['replacement'] == dict(interval=4)
+    assert method_model_cfg(case, 'e2e')['backbone']['replacement'] == dict(
+        mode='none')
+    assert method_model_cfg(case, 'repl-norecompute')['backbone'][
+        'replacement'] == dict(interval=4, recompute=False)
+
+
+def test_segmentor_config_offline_and_batch():
+    case = make_case(DEEPLAB, input_size=(32, 48), batch_size=2)
+    assert case.backbone_type == 'RepLResNetV1c'
+    assert 'SyncBN' not in json.dumps(case.model)
+    assert case.model.get('pretrained') is None
+    # our shipped config: already a RepL twin, replacement options kept
+    ours = make_case(str(ROOT / 'configs/deeplabv3/deeplabv3_repl-r50-d8_'
+                         '4xb2-80k_cityscapes-512x1024.py'))
+    assert ours.input_size == (256, 256)
+    assert method_model_cfg(ours, 'drop')['backbone']['replacement'] == dict(
+        mode='drop', interval=4)
+
+
+def test_sd_only_where_the_backbone_has_drop_path():
+    case = make_case(
+        dict(default_scope='mmpretrain',
+             model=dict(type='ImageClassifier',
+                        backbone=dict(type='VisionTransformer',
+                                      arch='deit-tiny', drop_path_rate=0.1),
+                        head=dict(type='VisionTransformerClsHead',
+                                  num_classes=10, in_channels=192))))
+    assert case.backbone_type == 'RepLVisionTransformer'
+    assert case.input_size == (224, 224)
+    sd = method_model_cfg(case, 'repl+sd')['backbone']
+    assert sd['drop_path_rate'] == 0.1 and not sd['with_cp']
+    # every other method runs without stochastic depth
+    assert method_model_cfg(case, 'e2e')['backbone']['drop_path_rate'] == 0
+
+
+def test_unsupported_backbone_raises():
+    cfg = dict(default_scope='mmpretrain',
+               model=dict(type='ImageClassifier',
+                          backbone=dict(type='MobileNetV2')))
+    with pytest.raises(ValueError, match='MobileNetV2'):
+        make_case(cfg)
+
+
+def r20_case(batch_size=2):
+    return make_case(
+        dict(default_scope='mmpretrain',
+             model=dict(type='ImageClassifier',
+                        backbone=dict(type='ResNet_CIFAR', depth=20),
+                        neck=dict(type='GlobalAveragePooling'),
+                        head=dict(type='LinearClsHead', num_classes=10,
+                                  in_channels=64))),
+        name='r20', batch_size=batch_size, repeats=2)
+
+
+def test_end_to_end_tiny(tmp_path):
+    methods = ['e2e', 'repl', 'drop', 'cp', 'repl+cp', 'repl-norecompute']
+    acc = {'r20': {'e2e': 91.0, 'repl': 91.5, 'drop': 90.0}}
+    res = run_benchmark([r20_case()], str(tmp_path), methods,
+                        accuracies=acc)
+    for name in ('benchmark.json', 'benchmark.md', 'ratios.png',
+                 'accuracy_memory.png'):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / 'benchmark.json').read_text()) == \
+        json.loads(json.dumps(res))
+    assert '| repl+cp |' in (tmp_path / 'benchmark.md').read_text()
+
+    (case, ) = res['cases']
+    r = case['methods']
+    assert list(r) == methods
+    mem = {m: r[m]['saved_bytes'] for m in methods}
+    # activation memory: drop < repl < e2e; checkpointing saves more, and
+    # RepL on top of it more still
+    assert mem['drop'] < mem['repl'] < mem['e2e']
+    assert mem['repl+cp'] < mem['cp'] < mem['repl']
+    assert mem['repl'] <= mem['repl-norecompute']
+    assert r['repl']['sites'] == r['drop']['sites'] == [5, 8]
+    assert r['e2e']['sites'] == [] and r['e2e']['plan_sites'] == [5, 8]
+    assert r['drop']['params'] < r['repl']['params'] < r['e2e']['params']
+    # derived figures follow from the measured ones
+    assert r['repl']['S_mem'] == pytest.approx(
+        saving_efficiency(mem['e2e'], mem['repl'], mem['drop']))
+    assert r['repl']['S_time'] == pytest.approx(
+        saving_efficiency(1, r['repl']['time_ratio']['median'],
+                          r['drop']['time_ratio']['median']))
+    assert r['e2e']['time_ratio'] == dict(median=1.0, q1=1.0, q3=1.0)
+    # synthesis: weight-space only, apart from the per-sample FLOPs
+    f = {m: r[m]['flops'] for m in methods}
+    assert f['e2e']['synthesis'] == 0 < f['repl']['synthesis']
+    assert f['drop']['step'] < f['repl']['step'] < f['e2e']['step']
+    # the backward of checkpointed blocks and recomputing sites re-runs
+    # their forward; without recompute or checkpointing, nothing does
+    assert f['e2e']['recompute'] == f['repl-norecompute']['recompute'] == 0
+    assert 0 < f['repl']['recompute'] < f['repl+cp']['recompute']
+    assert f['cp']['step'] == 3 * f['cp']['forward'] + f['cp']['recompute']
+    assert f['cp']['recompute'] > f['cp']['forward'] / 2
+    assert r['repl']['synthesis_kept_bytes'] > 0
+    assert r['repl+cp']['synthesis_kept_bytes'] == 0
+    targets = {t['target']: t for t in res['targets']}
+    assert targets['act. mem repl+cp / cp < 1']['met']
+
+
+@pytest.mark.parametrize('config, size, batch', [(RETINANET, 64, 1),
+                                                   (DEEPLAB, 32, 2)])
+def test_task_loss_on_synthetic_batch(config, size, batch):
+    case = make_case(config, input_size=size, batch_size=batch)
+    model = build_model(case.scope, method_model_cfg(case, 'repl'))
+    assert model.backbone.replacement_plan.indices == (5, 9, 12)
+    inputs, samples = make_batch(case, model)
+    assert inputs.shape == (batch, 3, size, size)
+    if case.task == 'det':  # boxes inside the image
+        boxes = samples[0].gt_instances.bboxes
+        assert boxes.shape == (4, 4)
+        assert 0 <= boxes.min() <= boxes.max() <= size
+    else:
+        assert samples[0].gt_sem_seg.data.shape == (1, size, size)
+    loss = training_loss(model, (inputs, samples))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_cli', ROOT / 'tools/analysis/benchmark.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize('argv, message', [
+    ([], 'give config files or --suite'),
+    (['--suite', '--from-json', 'x.json'], 'give no configs and no'),
+    (['--suite', 'cifar-r33'], "unknown case(s) ['cifar-r33']"),
+    (['--suite', '--methods', 'repl', 'drop'], 'must include e2e'),
+    (['--suite', '--methods', 'e2e', 'magic'], "unknown method(s) ['magic']"),
+    (['--suite', '--repeats', '0'], '--repeats must be >= 1, got 0'),
+    (['--suite', '--input-size', '1', '2', '3'], '--input-size takes'),
+    (['nope.py'], "config 'nope.py' does not exist"),
+])
+def test_cli_rejects_bad_arguments(argv, message, capsys):
+    cli = load_cli()
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_cli_accepts_suite_and_methods():
+    args = load_cli().parse_args(['--suite', 'cifar-r32', '--quick'])
+    assert args.suite == ['cifar-r32'] and args.methods == list(METHODS)
+    assert isinstance(r20_case(), Case)

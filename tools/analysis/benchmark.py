@@ -1,0 +1,147 @@
+"""Efficiency benchmark of RepL against E2E, drop, stochastic depth and
+activation checkpointing (issue 3). What is measured and how:
+docs/benchmark.md.
+
+Usage:
+    python tools/analysis/benchmark.py --suite                 # all cases
+    python tools/analysis/benchmark.py --suite cifar-r32 deit-s --quick
+    python tools/analysis/benchmark.py \
+        configs/retinanet/retinanet_repl-r50_fpn_1x_coco.py \
+        --input-size 320 --batch-size 1 --repeats 3
+    python tools/analysis/benchmark.py --suite --accuracies acc.json
+    # render a finished run again, measuring nothing
+    python tools/analysis/benchmark.py \
+        --from-json work_dirs/benchmark/benchmark.json \
+        --accuracies acc.json --out-dir work_dirs/benchmark_acc
+"""
+import argparse
+import json
+import os
+import sys
+
+# Keep the profiler's backend quiet (it logs every start/stop to stderr).
+os.environ.setdefault('KINETO_LOG_LEVEL', '5')
+
+from mmengine.logging import MMLogger, print_log  # noqa: E402
+
+from repl_mm.analysis.benchmark import (METHODS, SUITE,  # noqa: E402
+                                        finalize, load_accuracies, make_case,
+                                        run_benchmark, suite_cases,
+                                        write_outputs)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog='Built-in suite cases: ' + ', '.join(SUITE) +
+        '\nMethods: ' + ', '.join(METHODS))
+    parser.add_argument(
+        'configs', nargs='*',
+        help='model configs (files or mmdet::/mmseg::/mmpretrain:: paths)')
+    parser.add_argument(
+        '--suite', nargs='*', metavar='CASE',
+        help='run the built-in suite (all cases, or the ones named)')
+    parser.add_argument(
+        '--quick', action='store_true',
+        help='suite: smaller batches and fewer trials')
+    parser.add_argument(
+        '--methods', nargs='+', default=list(METHODS), metavar='METHOD',
+        help='methods to compare (must include e2e; drop for S)')
+    parser.add_argument(
+        '--batch-size', type=int, default=None,
+        help='samples per step (configs: default 2; suite: per case)')
+    parser.add_argument(
+        '--input-size', type=int, nargs='+', default=None, metavar='N',
+        help='input H [W] for configs (default: 32 CIFAR, ViT img_size, '
+        'cls 224, det 320, seg 256)')
+    parser.add_argument(
+        '--repeats', type=int, default=None,
+        help='timed trials (configs: default 3; suite: per case)')
+    parser.add_argument(
+        '--warmup', type=int, default=0,
+        help='extra untimed rounds before the trials (every model has '
+        'already run two untimed steps: warm-up and memory)')
+    parser.add_argument(
+        '--accuracies', default=None,
+        help='JSON {case: {method: accuracy}} for the accuracy-memory plot')
+    parser.add_argument(
+        '--from-json', default=None, metavar='JSON',
+        help="render the outputs again from a run's benchmark.json "
+        '(derived figures recomputed; nothing measured)')
+    parser.add_argument(
+        '--out-dir', default='work_dirs/benchmark', help='output folder')
+    args = parser.parse_args(argv)
+
+    def fail(msg):
+        parser.error(msg)
+
+    if args.from_json is not None:
+        if args.suite is not None or args.configs:
+            fail('--from-json renders a finished run: give no configs and no '
+                 '--suite')
+        if not os.path.isfile(args.from_json):
+            fail(f'--from-json: file {args.from_json!r} does not exist')
+    elif args.suite is None and not args.configs:
+        fail('give config files or --suite (or --from-json)')
+    if args.suite:
+        unknown = [n for n in args.suite if n not in SUITE]
+        if unknown:
+            fail(f'--suite: unknown case(s) {unknown}; known: {list(SUITE)}')
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        fail(f'--methods: unknown method(s) {unknown}; known: '
+             f'{list(METHODS)}')
+    if 'e2e' not in args.methods:
+        fail(f'--methods must include e2e (the reference), got '
+             f'{args.methods}')
+    for name in ('batch_size', 'repeats'):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            fail(f'--{name.replace("_", "-")} must be >= 1, got {v}')
+    if args.warmup < 0:
+        fail(f'--warmup must be >= 0, got {args.warmup}')
+    if args.input_size is not None and (len(args.input_size) > 2 or min(
+            args.input_size) < 1):
+        fail('--input-size takes one or two positive ints (H [W]), got '
+             f'{args.input_size}')
+    for c in args.configs:
+        if '::' not in c and not os.path.isfile(c):
+            fail(f'config {c!r} does not exist')
+    if args.accuracies is not None and not os.path.isfile(args.accuracies):
+        fail(f'--accuracies: file {args.accuracies!r} does not exist')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    MMLogger.get_instance(
+        'repl_mm_benchmark',
+        log_file=os.path.join(args.out_dir, 'benchmark.log'),
+        log_level='INFO')
+    accuracies = load_accuracies(args.accuracies) if args.accuracies else None
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = finalize(json.load(f))
+        for path in write_outputs(results, args.out_dir, accuracies):
+            print_log(f'wrote {path}', logger='current')
+        return
+    cases = []
+    if args.suite is not None:
+        cases += suite_cases(args.suite, quick=args.quick)
+        for c in cases:
+            c.batch_size = args.batch_size or c.batch_size
+            c.repeats = args.repeats or c.repeats
+    size = args.input_size
+    if size is not None:
+        size = (size[0], size[-1])
+    for path in args.configs:
+        cases.append(
+            make_case(path, input_size=size, batch_size=args.batch_size or 2,
+                      repeats=args.repeats or 3))
+    run_benchmark(cases, args.out_dir, args.methods, args.warmup, accuracies)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
