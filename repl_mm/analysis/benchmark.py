@@ -601,10 +601,14 @@ def synthesis_kept_bytes(model: nn.Module) -> int:
     """Bytes of weight-space tensors that the sites' synthesis keeps for
     backward in a training forward: what autograd saves inside
     ``synthesize()`` and the synthesized matrices themselves (the site's
-    chain or its recompute keeps them). They do not grow with the batch.
-    Sites that checkpoint (``with_cp``) keep none."""
+    chain keeps them). They do not grow with the batch. Sites that
+    recompute (``recompute=True``, the default: the synthesis re-runs in
+    backward) or checkpoint (``with_cp``) keep none."""
     meter = SavedTensorMeter(_weights(model))
-    sites = [s for s in _sites(model).values() if not s.with_cp]
+    sites = [
+        s for s in _sites(model).values()
+        if not s.with_cp and not getattr(s, 'recompute', False)
+    ]
     with torch.enable_grad(), meter:
         mats = [t for s in sites for t in _Synthesis(s)()]
     for t in mats:
