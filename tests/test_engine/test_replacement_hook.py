@@ -66,6 +66,14 @@ def tiny_cfg(tmp_path, route, data):
                              pipeline=[dict(type='PackInputs')]),
                 sampler=dict(type='DefaultSampler', shuffle=True)),
             train_cfg=dict(by_epoch=True, max_epochs=1),
+            test_dataloader=dict(
+                batch_size=8, num_workers=0,
+                dataset=dict(type='CIFARFormat', data_root=str(data),
+                             split='test',
+                             pipeline=[dict(type='PackInputs')]),
+                sampler=dict(type='DefaultSampler', shuffle=False)),
+            test_cfg=dict(),
+            test_evaluator=dict(type='Accuracy'),
             optim_wrapper=dict(
                 optimizer=dict(type='SGD', lr=0.1, momentum=0.9,
                                weight_decay=1e-4),
@@ -162,6 +170,13 @@ def test_published_hook_checkpoint_builds_without_the_hook(tmp_path, data):
     model.load_state_dict(weights)  # strict: same keys, same plan
     ref = runner.model.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in model.state_dict().items())
+    # and the upstream inferencer, which runs no hooks
+    import numpy as np
+    from mmpretrain import ImageClassificationInferencer
+    inferencer = ImageClassificationInferencer(
+        model=final[:-4] + '.py', pretrained=final, device='cpu')
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8)
+    assert 0 <= inferencer(img)[0]['pred_label'] < 10
 
 
 @pytest.mark.parametrize('route', ['hook', 'registry'])
