@@ -5,7 +5,6 @@ tensors against values worked out by hand.
 """
 from typing import Optional, Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

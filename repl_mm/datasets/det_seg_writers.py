@@ -16,14 +16,13 @@ draw and encode.
 import json
 import os
 import os.path as osp
-import shutil
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .writers import (FOLDER_MARKER, _check_positive_int, _encode_image,
-                      _import_optional)
+from .writers import (_check_positive_int, _encode_image, _import_optional,
+                      claim_folder)
 
 SHAPE_CLASSES = ('rectangle', 'circle', 'triangle')
 # RGB colour of each class; every object jitters it by up to +-25 per channel
@@ -179,24 +178,6 @@ def shape_scenes(num_images: int,
     ]
 
 
-def _claim_folder(out_dir: str, owned: Sequence[str],
-                  source: Optional[dict]):
-    """Remove the ``owned`` sub-folders of an earlier run of ours (refuse
-    if someone else's are there) and write our marker file."""
-    present = [osp.join(out_dir, d) for d in owned]
-    present = [p for p in present if osp.exists(p)]
-    if present and not osp.isfile(osp.join(out_dir, FOLDER_MARKER)):
-        raise FileExistsError(
-            f'{present} already exist and {out_dir!r} has no '
-            f'{FOLDER_MARKER}: it was not written by make_datasets.py; '
-            'choose an empty output folder')
-    for path in present:
-        shutil.rmtree(path)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(osp.join(out_dir, FOLDER_MARKER), 'w') as f:
-        json.dump(source or {}, f, sort_keys=True)
-
-
 def _check_scenes(split: str, scenes: Sequence[Scene], num_classes: int):
     """Raise a ValueError unless ``scenes`` is a non-empty list of one
     image size whose object labels index ``num_classes`` classes."""
@@ -293,7 +274,7 @@ def write_coco(out_dir: str,
         _check_scenes(split, scenes, len(classes))
     header = _coco_header(classes)
     image_id = ann_id = 1
-    _claim_folder(out_dir, ('annotations', ) + COCO_SPLITS, source)
+    claim_folder(out_dir, ('annotations', ) + COCO_SPLITS, source)
     os.makedirs(osp.join(out_dir, 'annotations'))
     for split, scenes in splits.items():
         os.makedirs(osp.join(out_dir, split))
@@ -381,7 +362,7 @@ def write_cityscapes(out_dir: str,
     splits = dict(train=train, val=val)
     for split, scenes in splits.items():
         _check_scenes(split, scenes, len(SHAPE_CLASSES))
-    _claim_folder(out_dir, ('leftImg8bit', 'gtFine'), source)
+    claim_folder(out_dir, ('leftImg8bit', 'gtFine'), source)
     for split, scenes in splits.items():
         cities = CITYSCAPES_CITIES[split]
         for i, scene in enumerate(scenes):

@@ -283,10 +283,12 @@ def write_cifar(out_dir: str, train: tuple, test: tuple,
     return folder
 
 
-def _clear_image_folder(out_dir: str):
-    """Remove the train/val/meta folders of an earlier run of ours."""
-    owned = [osp.join(out_dir, d) for d in ('train', 'val', 'meta')]
-    present = [p for p in owned if osp.exists(p)]
+def claim_folder(out_dir: str, owned: Sequence[str],
+                 source: Optional[dict]):
+    """Remove the ``owned`` sub-folders of an earlier run of ours (refuse
+    if someone else's are there) and write our marker file."""
+    present = [osp.join(out_dir, d) for d in owned]
+    present = [p for p in present if osp.exists(p)]
     if present and not osp.isfile(osp.join(out_dir, FOLDER_MARKER)):
         raise FileExistsError(
             f'{present} already exist and {out_dir!r} has no '
@@ -294,6 +296,9 @@ def _clear_image_folder(out_dir: str):
             'choose an empty output folder')
     for path in present:
         shutil.rmtree(path)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(osp.join(out_dir, FOLDER_MARKER), 'w') as f:
+        json.dump(source or {}, f, sort_keys=True)
 
 
 def _encode_image(img: np.ndarray, ext: str, quality: int) -> np.ndarray:
@@ -370,10 +375,8 @@ def write_image_folder(out_dir: str,
                          f'sorted order, got {list(classes)}')
     train = _as_split('train', train, classes)
     val = _as_split('val', val, classes)
-    _clear_image_folder(out_dir)
+    claim_folder(out_dir, ('train', 'val', 'meta'), source)
     os.makedirs(osp.join(out_dir, 'meta'))
-    with open(osp.join(out_dir, FOLDER_MARKER), 'w') as f:
-        json.dump(source or {}, f, sort_keys=True)
     for split, (imgs, labels) in (('train', train), ('val', val)):
         _write_image_split(out_dir, split, imgs, labels, classes, ext,
                            quality)
