@@ -9,7 +9,7 @@ only once". :func:`use_non_reentrant_checkpoint` re-classes a block so its
 unchanged.
 """
 from contextlib import contextmanager, nullcontext
-from typing import Dict
+from typing import Dict, Sequence, Union
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 class NonReentrantCheckpoint:
     """Mixin: checkpoint ``super().forward`` non-reentrantly when
-    ``self.with_cp`` is set and the input requires grad.
+    ``self.with_cp`` is set and the segment records a graph.
 
     The segment may carry a *tail*: sites fused into this block's
     checkpoint (``fuse_into_segment``), run after it inside the same
@@ -34,12 +34,8 @@ class NonReentrantCheckpoint:
         if getattr(self, 'with_cp', False) and needs_graph(
                 x, *self.parameters(),
                 *(t for site in self.tail for t in site.trainable_tensors())):
-            return checkpoint(
-                self._segment,
-                x,
-                use_reentrant=False,
-                context_fn=lambda: (nullcontext(),
-                                    frozen_buffers(self, *self.tail)))
+            return recompute_in_backward(
+                self._segment, x, stateful=(self, *self.tail))
         return self._segment(x)
 
     def _segment(self, x):
@@ -106,18 +102,19 @@ def frozen_buffers(*modules: nn.Module):
                 b.copy_(v)
 
 
-def recompute_in_backward(fn, *args, stateful: nn.Module = None):
+def recompute_in_backward(fn, *args,
+                          stateful: Union[nn.Module, Sequence] = ()):
     """``fn(*args)``, storing only ``args`` for backward (non-reentrant
-    checkpoint); ``stateful``'s buffers are left as the forward set them
-    when backward re-runs ``fn``. RNG state (drop path) is replayed, so
-    outputs and gradients equal those of a plain call."""
-    if stateful is None:
-        return checkpoint(fn, *args, use_reentrant=False)
+    checkpoint); the buffers of ``stateful`` (a module or modules) are left
+    as the forward set them when backward re-runs ``fn``. RNG state (drop
+    path) is replayed, so outputs and gradients equal a plain call's."""
+    if isinstance(stateful, nn.Module):
+        stateful = (stateful, )
     return checkpoint(
         fn,
         *args,
         use_reentrant=False,
-        context_fn=lambda: (nullcontext(), frozen_buffers(stateful)))
+        context_fn=lambda: (nullcontext(), frozen_buffers(*stateful)))
 
 
 def needs_graph(*tensors) -> bool:
