@@ -193,3 +193,22 @@ def test_mixing_weights_are_logged(tmp_path, data, route):
         buf = scalars[f'train/repl_site{site}_{name}']
         assert len(buf.data[0]) == runner.iter  # one record per iteration
         assert buf.current() == pytest.approx(value)
+
+
+def test_hook_route_resumes_and_tests(tmp_path, data):
+    """A hook-route checkpoint resumes (the hook converts the model before
+    loading) and evaluates (``test()`` runs ``before_run`` first too)."""
+    from repl_mm.engine import RepLRunner
+    train(tiny_cfg(tmp_path, 'hook', data))
+    cfg = tiny_cfg(tmp_path, 'hook', data)
+    cfg.train_cfg.max_epochs = 2
+    cfg.resume = True  # from the latest checkpoint of the work dir
+    runner = train(cfg)
+    assert runner._has_loaded  # resumed from epoch_1.pth, not from scratch
+    assert runner.epoch == 2
+    assert (tmp_path / 'hook' / 'epoch_2.pth').exists()
+    cfg = tiny_cfg(tmp_path, 'hook', data)
+    cfg.load_from = str(tmp_path / 'hook' / 'epoch_2.pth')
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        metrics = RepLRunner.from_cfg(cfg).test()
+    assert 0 <= metrics['accuracy/top1'] <= 100
