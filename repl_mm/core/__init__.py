@@ -14,8 +14,8 @@ from .vit_site import TransformerSite
 NO_DECAY_KEYS = ('.phi', '.alpha', '.beta', '.site_norm.')
 
 __all__ = [
-    'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'VIT_WEIGHTS', 'BlockSlot',
-    'ConvSite', 'InterpolatedBlock', 'NonReentrantCheckpoint',
+    'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'VIT_WEIGHTS',
+    'BlockSlot', 'ConvSite', 'InterpolatedBlock', 'NonReentrantCheckpoint',
     'ReplacementConfig', 'ReplacementPlan', 'SiteRecord', 'TransformerSite',
     'nearest_kept', 'pick_sources', 'replace_blocks', 'select_sites',
     'use_non_reentrant_checkpoint'

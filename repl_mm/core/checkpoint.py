@@ -54,6 +54,27 @@ class NonReentrantCheckpoint:
         return getattr(self, 'repl_tail', ())
 
 
+class CheckpointedSite:
+    """Mixin of the modules that stand in for a replaced block: the
+    forward they share around their own ``compute``.
+
+    A site fused into the previous block's segment (``fuse_into_segment``)
+    passes its input through (the segment computed it); with ``with_cp`` it
+    checkpoints itself, its buffers (norm statistics) updated once.
+    Subclasses define ``compute(x)``, ``trainable_tensors()`` and
+    ``with_cp``.
+    """
+
+    fused = False
+
+    def forward(self, x):
+        if self.fused:
+            return x
+        if self.with_cp and needs_graph(x, *self.trainable_tensors()):
+            return recompute_in_backward(self.compute, x, stateful=self)
+        return self.compute(x)
+
+
 def fuse_into_segment(block: nn.Module, site: nn.Module):
     """Run ``site`` at the end of ``block``'s checkpoint segment.
 

@@ -5,14 +5,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import needs_graph, recompute_in_backward
+from .checkpoint import (CheckpointedSite, needs_graph,
+                         recompute_in_backward)
 from .synthesis import apply_chain, collapse_kernel, mix_channels
 
 # A position's sources: (neighbour name, the neighbour's conv module).
 Sources = Sequence[Tuple[str, nn.Module]]
 
 
-class ConvSite(nn.Module):
+class ConvSite(CheckpointedSite, nn.Module):
     """RepL computing layer for a BasicBlock / Bottleneck site.
 
     For every conv position j of the replaced block, the site synthesizes a
@@ -119,7 +120,6 @@ class ConvSite(nn.Module):
         self.zero_init = zero_init
         self.with_cp = with_cp
         self.recompute = recompute
-        self.fused = False
         self.register_buffer(
             'scale', torch.tensor(float(scale)), persistent=False)
         self.init_weights()
@@ -174,7 +174,8 @@ class ConvSite(nn.Module):
 
     def _update(self, h: Tensor, *mats: Tensor) -> Tensor:
         """scale * norm(What^J ... What^1 h), through drop path."""
-        return self.drop_path(self.scale * self.site_norm(apply_chain(h, mats)))
+        x_hat = apply_chain(h, mats)
+        return self.drop_path(self.scale * self.site_norm(x_hat))
 
     def _synthesized_update(self, h: Tensor) -> Tensor:
         return self._update(h, *self.synthesize())
@@ -197,14 +198,6 @@ class ConvSite(nn.Module):
         else:
             update = self._synthesized_update(h)
         return self.act(update + h if self.residual else update)
-
-    def forward(self, h: Tensor) -> Tensor:
-        if self.fused:  # computed in the previous block's segment
-            return h
-        if self.with_cp and needs_graph(h, *self.trainable_tensors()):
-            return recompute_in_backward(
-                self.compute, h, stateful=self.site_norm)
-        return self.compute(h)
 
     def extra_repr(self) -> str:
         src = ', '.join(f"conv{j}<-{'+'.join(s)}"

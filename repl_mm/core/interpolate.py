@@ -4,13 +4,13 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import needs_graph, recompute_in_backward
+from .checkpoint import CheckpointedSite
 
 # (a weight-owning submodule of the block, [(neighbour name, its twin)])
 Target = Tuple[nn.Module, Sequence[Tuple[str, nn.Module]]]
 
 
-class InterpolatedBlock(nn.Module):
+class InterpolatedBlock(CheckpointedSite, nn.Module):
     """Run the original block with weights interpolated from neighbours.
 
     Each target weight is set every forward to
@@ -19,8 +19,8 @@ class InterpolatedBlock(nn.Module):
         W = \\alpha W_{prev} + \\beta W_{next}
 
     (the supplement's scalars a, b, named ``alpha``/``beta`` here as in the
-    ViT site so one ``paramwise_cfg`` key covers both; initialised to 0.5; a weight one neighbour cannot serve
-    is drawn from the other only). The block's own copies of the target
+    ViT site so one ``paramwise_cfg`` key covers both; initialised to 0.5;
+    a weight one neighbour cannot serve is drawn from the other only). The block's own copies of the target
     weights are deleted; its other parameters (norms; for ViT the MLP and
     the attention biases) stay its own and train.
 
@@ -58,7 +58,6 @@ class InterpolatedBlock(nn.Module):
             block.with_cp = False
         self.block = block
         self.with_cp = with_cp
-        self.fused = False
 
     @property
     def sources(self) -> List[Tuple[str, ...]]:
@@ -105,10 +104,3 @@ class InterpolatedBlock(nn.Module):
             twin.weight for _, srcs in self._targets for _, twin in srcs
         ]
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused:  # computed in the previous block's segment
-            return x
-        if self.with_cp and needs_graph(x, *self.trainable_tensors()):
-            # interpolation inside: the full-size weights are not kept
-            return recompute_in_backward(self.compute, x, stateful=self.block)
-        return self.compute(x)

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import needs_graph, recompute_in_backward
+from .checkpoint import (CheckpointedSite, needs_graph,
+                         recompute_in_backward)
 from .synthesis import attention_operator, mlp_operator
 
 # Per operator, its sources: (neighbour name, (linear, linear)) with
@@ -16,7 +17,7 @@ OperatorSources = Sequence[Tuple[str, Tuple[nn.Module, nn.Module]]]
 _OPERATORS = {'attn': attention_operator, 'mlp': mlp_operator}
 
 
-class TransformerSite(nn.Module):
+class TransformerSite(CheckpointedSite, nn.Module):
     """RepL computing layer for a ViT encoder layer (paper Eq. 10).
 
     .. math::
@@ -93,7 +94,6 @@ class TransformerSite(nn.Module):
         self.zero_init = zero_init
         self.with_cp = with_cp
         self.recompute = recompute
-        self.fused = False
         self.register_buffer(
             'scale', torch.tensor(float(scale)), persistent=False)
         self.init_weights()
@@ -182,13 +182,6 @@ class TransformerSite(nn.Module):
             # Keep only h: synthesis and update re-run in backward.
             return h + recompute_in_backward(self._synthesized_update, h)
         return h + self._synthesized_update(h)
-
-    def forward(self, h: Tensor) -> Tensor:
-        if self.fused:  # computed in the previous block's segment
-            return h
-        if self.with_cp and needs_graph(h, *self.trainable_tensors()):
-            return recompute_in_backward(self.compute, h)
-        return self.compute(h)
 
     def extra_repr(self) -> str:
         src = ', '.join(f"{op}<-{'+'.join(s)}"

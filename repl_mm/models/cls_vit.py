@@ -50,7 +50,8 @@ class RepLVisionTransformer(RepLBackboneMixin, VisionTransformer):
     def setup_replacement(self, replacement, with_cp=False):
         self.with_cp = with_cp
         slots = [
-            BlockSlot(self.layers, i, 1, i + 1, True, tap=i in self.out_indices)
+            BlockSlot(
+                self.layers, i, 1, i + 1, True, tap=i in self.out_indices)
             for i in range(len(self.layers))
         ]
         plan = self._replace(slots, replacement, 'transformer',
