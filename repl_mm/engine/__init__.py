@@ -3,10 +3,10 @@ mmengine's root registries, so every codebase's scope finds them)."""
 from .checkpoint_globals import allow_mmengine_checkpoints, checkpoint_globals
 from .hooks import RepLLoggerHook, ReplacementHook, RNGStateHook
 from .optim_wrapper import AutocastOptimWrapper
-from .runner import RepLRunner, init_cpu_distributed
+from .runner import RepLRunner, build_runner, init_cpu_distributed
 
 __all__ = [
     'AutocastOptimWrapper', 'RepLLoggerHook', 'ReplacementHook',
     'RNGStateHook', 'RepLRunner', 'allow_mmengine_checkpoints',
-    'checkpoint_globals', 'init_cpu_distributed'
+    'build_runner', 'checkpoint_globals', 'init_cpu_distributed'
 ]

@@ -1,0 +1,78 @@
+"""The accuracy tables of issue 7: each table's smoke runs end to end on
+tiny data (what CI can afford), and the summary arithmetic is right."""
+import importlib.util
+import json
+
+import pytest
+
+from repl_mm.analysis.experiments import Run, Table, mean_std, summarize
+from .test_cls_pipeline import ROOT, run
+
+TOOL = ROOT / 'tools' / 'analysis' / 'accuracy_table.py'
+
+
+@pytest.fixture(scope='module')
+def tool():
+    spec = importlib.util.spec_from_file_location('accuracy_table', TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data') / 'syn'
+    run('tools/dataset_converters/make_datasets.py', 'synthetic-cifar',
+        '--out', str(root), '--num-per-class', '4')
+    return root
+
+
+def test_mean_std_and_summary():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([1.0, 2.0, 3.0])
+    assert m == 2.0 and s == pytest.approx(1.0)
+    table = Table('t', 'T', 'acc', [
+        Run('r', 'a', 'c.py', 0), Run('r', 'a', 'c.py', 1),
+        Run('r', 'b', 'c.py', 0)])
+    res = [dict(row=r.row, column=r.column, metrics={'acc': v},
+                params=10, seconds=2.0)
+           for r, v in zip(table.runs, (90.0, 94.0, 50.0))]
+    out = summarize(table, res)
+    assert out['r']['a']['mean'] == 92.0 and out['r']['a']['n'] == 2
+    assert out['r']['a']['std'] == pytest.approx(2 ** 0.5 * 2)
+    assert out['r']['b']['values'] == [50.0]
+    res[2]['metrics'] = {'other': 1.0}
+    with pytest.raises(KeyError, match="no metric 'acc'"):
+        summarize(table, res)
+    with pytest.raises(ValueError, match='repeat'):
+        Table('t', 'T', 'acc', [Run('r', 'a', 'c.py'), Run('r', 'a', 'c.py')])
+
+
+SMOKE_RUNS = {'main-r32': 3, 'main-vit': 3, 'ablations': 12}
+
+
+@pytest.mark.parametrize('name', sorted(SMOKE_RUNS))
+def test_table_smoke(tool, data, tmp_path, name):
+    table = tool.TABLES[name]()
+    opts = [f'{k}.dataset.data_root={data}'
+            for k in ('train_dataloader', 'test_dataloader')]
+    argv = [name, '--smoke', '--out-dir', str(tmp_path), '--cfg-options',
+            *opts, 'train_dataloader.dataset.fraction=1.0']
+    tool.main(argv)
+    out = tmp_path / name
+    runs = sorted((out / 'runs').glob('*.json'))
+    # one run per distinct model: the regimes of a main table differ only
+    # in the budget, which the smoke replaces
+    assert len(runs) == SMOKE_RUNS[name]
+    for path in runs:
+        res = json.loads(path.read_text())
+        assert 0.0 <= res['metrics']['accuracy/top1'] <= 100.0
+        assert res['params'] > 0
+    md = (out / 'table.md').read_text()
+    for col in table.columns:
+        assert col in md
+    assert not (tmp_path / 'accuracies.json').exists()  # smoke: no numbers
+    # a second call reads the finished runs back instead of training again
+    mtimes = [p.stat().st_mtime_ns for p in runs]
+    tool.main(argv)
+    assert [p.stat().st_mtime_ns for p in runs] == mtimes
