@@ -2,9 +2,11 @@
 from .checkpoint import NonReentrantCheckpoint, use_non_reentrant_checkpoint
 from .cnn_site import ConvSite
 from .interpolate import InterpolatedBlock
-from .plan import (MODES, NEIGHBORS, ON_INVALID, VIT_WEIGHTS,
+from .plan import (MODES, NEIGHBORS, ON_INVALID, STATIC_FROM, VIT_WEIGHTS,
                    ReplacementConfig, ReplacementPlan, SiteRecord,
                    nearest_kept, select_sites)
+from .static import (StaticConvSite, StaticTransformerSite,
+                     interpolated_block_state, load_static_site)
 from .surgery import BlockSlot, pick_sources, replace_blocks
 from .vit_site import TransformerSite
 
@@ -14,9 +16,11 @@ from .vit_site import TransformerSite
 NO_DECAY_KEYS = ('.phi', '.alpha', '.beta', '.site_norm.')
 
 __all__ = [
-    'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'VIT_WEIGHTS',
-    'BlockSlot', 'ConvSite', 'InterpolatedBlock', 'NonReentrantCheckpoint',
-    'ReplacementConfig', 'ReplacementPlan', 'SiteRecord', 'TransformerSite',
+    'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'STATIC_FROM',
+    'VIT_WEIGHTS', 'BlockSlot', 'ConvSite', 'InterpolatedBlock',
+    'NonReentrantCheckpoint', 'ReplacementConfig', 'ReplacementPlan',
+    'SiteRecord', 'StaticConvSite', 'StaticTransformerSite',
+    'TransformerSite', 'interpolated_block_state', 'load_static_site',
     'nearest_kept', 'pick_sources', 'replace_blocks', 'select_sites',
     'use_non_reentrant_checkpoint'
 ]

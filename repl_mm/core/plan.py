@@ -8,7 +8,9 @@ backbone share one plan and compare like with like.
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
-MODES = ('synthesize', 'interpolate', 'drop', 'none')
+MODES = ('synthesize', 'interpolate', 'drop', 'none', 'static')
+# The trained modes a static model can be computed from.
+STATIC_FROM = ('synthesize', 'interpolate')
 NEIGHBORS = ('both', 'prev', 'next')
 VIT_WEIGHTS = ('attn+mlp', 'attn', 'mlp', 'none')
 ON_INVALID = ('shift', 'skip', 'error')
@@ -26,8 +28,13 @@ class ReplacementConfig:
 
     Args:
         mode (str): ``'synthesize'`` (computing layer), ``'interpolate'``
-            (supplement Algorithm 1), ``'drop'`` (identity) or ``'none'``
-            (plain end-to-end). Defaults to ``'synthesize'``.
+            (supplement Algorithm 1), ``'drop'`` (identity), ``'none'``
+            (plain end-to-end) or ``'static'``: inference only, each site's
+            operator held as an ordinary weight computed once from a
+            trained ``static_from`` model (no neighbour references, no
+            synthesis; paper A.5.3; written by
+            ``tools/model_converters/repl_to_static.py``). Defaults to
+            ``'synthesize'``.
         interval (int): k of Eq. 2; candidates are i = offset (mod k).
             Defaults to 4.
         offset (int): Residue of the rule, ``0 <= offset < interval``.
@@ -56,6 +63,11 @@ class ReplacementConfig:
             forward. Same function and gradients either way; False stores
             the intermediates instead. Our option, not the paper's.
             Defaults to True.
+        static_from (str): With ``mode='static'`` only: the mode of the
+            trained model the static sites were computed from,
+            ``'synthesize'`` (static computing layers) or
+            ``'interpolate'`` (plain blocks with the interpolated weights).
+            Defaults to ``'synthesize'``.
     """
 
     mode: str = 'synthesize'
@@ -70,9 +82,16 @@ class ReplacementConfig:
     zero_init: bool = True
     scale: float = 1.0
     recompute: bool = True
+    static_from: str = 'synthesize'
 
     def __post_init__(self):
         _choice('mode', self.mode, MODES)
+        _choice('static_from', self.static_from, STATIC_FROM)
+        if self.mode != 'static' and self.static_from != 'synthesize':
+            raise ValueError(
+                'replacement option static_from applies to '
+                f"mode='static' only, but got static_from="
+                f'{self.static_from!r} with mode={self.mode!r}')
         _choice('on_invalid', self.on_invalid, ON_INVALID)
         _choice('neighbors', self.neighbors, NEIGHBORS)
         _choice('vit_weights', self.vit_weights, VIT_WEIGHTS)
@@ -280,6 +299,11 @@ class ReplacementPlan:
         if theirs_mode != self.mode:
             out.append(f'mode: checkpoint {theirs_mode!r}, model '
                        f'{self.mode!r}')
+        elif self.mode == 'static':
+            theirs_from = other['config'].get('static_from', 'synthesize')
+            if theirs_from != self._config.static_from:
+                out.append(f'static_from: checkpoint {theirs_from!r}, '
+                           f'model {self._config.static_from!r}')
         theirs = {s['index']: s for s in other.get('sites', [])}
         ours = {s['index']: s for s in mine['sites']}
         for i in sorted(set(theirs) | set(ours)):
@@ -316,8 +340,12 @@ class ReplacementPlan:
                          str(s.prev or '-'), str(s.next or '-'), src or '-',
                          f'{s.removed_params:,}', f'{s.added_params:,}'))
         widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
-        done = {'none': 'planned, all kept (E2E)', 'drop': 'removed'}.get(
-            self.mode, 'replaced')
+        done = {
+            'none': 'planned, all kept (E2E)',
+            'drop': 'removed',
+            'static': f'static (from {self._config.static_from}, '
+            'inference only)'
+        }.get(self.mode, 'replaced')
         lines = [
             f'RepL plan: mode={self.mode}, {len(self._sites)} of '
             f'{self._num_blocks} blocks {done}, params -'

@@ -14,6 +14,7 @@ from .cnn_site import ConvSite
 from .interpolate import InterpolatedBlock
 from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
                    nearest_kept, select_sites)
+from .static import StaticConvSite, StaticTransformerSite
 from .vit_site import TransformerSite
 
 
@@ -88,11 +89,53 @@ def fresh_norm(norm: nn.Module) -> nn.Module:
     return new
 
 
+_VIT_OPS = {
+    'attn+mlp': ('attn', 'mlp'),
+    'attn': ('attn', ),
+    'mlp': ('mlp', ),
+    'none': ()
+}
+
+
+def _named(sources) -> Tuple[str, ...]:
+    return tuple(n for n, _ in sources) or ('own', )
+
+
+def _build_static(kind, old, desc, nbrs, cfg):
+    """The static stand-in of block ``old`` (``mode='static'``) and the
+    sources its weights were computed from (as the ``static_from`` site
+    records them). Built empty: a static checkpoint fills it."""
+    if cfg.static_from == 'interpolate':
+        # The original block: the interpolated weights are loaded into it.
+        if kind == 'conv':
+            srcs = _conv_sources('interpolate', desc, nbrs, cfg)
+            return old, {
+                f'conv{j}': _named(s)
+                for j, s in enumerate(srcs, 1)
+            }
+        names = _named(_vit_sources(nbrs, cfg, ('attn', ))['attn'])
+        return old, {'qkv': names, 'proj': names}
+    if kind == 'conv':
+        srcs = _conv_sources('synthesize', desc, nbrs, cfg)
+        site = StaticConvSite(
+            [tuple(c.weight.shape[:2]) for c in desc['convs']],
+            fresh_norm(desc['norm']),
+            copy.deepcopy(desc['act']),
+            residual=cfg.residual)
+        return site, {f'conv{j}': _named(s) for j, s in enumerate(srcs, 1)}
+    srcs = _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights])
+    site = StaticTransformerSite(desc['dim'], fresh_norm(desc['norm']),
+                                 copy.deepcopy(desc['act']))
+    return site, {op: _named(srcs.get(op, ())) for op in ('attn', 'mlp')}
+
+
 def _build_site(kind, old, desc, nbrs, cfg, with_cp):
     """The module that takes block ``old``'s place, and its sources."""
     drop_path = copy.deepcopy(desc.get('drop_path'))
     if cfg.mode == 'drop':
         return nn.Identity(), {}
+    if cfg.mode == 'static':
+        return _build_static(kind, old, desc, nbrs, cfg)
     if cfg.mode == 'interpolate':
         if kind == 'conv':
             srcs = _conv_sources('interpolate', desc, nbrs, cfg)
@@ -123,15 +166,9 @@ def _build_site(kind, old, desc, nbrs, cfg, with_cp):
             with_cp=with_cp,
             recompute=cfg.recompute)
         return site, {f'conv{j}': s for j, s in enumerate(site.sources, 1)}
-    ops = {
-        'attn+mlp': ('attn', 'mlp'),
-        'attn': ('attn', ),
-        'mlp': ('mlp', ),
-        'none': ()
-    }[cfg.vit_weights]
     site = TransformerSite(
         desc['dim'],
-        _vit_sources(nbrs, cfg, ops),
+        _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights]),
         fresh_norm(desc['norm']),
         copy.deepcopy(desc['act']),
         num_scalars=cfg.num_scalars,
@@ -222,7 +259,8 @@ def replace_blocks(slots: Sequence[BlockSlot],
     return ReplacementPlan(cfg, n, records, notes)
 
 
-_SITES = (ConvSite, TransformerSite, InterpolatedBlock)
+_SITES = (ConvSite, TransformerSite, InterpolatedBlock, StaticConvSite,
+          StaticTransformerSite)
 
 
 def _fuse_sites(slots: Sequence[BlockSlot], indices: Sequence[int]):

@@ -3,7 +3,7 @@
 No module state and no registry imports: each function is testable on tiny
 tensors against values worked out by hand.
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -126,3 +126,51 @@ def attention_operator(qkv_weight: Tensor, proj_weight: Tensor) -> Tensor:
 def mlp_operator(fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
     """M = W_fc2 @ W_fc1 (spec §4): (d, 4d) @ (4d, d) -> (d, d)."""
     return fc2_weight @ fc1_weight
+
+
+def batch_norm_affine(running_mean: Tensor,
+                      running_var: Tensor,
+                      weight: Optional[Tensor] = None,
+                      bias: Optional[Tensor] = None,
+                      eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """Eval-mode batch norm as a per-channel affine map y = a * x + b.
+
+    .. math::
+        a = \\frac{\\gamma}{\\sqrt{\\sigma^2 + \\epsilon}}, \\quad
+        b = \\beta - a \\mu
+
+    Args:
+        running_mean (Tensor): (C,) running mean mu.
+        running_var (Tensor): (C,) running variance sigma^2.
+        weight (Tensor, optional): (C,) gamma; None means 1.
+        bias (Tensor, optional): (C,) beta; None means 0.
+        eps (float): The norm's epsilon. Defaults to 1e-5.
+
+    Returns:
+        tuple[Tensor, Tensor]: a and b, each (C,).
+    """
+    a = (running_var + eps).rsqrt()
+    if weight is not None:
+        a = a * weight
+    b = -a * running_mean
+    if bias is not None:
+        b = b + bias
+    return a, b
+
+
+def fold_affine(weight: Tensor, a: Tensor,
+                b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Fold y = a * (W x) + b into one matrix and bias: (diag(a) W, b).
+
+    Args:
+        weight (Tensor): (Cout, Cin).
+        a (Tensor): (Cout,) or a scalar.
+        b (Tensor): (Cout,) or a scalar.
+
+    Returns:
+        tuple[Tensor, Tensor]: (Cout, Cin) weight and (Cout,) bias.
+    """
+    cout = weight.shape[0]
+    a = a.expand(cout) if a.dim() == 0 else a
+    b = b.expand(cout) if b.dim() == 0 else b
+    return a[:, None] * weight, b.clone()  # (Cout,) -> (Cout, 1)

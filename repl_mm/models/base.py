@@ -124,18 +124,33 @@ class RepLBackboneMixin:
                               strict, missing_keys, unexpected_keys,
                               error_msgs):
         key = prefix + PLAN_KEY
+        mode = self.replacement_plan.mode
         if key in state_dict:
             theirs = decode_plan(state_dict.pop(key))
             diff = self.replacement_plan.diff(theirs)
             if diff:
+                their_mode = theirs.get('config', {}).get('mode')
+                hint = ''
+                if 'static' in (mode, their_mode) and mode != their_mode:
+                    hint = ("\n  a mode='static' checkpoint loads only into "
+                            "a mode='static' model (the config that "
+                            'tools/model_converters/repl_to_static.py '
+                            'writes beside it), and a static model only '
+                            'from such a checkpoint')
                 raise ValueError(
                     'checkpoint was saved with another RepL plan (indices '
-                    f"{theirs.get('indices')}, mode "
-                    f"{theirs.get('config', {}).get('mode')!r}) than this "
-                    f'model (indices {list(self.replacement_plan.indices)}, '
-                    f'mode {self.replacement_plan.mode!r}):\n  ' +
-                    '\n  '.join(diff))
-        elif self.replacement_plan.mode != 'none':
+                    f"{theirs.get('indices')}, mode {their_mode!r}) than "
+                    'this model (indices '
+                    f'{list(self.replacement_plan.indices)}, mode '
+                    f'{mode!r}):\n  ' + '\n  '.join(diff) + hint)
+        elif mode == 'static':
+            raise ValueError(
+                "a mode='static' model loads only a static checkpoint "
+                '(written by tools/model_converters/repl_to_static.py), but '
+                f'this one has no RepL plan under {key!r}: it is an '
+                'end-to-end checkpoint, whose replaced blocks hold no '
+                'static weights')
+        elif mode != 'none':
             self._report_e2e_keys(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata,
                                       strict, missing_keys, unexpected_keys,
