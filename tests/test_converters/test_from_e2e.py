@@ -1,0 +1,256 @@
+"""Starting RepL from an E2E checkpoint (issue 8 §2): the fits recover
+sites that lie in the site's family, kept weights are copied bit-exactly,
+the result loads strictly, and bad inputs fail by name."""
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from repl_mm.converters.from_e2e import (build_model, calibrate_norms,
+                                         convert, fit_chain, fit_site,
+                                         load_state, relative_error,
+                                         site_error, to_pixels)
+from repl_mm.core.cnn_site import ConvSite
+from repl_mm.core.vit_site import TransformerSite
+from repl_mm.core.synthesis import collapse_kernel
+
+ROOT = __import__('pathlib').Path(__file__).resolve().parents[2]
+DEMO = ROOT / 'configs/demo/resnet32-repl_1xb64_15e_mnist5k.py'
+
+
+# -- tensor math ------------------------------------------------------------
+def test_fit_chain_recovers_a_chain_in_its_family():
+    c = 5
+    x = torch.randn(4000, c)
+    srcs = [[torch.randn(c, c), torch.randn(c, c)] for _ in range(2)]
+    true = [[torch.rand(c) + 0.2, torch.rand(c) - 0.5] for _ in range(2)]
+    mats = [sum(p[:, None] * s for p, s in zip(ps, ss))
+            for ps, ss in zip(true, srcs)]
+    d = torch.randn(c)
+    target = x @ mats[0].T @ mats[1].T + d
+    start = [[torch.full((c, ), 0.5)] * 2 for _ in range(2)]
+    coefs, off = fit_chain(x, target, srcs, start)
+    fit = [sum(p[:, None].float() * s for p, s in zip(ps, ss))
+           for ps, ss in zip(coefs, srcs)]
+    pred = x @ fit[0].T @ fit[1].T + off.float()
+    assert relative_error(pred, target) < 1e-4
+
+
+def _linears(d):
+    return (nn.Linear(d, 3 * d), nn.Linear(d, d)), (nn.Linear(d, 4 * d),
+                                                    nn.Linear(4 * d, d))
+
+
+def test_transformer_site_fit_recovers_alpha_beta_and_ln():
+    d = 8
+    (qp, pp), (f1p, f2p) = _linears(d)
+    (qn, pn), (f1n, f2n) = _linears(d)
+    srcs = {'attn': [('prev', (qp, pp)), ('next', (qn, pn))],
+            'mlp': [('prev', (f1p, f2p)), ('next', (f1n, f2n))]}
+
+    def site():
+        return TransformerSite(d, srcs, nn.LayerNorm(d), nn.GELU()).eval()
+
+    truth = site()
+    with torch.no_grad():
+        truth.alpha.fill_(0.3)
+        truth.beta.fill_(0.9)
+        truth.site_norm.weight.copy_(torch.rand(d) + 0.5)
+        truth.site_norm.bias.copy_(torch.randn(d))
+    x = torch.randn(16, 5, d)
+    with torch.no_grad():
+        y = truth(x)
+    fresh = site()
+    before, after = fit_site(fresh, x, y, steps=50)
+    assert before > 0.1 and after < 1e-4
+    assert site_error(fresh, x, y) == pytest.approx(after)
+
+
+# -- tiny models from configs ---------------------------------------------
+@pytest.fixture(scope='module')
+def configs(tmp_path_factory):
+    """A tiny CIFAR-format set and RepL / E2E / drop / interpolate configs
+    of a 4-8-16-channel ResNet-20 (sites 5 and 8) on it."""
+    from repl_mm.datasets.writers import synthetic_images, write_cifar
+    root = tmp_path_factory.mktemp('e2e_to_repl')
+    imgs, labels, classes = synthetic_images(2, img_size=8)
+    write_cifar(str(root / 'data'), (imgs, labels), (imgs, labels), classes)
+    (root / 'repl.py').write_text(textwrap.dedent(f"""
+        _base_ = '{DEMO}'
+        model = dict(
+            backbone=dict(depth=20, stem_channels=4, base_channels=4),
+            head=dict(in_channels=16))
+        train_pipeline = [dict(type='PackInputs')]
+        train_dataloader = dict(batch_size=10, dataset=dict(
+            data_root='{root / 'data'}', pipeline=train_pipeline))
+        val_dataloader = dict(batch_size=10, dataset=dict(
+            data_root='{root / 'data'}'))
+        test_dataloader = val_dataloader
+        """))
+    for name, extra in dict(
+            e2e="mode='none'", drop="mode='drop'",
+            interp="mode='interpolate'",
+            e2e_k2="mode='none', interval=2").items():
+        (root / f'{name}.py').write_text(
+            f"_base_ = './repl.py'\n"
+            f'model = dict(backbone=dict(replacement=dict({extra})))\n')
+    return {p.stem: str(p) for p in root.glob('*.py')}
+
+
+def _in_family(e2e_model):
+    """Make E2E block 5 compute what a ConvSite with known phi computes:
+    1x1 convs (centre taps) mixed from its neighbours 4 and 6, bn1 an
+    affine map that keeps the ReLU between them inactive, bn2 arbitrary."""
+    bb = e2e_model.backbone
+    blocks = [b for name in bb.res_layers for b in getattr(bb, name)]
+    b4, b5, b6 = blocks[3:6]
+    with torch.no_grad():
+        # conv1: block 4 down-samples (16 -> 8 channels), only 6 serves.
+        w1 = 0.7 * collapse_kernel(b6.conv1.weight)
+        w2 = (torch.rand(8, 1) * collapse_kernel(b4.conv2.weight) +
+              torch.rand(8, 1) * collapse_kernel(b6.conv2.weight))
+        for conv, w in ((b5.conv1, w1), (b5.conv2, w2)):
+            conv.weight.zero_()
+            conv.weight[:, :, 1, 1] = w
+        b5.norm1.running_mean.zero_()
+        b5.norm1.running_var.fill_(1.0)
+        b5.norm1.weight.fill_(1.0)
+        b5.norm1.bias.fill_(20.0)
+        b5.norm2.weight.copy_(torch.rand(8) + 0.5)
+        b5.norm2.bias.copy_(torch.randn(8))
+        b5.norm2.running_mean.copy_(torch.randn(8))
+        b5.norm2.running_var.copy_(torch.rand(8) + 0.5)
+    return b5
+
+
+@pytest.fixture(scope='module')
+def converted(configs, tmp_path_factory):
+    from mmengine.config import Config
+    root = tmp_path_factory.mktemp('ckpt')
+    e2e = build_model(Config.fromfile(configs['e2e']))
+    b5 = _in_family(e2e)
+    ckpt = str(root / 'e2e.pth')
+    torch.save(dict(state_dict=e2e.state_dict(), meta={}), ckpt)
+    out = str(root / 'repl.pth')
+    report = convert(configs['e2e'], ckpt, configs['repl'], out,
+                     num_batches=2, evaluate_metrics=False)
+    return dict(report=report, e2e=ckpt, out=out, block5=b5)
+
+
+def test_site_in_its_family_is_fitted_exactly(converted):
+    fits = {s.index: s for s in converted['report'].sites}
+    assert sorted(fits) == [5, 8]
+    assert fits[5].fresh_error > 0.05
+    assert fits[5].fitted_error < 1e-3
+
+
+def test_fit_lowers_the_error_of_a_random_block(converted):
+    s8 = next(s for s in converted['report'].sites if s.index == 8)
+    assert s8.fitted_error < s8.fresh_error
+
+
+def test_kept_weights_bit_exact_and_strict_load(converted, configs):
+    from mmengine.config import Config
+    e2e = load_state(converted['e2e'])
+    out = torch.load(converted['out'], map_location='cpu', weights_only=True)
+    assert set(out) == {'state_dict', 'meta'}
+    sd = out['state_dict']
+    site_keys = [k for k in sd if k.startswith(
+        ('backbone.layer2.1.', 'backbone.layer3.1.'))]
+    assert 'backbone.layer2.1.phi2_prev' in site_keys
+    for k, v in sd.items():
+        if k in e2e:
+            assert torch.equal(v, e2e[k]), k
+    assert sorted(set(sd) - set(e2e)) == sorted(
+        site_keys + ['backbone.replacement_plan'])
+    repl = build_model(Config.fromfile(configs['repl']))
+    repl.load_state_dict(sd, strict=True)
+    # The fitted site, evaluated in the loaded model, matches E2E block 5.
+    x = torch.rand(3, 8, 4, 4)
+    with torch.no_grad():
+        y = converted['block5'].eval()(x.clone())
+        z = repl.backbone.site_modules()[5](x.clone())
+    assert relative_error(z, y) < 1e-3
+
+
+def test_interpolated_block_fit_recovers_alpha_beta(configs):
+    from mmengine.config import Config
+    model = build_model(Config.fromfile(configs['interp']))
+    site = model.backbone.site_modules()[8]
+    x = torch.relu(torch.randn(12, 16, 2, 2))
+    with torch.no_grad():
+        site.alpha.fill_(0.3)
+        site.beta.fill_(0.8)
+        calibrate_norms(site, x)  # truth: BN statistics of the data
+        y = site(x)
+        site.alpha.fill_(0.5)
+        site.beta.fill_(0.5)
+    before, after = fit_site(site, x, y, steps=50)
+    assert before > 1e-2 and after < 1e-4
+    # Each interpolated conv feeds a BN, so only alpha / beta is
+    # identifiable (conv1 draws from 'next' alone).
+    assert site.alpha.item() / site.beta.item() == pytest.approx(
+        0.3 / 0.8, rel=1e-3)
+
+
+def test_conv_site_fit_without_branch_still_improves():
+    c = 4
+    prev, nxt = nn.Conv2d(c, c, 3), nn.Conv2d(c, c, 3)
+    site = ConvSite([(c, c)], [[('prev', prev), ('next', nxt)]],
+                    nn.BatchNorm2d(c), nn.ReLU()).eval()
+    x = torch.relu(torch.randn(8, c, 5, 5))
+    y = torch.relu(x + torch.randn(8, c, 5, 5).mul(0.3) + 0.5 *
+                   x.flip(1))
+    before, after = fit_site(site, x, y, branch=None, steps=30)
+    assert after < before
+    assert to_pixels(x).shape == (8 * 25, c)
+
+
+# -- errors --------------------------------------------------------------
+def test_errors_name_the_problem(configs, converted, tmp_path):
+    out = str(tmp_path / 'o.pth')
+    kw = dict(num_batches=1, evaluate_metrics=False)
+    with pytest.raises(ValueError, match="mode='drop'.*nothing to fit"):
+        convert(configs['e2e'], converted['e2e'], configs['drop'], out, **kw)
+    with pytest.raises(ValueError, match=r'plans sites \[2, 5, 6, 8\].*'
+                       r'sites \[5, 8\]'):
+        convert(configs['e2e_k2'], converted['e2e'], configs['repl'], out,
+                **kw)
+    with pytest.raises(ValueError, match="must be the mode='none' twin"):
+        convert(configs['repl'], converted['e2e'], configs['repl'], out,
+                **kw)
+    with pytest.raises(ValueError, match='is a RepL checkpoint'):
+        convert(configs['e2e'], converted['out'], configs['repl'], out, **kw)
+    state = load_state(converted['e2e'])
+    state.pop('head.fc.bias')
+    state['backbone.extra.weight'] = torch.zeros(1)
+    bad = str(tmp_path / 'bad.pth')
+    torch.save(dict(state_dict=state), bad)
+    with pytest.raises(ValueError, match=r'missing keys \[head\.fc\.bias\]'
+                       r'.*unexpected keys \[backbone\.extra\.weight\]'):
+        convert(configs['e2e'], bad, configs['repl'], out, **kw)
+    with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
+        convert(configs['e2e'], converted['e2e'], configs['repl'], out,
+                split='val', **kw)
+
+
+# -- the tool --------------------------------------------------------------
+def test_cli_end_to_end(configs, converted, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'e2e_to_repl', ROOT / 'tools/model_converters/e2e_to_repl.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = str(tmp_path / 'cli.pth')
+    report = tool.main([
+        configs['e2e'], converted['e2e'], configs['repl'], out,
+        '--num-batches', '1', '--steps', '5', '--split', 'test'
+    ])
+    text = capsys.readouterr().out
+    assert 'fresh err' in text and 'RepL, fitted sites: accuracy/top1=' \
+        in text
+    assert set(report.metrics) == {'e2e', 'repl_fresh', 'repl_fitted'}
+    for m in report.metrics.values():
+        assert 0 <= m['accuracy/top1'] <= 100
+    assert torch.load(out, weights_only=True)['meta']['site_fit']
