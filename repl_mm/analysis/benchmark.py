@@ -65,6 +65,9 @@ METHODS: Dict[str, dict] = {
     'cp': dict(replacement=dict(mode='none'), cp=True),
     'repl+sd': dict(replacement=dict(interval=4), sd=True),
     'repl+cp': dict(replacement=dict(interval=4), cp=True),
+    # the sites of ``Case.indices`` (e.g. tools/analysis/span_diagnostic.py's
+    # choice); skipped when a case has none
+    'repl_idx': dict(replacement=dict(), indices=True),
 }
 SD_RATE = 0.1  # drop_path_rate of the stochastic-depth methods
 
@@ -145,6 +148,7 @@ class Case:
         batch_size (int): Samples per step.
         repeats (int): Timed trials (every method once per trial).
         source (str): Where the config came from.
+        indices (tuple[int], optional): Sites of method ``repl_idx``.
     """
 
     name: str
@@ -154,6 +158,7 @@ class Case:
     batch_size: int
     repeats: int
     source: str = ''
+    indices: Optional[tuple] = None
 
     @property
     def task(self) -> str:
@@ -289,10 +294,12 @@ def suite_cases(names: Sequence[str] = (), quick: bool = False) -> List[Case]:
 
 def method_model_cfg(case: Case, method: str) -> Optional[dict]:
     """The model config of ``method``, or None where it does not apply
-    (stochastic depth on a backbone without ``drop_path_rate``)."""
+    (stochastic depth on a backbone without ``drop_path_rate``,
+    ``repl_idx`` on a case without ``indices``)."""
     spec = METHODS[method]
     has_sd = (case.scope, case.backbone_type) in DROP_PATH_TWINS
-    if spec.get('sd') and not has_sd:
+    if (spec.get('sd') and not has_sd) or (spec.get('indices')
+                                           and case.indices is None):
         return None
     model = copy.deepcopy(case.model)
     backbone = model['backbone']
@@ -301,6 +308,8 @@ def method_model_cfg(case: Case, method: str) -> Optional[dict]:
     if 'interval' in spec['replacement']:
         repl.pop('indices', None)
     repl.update(spec['replacement'])
+    if spec.get('indices'):
+        repl['indices'] = list(case.indices)
     backbone['replacement'] = repl
     backbone['with_cp'] = bool(spec.get('cp'))
     if has_sd:
@@ -671,8 +680,9 @@ def run_case(case: Case,
     for i, m in enumerate(methods, 1):
         cfg = method_model_cfg(case, m)
         if cfg is None:
-            print_log(f'[{case.name}] {m}: skipped (backbone has no '
-                      'drop_path_rate)', logger=logger)
+            why = 'no indices given' if METHODS[m].get('indices') else \
+                'backbone has no drop_path_rate'
+            print_log(f'[{case.name}] {m}: skipped ({why})', logger=logger)
             continue
         t0 = time.perf_counter()
         torch.manual_seed(0)

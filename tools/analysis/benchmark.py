@@ -9,6 +9,10 @@ Usage:
         configs/retinanet/retinanet_repl-r50_fpn_1x_coco.py \
         --input-size 320 --batch-size 1 --repeats 3
     python tools/analysis/benchmark.py --suite --accuracies acc.json
+    # method repl_idx: these sites (e.g. span_diagnostic.py's choice)
+    python tools/analysis/benchmark.py \
+        configs/demo/resnet32-e2e_1xb64_15e_digits.py --indices 2 12 14 \
+        --methods e2e repl repl_idx drop
     # render a finished run again, measuring nothing
     python tools/analysis/benchmark.py \
         --from-json work_dirs/benchmark/benchmark.json \
@@ -48,6 +52,10 @@ def parse_args(argv=None):
     parser.add_argument(
         '--methods', nargs='+', default=list(METHODS), metavar='METHOD',
         help='methods to compare (must include e2e; drop for S)')
+    parser.add_argument(
+        '--indices', type=int, nargs='+', default=None, metavar='I',
+        help='1-based sites of method repl_idx (added to --methods), e.g. '
+        "span_diagnostic.py's choice; without it repl_idx is skipped")
     parser.add_argument(
         '--batch-size', type=int, default=None,
         help='samples per step (configs: default 2; suite: per case)')
@@ -92,6 +100,15 @@ def parse_args(argv=None):
     if unknown:
         fail(f'--methods: unknown method(s) {unknown}; known: '
              f'{list(METHODS)}')
+    if args.indices is not None:
+        if min(args.indices) < 1 or len(set(args.indices)) < len(
+                args.indices):
+            fail('--indices takes distinct 1-based block indices, got '
+                 f'{args.indices}')
+        if 'repl_idx' not in args.methods:
+            args.methods.append('repl_idx')
+    elif 'repl_idx' in args.methods and args.methods != list(METHODS):
+        fail('--methods repl_idx needs --indices')
     if 'e2e' not in args.methods:
         fail(f'--methods must include e2e (the reference), got '
              f'{args.methods}')
@@ -128,11 +145,13 @@ def main(argv=None):
             print_log(f'wrote {path}', logger='current')
         return
     cases = []
+    indices = tuple(args.indices) if args.indices else None
     if args.suite is not None:
         cases += suite_cases(args.suite, quick=args.quick)
         for c in cases:
             c.batch_size = args.batch_size or c.batch_size
             c.repeats = args.repeats or c.repeats
+            c.indices = indices
     size = args.input_size
     if size is not None:
         size = (size[0], size[-1])
@@ -140,6 +159,7 @@ def main(argv=None):
         cases.append(
             make_case(path, input_size=size, batch_size=args.batch_size or 2,
                       repeats=args.repeats or 3))
+        cases[-1].indices = indices
     run_benchmark(cases, args.out_dir, args.methods, args.warmup, accuracies)
 
 
