@@ -149,6 +149,10 @@ class Case:
         repeats (int): Timed trials (every method once per trial).
         source (str): Where the config came from.
         indices (tuple[int], optional): Sites of method ``repl_idx``.
+        config_plan (bool): The k = 4 methods (``repl``, ``drop``,
+            ``repl+cp``, ...) keep the config's own sites (its
+            ``indices``, e.g. the paper's ViT sites 3, 7, 11) instead of
+            ``interval=4``. Defaults to False.
     """
 
     name: str
@@ -159,6 +163,7 @@ class Case:
     repeats: int
     source: str = ''
     indices: Optional[tuple] = None
+    config_plan: bool = False
 
     @property
     def task(self) -> str:
@@ -305,9 +310,12 @@ def method_model_cfg(case: Case, method: str) -> Optional[dict]:
     backbone = model['backbone']
     repl = dict(backbone.get('replacement') or {})
     repl.pop('mode', None)
-    if 'interval' in spec['replacement']:
+    over = dict(spec['replacement'])
+    if case.config_plan and over.get('interval') == 4:
+        over.pop('interval')  # the config's own sites
+    if 'interval' in over:
         repl.pop('indices', None)
-    repl.update(spec['replacement'])
+    repl.update(over)
     if spec.get('indices'):
         repl['indices'] = list(case.indices)
     backbone['replacement'] = repl

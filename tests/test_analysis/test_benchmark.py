@@ -96,6 +96,18 @@ def test_method_configs_of_upstream_detector():
         'replacement'] == dict(interval=4, recompute=False)
 
 
+def test_config_plan_keeps_the_config_sites():
+    case = make_case('configs/demo/vit-tiny-p8-repl_1xb64_15e_mnist5k.py')
+    assert method_model_cfg(case, 'repl')['backbone']['replacement'] == dict(
+        interval=4)  # the paper's k = 4 rule by default
+    case.config_plan = True
+    for m, mode in (('repl', {}), ('drop', dict(mode='drop'))):
+        rep = method_model_cfg(case, m)['backbone']['replacement']
+        assert rep == dict(indices=[3, 7, 11], **mode)
+    assert method_model_cfg(case, 'repl-k2')['backbone']['replacement'] == \
+        dict(interval=2)  # an explicit k still wins
+
+
 def test_segmentor_config_offline_and_batch():
     case = make_case(DEEPLAB, input_size=(32, 48), batch_size=2)
     assert case.backbone_type == 'RepLResNetV1c'

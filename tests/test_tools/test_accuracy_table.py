@@ -1,12 +1,13 @@
-"""The accuracy tables of issue 7: each table's smoke runs end to end on
-tiny data (what CI can afford), and the summary arithmetic is right."""
+"""The accuracy tables of issue 7 and the README's main job: each table's
+smoke runs end to end on tiny data (what CI can afford), the summary
+arithmetic is right, and ``tools/demo.py`` prints its table."""
 import importlib.util
 import json
 
 import pytest
 
 from repl_mm.analysis.experiments import Run, Table, mean_std, summarize
-from .test_cls_pipeline import ROOT, run
+from .test_cls_pipeline import ROOT, data, run  # noqa: F401 (fixture)
 
 TOOL = ROOT / 'tools' / 'analysis' / 'accuracy_table.py'
 
@@ -17,14 +18,6 @@ def tool():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture(scope='module')
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp('data') / 'syn'
-    run('tools/dataset_converters/make_datasets.py', 'synthetic-cifar',
-        '--out', str(root), '--num-per-class', '4')
-    return root
 
 
 def test_mean_std_and_summary():
@@ -76,3 +69,48 @@ def test_table_smoke(tool, data, tmp_path, name):
     mtimes = [p.stat().st_mtime_ns for p in runs]
     tool.main(argv)
     assert [p.stat().st_mtime_ns for p in runs] == mtimes
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shapes')
+    for kind in ('coco-shapes', 'cityscapes-shapes'):
+        run('tools/dataset_converters/make_datasets.py', kind, '--out',
+            str(root / kind), '--num-train', '4', '--num-val', '4')
+    return root
+
+
+@pytest.mark.parametrize('name,kind,metric', [
+    ('shapes-det', 'coco-shapes', 'coco/bbox_mAP'),
+    ('shapes-seg', 'cityscapes-shapes', 'mIoU'),
+])
+def test_shapes_table_smoke(tool, shapes, tmp_path, name, kind, metric):
+    root = shapes / kind
+    opts = [f'{k}.dataset.data_root={root}/'
+            for k in ('train_dataloader', 'test_dataloader')]
+    if name == 'shapes-det':
+        opts.append('test_evaluator.ann_file='
+                    f'{root}/annotations/instances_val2017.json')
+    tool.main([name, '--smoke', '--out-dir', str(tmp_path), '--cfg-options',
+               *opts])
+    runs = sorted((tmp_path / name / 'runs').glob('*.json'))
+    assert [json.loads(p.read_text())['column'] for p in runs] == [
+        'E2E', 'RepL (k=4)']
+    for path in runs:
+        assert metric in json.loads(path.read_text())['metrics']
+
+
+def test_demo_prints_one_table(data, tmp_path):
+    out = run('tools/demo.py', '--epochs', '1', '--data-root', str(data),
+              '--batch-size', '4', '--repeats', '1', '--out-dir',
+              str(tmp_path))
+    md = (tmp_path / 'demo.md').read_text()
+    assert md in out.stdout + out.stderr
+    rows = [line for line in md.splitlines() if line.startswith('| E2E') or
+            line.startswith('| RepL')]
+    assert len(rows) == 2
+    assert rows[0].count('(1.000)') == 5  # E2E against itself
+    for name in ('ratios.png', 'accuracy_memory.png', 'benchmark.json'):
+        assert (tmp_path / name).is_file()
+    acc = json.loads((tmp_path / 'demo.json').read_text())['accuracy']
+    assert set(acc) == {'e2e', 'repl'}

@@ -71,6 +71,10 @@ def parse_args(argv=None):
         help='extra untimed rounds before the trials (every model has '
         'already run two untimed steps: warm-up and memory)')
     parser.add_argument(
+        '--config-plan', action='store_true',
+        help="configs: the k=4 methods (repl, drop, ...) keep the config's "
+        'own sites (e.g. indices=[3, 7, 11]) instead of interval=4')
+    parser.add_argument(
         '--accuracies', default=None,
         help='JSON {case: {method: accuracy}} for the accuracy-memory plot')
     parser.add_argument(
@@ -160,6 +164,7 @@ def main(argv=None):
             make_case(path, input_size=size, batch_size=args.batch_size or 2,
                       repeats=args.repeats or 3))
         cases[-1].indices = indices
+        cases[-1].config_plan = args.config_plan
     run_benchmark(cases, args.out_dir, args.methods, args.warmup, accuracies)
 
 
