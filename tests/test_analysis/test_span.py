@@ -252,6 +252,21 @@ def test_residual_blocks_mirror_the_plan():
 
 # -- the tool --------------------------------------------------------------
 @pytest.fixture(scope='module')
+def test_root(tmp_path_factory):
+    """A small CIFAR-format set standing in for data/digits (which a clean
+    clone does not have)."""
+    import subprocess
+    import sys
+    root = tmp_path_factory.mktemp('data') / 'syn'
+    subprocess.run([
+        sys.executable,
+        str(ROOT / 'tools/dataset_converters/make_datasets.py'),
+        'synthetic-cifar', '--out', str(root), '--num-per-class', '20'
+    ], check=True, capture_output=True)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
 def r20_checkpoint(tmp_path_factory):
     """A random ResNet-20 E2E checkpoint for the digits demo config."""
     cfg = Config.fromfile(DIGITS_E2E)
@@ -263,13 +278,14 @@ def r20_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def test_cli_end_to_end(r20_checkpoint, tmp_path, capsys):
+def test_cli_end_to_end(r20_checkpoint, test_root, tmp_path, capsys):
     tool = load_tool('span_diagnostic')
     out = tmp_path / 'out'
     code = tool.main([
         str(DIGITS_E2E), r20_checkpoint, '--num-images', '24', '--batch-size',
         '16', '--flops-saving', '0.1', '--out-dir',
-        str(out), '--cfg-options', 'model.backbone.depth=20'
+        str(out), '--cfg-options', 'model.backbone.depth=20',
+        f'test_dataloader.dataset.data_root={test_root}'
     ])
     assert code == 0
     res = json.loads((out / 'span.json').read_text())
@@ -311,13 +327,14 @@ def test_cli_end_to_end(r20_checkpoint, tmp_path, capsys):
     assert f'replacement=dict(indices={idx})' in capsys.readouterr().out
 
 
-def test_cli_unreachable_budget_names_the_option(r20_checkpoint, tmp_path,
-                                                 capsys):
+def test_cli_unreachable_budget_names_the_option(r20_checkpoint, test_root,
+                                                 tmp_path, capsys):
     tool = load_tool('span_diagnostic')
     code = tool.main([
         str(DIGITS_E2E), r20_checkpoint, '--num-images', '4', '--num-sites',
         '4', '--skip-costs', '--out-dir',
-        str(tmp_path), '--cfg-options', 'model.backbone.depth=20'
+        str(tmp_path), '--cfg-options', 'model.backbone.depth=20',
+        f'test_dataloader.dataset.data_root={test_root}'
     ])
     assert code == 1
     text = (tmp_path / 'span.log').read_text()
