@@ -229,38 +229,33 @@ def summarize(table: Table, results: Sequence[dict]) -> Dict[str, dict]:
     return out
 
 
+def _grid(table: Table, summary: Dict[str, dict], fmt) -> List[str]:
+    """Markdown rows x columns, each cell ``fmt(cell)`` (blank if none)."""
+    cols = table.columns
+    lines = ['| | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
+    for row in table.rows:
+        cells = [summary.get(row, {}).get(c) for c in cols]
+        lines.append(f'| {row} | ' + ' | '.join(
+            '' if cell is None else fmt(cell) for cell in cells) + ' |')
+    return lines
+
+
 def to_markdown(table: Table, summary: Dict[str, dict],
                 digits: int = 2) -> str:
     """The rows x columns grid as ``mean ± std (n)``, then parameters and
     mean run time per cell."""
-    cols = table.columns
-    lines = [f'### {table.title}', '',
-             '| | ' + ' | '.join(cols) + ' |',
-             '|---|' + '---|' * len(cols)]
-    for row in table.rows:
-        cells = []
-        for c in cols:
-            cell = summary.get(row, {}).get(c)
-            if cell is None:
-                cells.append('')
-            elif cell['n'] > 1:
-                cells.append(f'{cell["mean"]:.{digits}f} ± '
-                             f'{cell["std"]:.{digits}f} (n={cell["n"]})')
-            else:
-                cells.append(f'{cell["mean"]:.{digits}f}')
-        lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
-    lines += ['', f'{table.metric}; mean ± sample std over seeds. '
-              'Parameters / mean wall time per run:', '',
-              '| | ' + ' | '.join(cols) + ' |',
-              '|---|' + '---|' * len(cols)]
-    for row in table.rows:
-        cells = []
-        for c in cols:
-            cell = summary.get(row, {}).get(c)
-            cells.append('' if cell is None else
-                         f'{cell["params"] / 1e6:.3f} M / '
-                         f'{cell["seconds"]:.0f} s')
-        lines.append(f'| {row} | ' + ' | '.join(cells) + ' |')
+
+    def metric(cell):
+        if cell['n'] == 1:
+            return f'{cell["mean"]:.{digits}f}'
+        return (f'{cell["mean"]:.{digits}f} ± {cell["std"]:.{digits}f} '
+                f'(n={cell["n"]})')
+
+    lines = [f'### {table.title}', '', *_grid(table, summary, metric), '',
+             f'{table.metric}; mean ± sample std over seeds. '
+             'Parameters / mean wall time per run:', '',
+             *_grid(table, summary, lambda c: f'{c["params"] / 1e6:.3f} M / '
+                    f'{c["seconds"]:.0f} s')]
     if table.notes:
         lines += ['', table.notes]
     return '\n'.join(lines) + '\n'
