@@ -20,9 +20,13 @@ from mmengine.config import Config
 def test_build_from_registry(registry, cfg):
     import importlib
 
+    from mmengine.registry import DefaultScope
+
     import repl_mm  # noqa: F401
     models = importlib.import_module(f'{registry}.registry').MODELS
-    model = models.build(dict(cfg, replacement=dict(interval=4)))
+    # under the codebase's own scope, whatever scope earlier tests left
+    with DefaultScope.overwrite_default_scope(registry):
+        model = models.build(dict(cfg, replacement=dict(interval=4)))
     assert model.replacement_plan.indices
     assert type(model).__module__.startswith('repl_mm.models')
 

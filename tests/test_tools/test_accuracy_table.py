@@ -51,7 +51,7 @@ def test_table_smoke(tool, data, tmp_path, name):
             for k in ('train_dataloader', 'test_dataloader')]
     argv = [name, '--smoke', '--out-dir', str(tmp_path), '--cfg-options',
             *opts, 'train_dataloader.dataset.fraction=1.0']
-    tool.main(argv)
+    run(str(TOOL), *argv)  # a process of its own, as a user runs it
     out = tmp_path / name
     runs = sorted((out / 'runs').glob('*.json'))
     # one run per distinct model: the regimes of a main table differ only
@@ -67,7 +67,7 @@ def test_table_smoke(tool, data, tmp_path, name):
     assert not (tmp_path / 'accuracies.json').exists()  # smoke: no numbers
     # a second call reads the finished runs back instead of training again
     mtimes = [p.stat().st_mtime_ns for p in runs]
-    tool.main(argv)
+    run(str(TOOL), *argv)
     assert [p.stat().st_mtime_ns for p in runs] == mtimes
 
 
@@ -84,15 +84,15 @@ def shapes(tmp_path_factory):
     ('shapes-det', 'coco-shapes', 'coco/bbox_mAP'),
     ('shapes-seg', 'cityscapes-shapes', 'mIoU'),
 ])
-def test_shapes_table_smoke(tool, shapes, tmp_path, name, kind, metric):
+def test_shapes_table_smoke(shapes, tmp_path, name, kind, metric):
     root = shapes / kind
     opts = [f'{k}.dataset.data_root={root}/'
             for k in ('train_dataloader', 'test_dataloader')]
     if name == 'shapes-det':
         opts.append('test_evaluator.ann_file='
                     f'{root}/annotations/instances_val2017.json')
-    tool.main([name, '--smoke', '--out-dir', str(tmp_path), '--cfg-options',
-               *opts])
+    run(str(TOOL), name, '--smoke', '--out-dir', str(tmp_path),
+        '--cfg-options', *opts)
     runs = sorted((tmp_path / name / 'runs').glob('*.json'))
     assert [json.loads(p.read_text())['column'] for p in runs] == [
         'E2E', 'RepL (k=4)']
