@@ -1,7 +1,8 @@
 """Detection and segmentation end to end through the tools, as a user runs
 them (issue 5): the tiny COCO / Cityscapes sets of ``make_datasets.py`` ->
 ``train.py`` -> ``test.py`` from the checkpoint (``coco/bbox_mAP``,
-``mIoU``) -> ``--resume`` -> ``publish_model.py`` -> upstream inferencers;
+``mIoU``) -> ``--resume`` -> ``publish_model.py`` -> upstream inferencers
+(the published and its static model, issue 8 §5);
 and upstream ImageNet weights loading into the kept blocks (spec §6).
 
 A user's tiny config inherits a shipped RepL config and shrinks it to
@@ -225,6 +226,19 @@ def test_publish_loads_in_upstream_inferencer(trained, data, tmp_path):
     else:
         assert np.asarray(pred).shape == (64, 128)  # the input's H x W
         assert set(np.unique(pred)) <= set(range(19))
+    # its static model (issue 8 §5) in the same inferencer: same prediction
+    from repl_mm.converters.static import convert_checkpoint
+    static = convert_checkpoint(cfg, str(published), str(tmp_path / 'static'))
+    static_pred = infer(name, static['config'], static['checkpoint'], img)
+    # (an untrained net's outputs nearly tie: compare what a 1e-6 change
+    # cannot reorder, the sorted scores and the share of equal pixels)
+    if name == 'retinanet':
+        static_pred = static_pred[0]
+        assert len(static_pred['scores']) == len(pred['scores'])
+        np.testing.assert_allclose(sorted(static_pred['scores']),
+                                   sorted(pred['scores']), rtol=1e-4)
+    else:
+        assert np.mean(np.asarray(static_pred) == np.asarray(pred)) > 0.999
 
 
 # (shipped config, its codebase, stock backbone type, how the config names
