@@ -203,11 +203,12 @@ def enable_first(sites: Sequence[Tuple[int, nn.Module]], r: int):
 @contextmanager
 def preserved_state(model: nn.Module, sites: Sequence[Tuple[int,
                                                              nn.Module]]):
-    """Restore the sites' scales, the train/eval mode and every ``.grad``
-    of ``model`` on exit, whatever happens inside."""
+    """Restore the sites' scales and the train/eval mode of ``model`` on
+    exit, whatever happens inside. (Gradients need no restoring: they are
+    taken with ``torch.autograd.grad``, which leaves every ``.grad`` as it
+    was.)"""
     scales = [site.scale.detach().clone() for _, site in sites]
     training = {m: m.training for m in model.modules()}
-    grads = {p: p.grad for p in model.parameters()}
     try:
         yield
     finally:
@@ -216,8 +217,6 @@ def preserved_state(model: nn.Module, sites: Sequence[Tuple[int,
                 site.scale.copy_(s)
         for m, t in training.items():
             m.training = t
-        for p, g in grads.items():
-            p.grad = g
 
 
 def shared_parameters(model: nn.Module,
@@ -239,26 +238,23 @@ def _num_samples(data: dict) -> int:
     return len(data['inputs'])
 
 
-def _flat_grad(params: Sequence[Tuple[str, nn.Parameter]]) -> Tensor:
-    return torch.cat([(p.grad if p.grad is not None else
-                       torch.zeros_like(p)).reshape(-1).detach().double()
-                      for _, p in params])
-
-
 def _mean_loss_gradient(model, batches: Sequence[dict],
                         params) -> Tuple[Tensor, float]:
-    """Gradient of the mean loss over ``batches`` w.r.t. ``params``."""
-    for _, p in params:
-        p.grad = None
+    """Gradient of the mean loss over ``batches`` w.r.t. ``params``, flat
+    (float64), and that mean loss. No ``.grad`` of the model is touched."""
+    tensors = [p for _, p in params]
+    grad = torch.zeros(sum(p.numel() for p in tensors), dtype=torch.float64)
     total = sum(_num_samples(d) for d in batches)
     loss_sum = 0.0
     for data in batches:
         losses = model(**data, mode='loss')
         loss, _ = model.parse_losses(losses)
         weight = _num_samples(data) / total
-        (loss * weight).backward()
+        grads = torch.autograd.grad(loss * weight, tensors, allow_unused=True)
+        grad += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(
+            -1).double() for p, g in zip(tensors, grads)])
         loss_sum += loss.item() * weight
-    return _flat_grad(params), loss_sum
+    return grad, loss_sum
 
 
 def measure_bias(model: nn.Module,

@@ -205,6 +205,17 @@ def test_scales_mode_and_grads_restored_even_on_error():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_existing_gradients_left_as_they_were():
+    # a caller's accumulated gradients, on shared and site parameters alike
+    model = classifier(zero_init=False)
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.full_like(p, float(i))
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    measure_bias(model, [batch()])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n]), n
+
+
 @pytest.mark.parametrize('mode,match', [
     ('interpolate', "mode='interpolate'.*no scale buffer"),
     ('drop', "mode='drop'.*no computing layer"),
