@@ -27,8 +27,9 @@ per-image reading, so the per-image means of
 between :math:`h_i(x)` and :math:`\\Pi h_i(x)` (same shared coefficients)
 are reported beside them. Everything follows from the normal equations,
 accumulated image by image (:func:`span_moments`): a 2x2 Gram matrix, a
-2-vector and :math:`\\|h_i\\|^2` per image, so memory does not grow with
-the data set. Where :math:`h_{i+1}` has another shape than :math:`h_i`
+2-vector and :math:`\\|h_i\\|^2` per image (a few numbers per image
+and site, kept for the per-image means; the features themselves are not
+kept). Where :math:`h_{i+1}` has another shape than :math:`h_i`
 (``i`` ends a stage whose next block down-samples) the span is
 :math:`h_{i-1}`'s alone (``b`` is None): the RepL site there draws from
 its previous neighbour only too.
@@ -356,7 +357,13 @@ def collect_span_stats(
     """
     backbone = model.backbone
     blocks = residual_blocks(backbone)
-    sites = would_be_sites(blocks) if sites is None else list(sites)
+    candidates = would_be_sites(blocks)
+    sites = candidates if sites is None else list(sites)
+    bad = [i for i in sites if i not in candidates]
+    if bad:
+        raise ValueError(f'sites {bad} are not would-be sites of the '
+                         f'backbone (shape-preserving blocks between two '
+                         f'blocks: {candidates})')
     if not sites:
         raise ValueError('the backbone has no would-be site (a '
                          'shape-preserving block between two blocks)')
@@ -503,9 +510,10 @@ def measure_savings(scope: str,
     def costs(options):
         cfg = copy.deepcopy(model_cfg)
         cfg['backbone']['replacement'] = dict(repl, **options)
-        torch.manual_seed(0)
-        return backbone_costs(
-            build_model(scope, cfg).backbone, inputs, train_batch)
+        with torch.random.fork_rng():  # same init each time, caller's
+            torch.manual_seed(0)        # RNG left as it was
+            return backbone_costs(
+                build_model(scope, cfg).backbone, inputs, train_batch)
 
     e2e = e2e or costs(dict(mode='none'))
     out = []
@@ -666,9 +674,9 @@ def run_span_diagnostic(config,
         errors = {i: e for i, e in errors.items() if i not in dead}
     if budget is not None:
         kind, value = budget
-        per = None if kind == 'num_sites' else {
-            i: s['flops' if kind == 'flops_saving' else 'memory']
-            for i, s in savings.items()
+        per = None if kind == 'num_sites' else {  # the live blocks'
+            i: savings[i]['flops' if kind == 'flops_saving' else 'memory']
+            for i in errors
         }
         chosen = choose_sites(errors, per, value, kind)
         choice = dict(budget={kind: value},

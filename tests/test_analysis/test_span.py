@@ -18,6 +18,7 @@ from repl_mm.analysis.benchmark import make_case, method_model_cfg
 from repl_mm.analysis.span import (SpanAccumulator, backbone_costs,
                                    choose_sites, collect_span_stats, fit_span,
                                    load_e2e_model, residual_blocks,
+                                   run_span_diagnostic,
                                    span_moments, would_be_sites)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,6 +229,35 @@ def test_collect_span_stats_on_a_toy_backbone():
     assert (s['a'], s['b']) == pytest.approx((0.7, -0.4), abs=1e-4)
     assert s['error'] < 1e-5 and s['angle'] < 1e-3
     assert stats[3]['error'] > 1e-3  # tanh(h3) is not in its neighbours' span
+
+
+def test_collect_span_stats_refuses_a_block_that_is_no_site():
+    batches = [dict(inputs=torch.randn(4, 6))]
+    for sites in ([1], [2, 4]):  # the first block; the last block
+        with pytest.raises(ValueError, match=r'not would-be sites.*\[2, 3\]'):
+            collect_span_stats(ToyModel(), batches, 4, sites=sites)
+
+
+def test_dead_block_left_out_of_a_saving_budget(tmp_path, test_root):
+    """A block that outputs zero on every image has no error: it is left
+    out of the choice under any budget."""
+    cfg = Config.fromfile(DIGITS_E2E)
+    cfg.merge_from_dict({
+        'model.backbone.depth': 20,
+        'test_dataloader.dataset.data_root': test_root})
+    torch.manual_seed(0)
+    model = load_e2e_model(cfg, None)
+    with torch.no_grad():  # block 2's output: relu(-1e6 + x) = 0; the
+        model.backbone.layer1[1].bn2.bias.fill_(-1e6)  # blocks after it
+        model.backbone.layer1[2].bn2.bias.normal_()  # are not zero again
+    path = tmp_path / 'dead.pth'
+    torch.save(dict(state_dict=model.state_dict()), path)
+    res = run_span_diagnostic(cfg, str(path), num_images=8,
+                              budget=('flops_saving', 0.1))
+    fits = {b['index']: b['fit'] for b in res['blocks'] if 'fit' in b}
+    assert math.isnan(fits[2]['error'])
+    assert 2 not in res['choice']['indices']
+    assert res['choice']['flops_saving'] >= 0.1
 
 
 def test_residual_blocks_mirror_the_plan():
