@@ -36,7 +36,9 @@ frozen; the norm statistics are those of the recorded data):
 
 L-BFGS runs (``steps`` iterations, default 30) see at most ``max_points``
 random pixels or tokens of the record (:func:`sample_points`); the final
-statistics and the reported errors use the whole record.
+statistics and the reported errors use the whole record. A site whose fit
+does not lower its error on the record is put back as it was
+(:func:`fit_site`): a fitted site is never worse than a fresh one.
 
 The tensor math is in plain torch functions (:func:`fit_chain`,
 :func:`affine_least_squares`, :func:`fit_site`); :func:`convert` adds the
@@ -396,6 +398,15 @@ def _output_loss(site: nn.Module, x: Tensor, y: Tensor):
     return loss_fn
 
 
+def _check_max_points(max_points: int):
+    """``max_points`` must leave at least two points: batch statistics of
+    one pixel are undefined, and none would skip the fit."""
+    if isinstance(max_points, bool) or not isinstance(
+            max_points, int) or max_points < 2:
+        raise ValueError(f'max_points must be an int >= 2, but got '
+                         f'{max_points!r}')
+
+
 def _check_scale(site: nn.Module):
     if float(site.scale) == 0:
         raise ValueError(
@@ -420,8 +431,12 @@ def fit_conv_site(site: ConvSite,
             site norm, alternating least squares gives the start.
         steps (int): L-BFGS iterations on the output MSE. Defaults to 30.
         max_points (int): Pixels the L-BFGS run sees
-            (:func:`sample_points`). Defaults to 32768.
+            (:func:`sample_points`): single pixels with a BN site norm
+            (per channel, so each pixel is computed on its own), whole
+            maps otherwise (a GN mixes the pixels of a map). Defaults to
+            32768.
     """
+    _check_max_points(max_points)
     _check_scale(site)
     norm = site.site_norm
     params = [p for p in site.parameters()]
@@ -450,7 +465,8 @@ def fit_conv_site(site: ConvSite,
             not norm.weight.detach().any():
         with torch.no_grad():  # zero gamma: no gradient would reach phi
             norm.weight.fill_(1.0)
-    xs, ys = sample_points(x, y, max_points, pointwise=True)
+    xs, ys = sample_points(
+        x, y, max_points, pointwise=isinstance(norm, _BatchNorm))
     with data_statistics(site):
         lbfgs(_output_loss(site, xs, ys), params, steps)
     calibrate_norms(site, x)
@@ -476,6 +492,7 @@ def fit_transformer_site(site: TransformerSite,
         max_points (int): Tokens the L-BFGS run sees
             (:func:`sample_points`). Defaults to 32768.
     """
+    _check_max_points(max_points)
     _check_scale(site)
     norm = site.site_norm
     xs, ys = sample_points(x, y, max_points, pointwise=True)
@@ -517,6 +534,7 @@ def fit_interpolated_block(site: InterpolatedBlock,
     output MSE (BN statistics of the record), then re-estimate its BN
     statistics for the interpolated weights. Its own parameters (norms,
     ViT MLP) stay as they are (the E2E block's, after transfer)."""
+    _check_max_points(max_points)
     params = [getattr(site, n) for n in ('alpha', 'beta') if hasattr(site, n)]
     xs, ys = sample_points(x, y, max_points, pointwise=False)
     with data_statistics(site):
@@ -532,6 +550,10 @@ def fit_site(site: nn.Module,
              max_points: int = 32768) -> Tuple[float, float]:
     """Fit any site to the record of the block it replaces.
 
+    The site (parameters and buffers) is put back as it was unless the fit
+    lowers its relative error on the whole record, so the returned
+    ``after`` is never above ``before``.
+
     Args:
         site (nn.Module): A :class:`ConvSite`, :class:`TransformerSite` or
             :class:`InterpolatedBlock`.
@@ -545,7 +567,14 @@ def fit_site(site: nn.Module,
     Returns:
         tuple[float, float]: Relative error
         :math:`\\|site(x) - y\\| / \\|y\\|` before and after the fit.
+
+    Raises:
+        ValueError: If ``max_points`` is below 2.
     """
+    _check_max_points(max_points)
+    tensors = [*site.parameters(), *site.buffers()]
+    with torch.no_grad():
+        fresh = [t.detach().clone() for t in tensors]
     before = site_error(site, x, y)
     if isinstance(site, ConvSite):
         fit_conv_site(site, x, y, branch, steps, max_points)
@@ -557,7 +586,13 @@ def fit_site(site: nn.Module,
         raise TypeError(f'cannot fit a site of type {type(site).__name__}; '
                         'expected ConvSite, TransformerSite or '
                         'InterpolatedBlock')
-    return before, site_error(site, x, y)
+    after = site_error(site, x, y)
+    if not after < before:  # also catches NaN
+        with torch.no_grad():
+            for t, v in zip(tensors, fresh):
+                t.copy_(v)
+        after = site_error(site, x, y)
+    return before, after
 
 
 # --------------------------------------------------------------------------
@@ -855,6 +890,46 @@ def evaluate(cfg, checkpoint: str, work_dir: str, tag: str) -> dict:
     return dict(RUNNERS.build(cfg).test())
 
 
+def same_file(a: str, b: str) -> bool:
+    """Whether the paths ``a`` and ``b`` name one file (links followed;
+    a path that does not exist is compared by its real path)."""
+    try:
+        return osp.samefile(a, b)
+    except OSError:
+        return osp.realpath(a) == osp.realpath(b)
+
+
+def check_output(option: str, path: str, inputs: Dict[str, str],
+                 force: bool = False):
+    """Refuse to write ``path`` over an input or, unless ``force``, over
+    any existing file. Run before any work, so a refused run costs
+    nothing.
+
+    Args:
+        option (str): The option that names ``path`` (for the message).
+        path (str): The file to be written.
+        inputs (dict[str, str]): Option name -> input path (configs,
+            checkpoints) that must never be overwritten.
+        force (bool): Allow overwriting an existing file that is not an
+            input. Defaults to False.
+
+    Raises:
+        ValueError: If ``path`` is an input or a directory.
+        FileExistsError: If ``path`` exists and ``force`` is False.
+    """
+    for name, src in inputs.items():
+        if isinstance(src, str) and same_file(path, src):
+            raise ValueError(f'{option} {path!r} is the input {name} '
+                             f'{src!r}: refusing to overwrite it (choose '
+                             'another output path)')
+    if osp.isdir(path):
+        raise ValueError(f'{option} {path!r} is a directory, expected a '
+                         'file path')
+    if osp.exists(path) and not force:
+        raise FileExistsError(f'{option} {path!r} already exists: pass '
+                              'force=True (--force) to overwrite it')
+
+
 def _plain(value):
     if hasattr(value, 'item') and getattr(value, 'ndim', None) == 0:
         value = value.item()  # numpy / torch scalar
@@ -872,7 +947,8 @@ def convert(e2e_config,
             evaluate_metrics: bool = True,
             work_dir: Optional[str] = None,
             seed: int = 0,
-            cfg_options: Optional[dict] = None) -> ConversionReport:
+            cfg_options: Optional[dict] = None,
+            force: bool = False) -> ConversionReport:
     """Build a RepL checkpoint from a trained E2E one (module docstring).
 
     Args:
@@ -895,10 +971,21 @@ def convert(e2e_config,
             temporary folder (removed) if None.
         seed (int): Seed of the recording dataloader. Defaults to 0.
         cfg_options (dict, optional): Overrides applied to both configs.
+        force (bool): Overwrite ``out_file`` if it exists (never when it
+            is one of the inputs). Defaults to False.
 
     Returns:
         ConversionReport: Per-site errors and the metrics.
+
+    Raises:
+        ValueError: If ``out_file`` is an input (checkpoint or config) or
+            an option is out of range.
+        FileExistsError: If ``out_file`` exists and ``force`` is False.
     """
+    check_output(
+        'out_file', out_file,
+        dict(e2e_checkpoint=e2e_checkpoint, e2e_config=e2e_config,
+             repl_config=repl_config), force)
     if split not in ('train', 'test'):
         raise ValueError(f"split must be 'train' or 'test', but got "
                          f'{split!r}')
@@ -906,6 +993,7 @@ def convert(e2e_config,
             num_batches, int) or num_batches < 1:
         raise ValueError(f'num_batches must be an int >= 1, but got '
                          f'{num_batches!r}')
+    _check_max_points(max_points)
     from mmengine.logging import print_log
 
     e2e_name = e2e_config if isinstance(e2e_config, str) else 'E2E config'
@@ -976,8 +1064,9 @@ def convert(e2e_config,
 
 __all__ = [
     'ConversionReport', 'SiteFit', 'affine_least_squares', 'build_model',
-    'calibrate_norms', 'check_e2e', 'check_plans', 'chain_matrices',
-    'convert', 'evaluate', 'fit_chain', 'fit_conv_site',
+    'calibrate_norms', 'check_e2e', 'check_output', 'check_plans',
+    'chain_matrices', 'convert', 'evaluate', 'fit_chain', 'fit_conv_site',
     'fit_interpolated_block', 'fit_site', 'fit_transformer_site',
-    'load_state', 'record_blocks', 'relative_error', 'transfer_state'
+    'load_state', 'record_blocks', 'relative_error', 'repl_backbones',
+    'same_file', 'transfer_state'
 ]

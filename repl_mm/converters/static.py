@@ -35,6 +35,7 @@ from ..analysis.benchmark import (default_input_size, peak_allocated,
                                   time_round_robin)
 from ..core import STATIC_FROM, load_static_site
 from ..models.base import PLAN_KEY, RepLBackboneMixin, repl_classes
+from .from_e2e import check_output, repl_backbones
 
 SCOPES = ('mmpretrain', 'mmdet', 'mmseg')
 
@@ -69,15 +70,38 @@ def _repl_names() -> set:
     return {c.__name__ for c in repl_classes()}
 
 
+def _is_pretrained(init) -> bool:
+    return isinstance(init, dict) and init.get('type') == 'Pretrained'
+
+
+def drop_pretrained(init_cfg):
+    """``init_cfg`` without its ``Pretrained`` entries.
+
+    Args:
+        init_cfg (dict | list[dict] | None): A module's ``init_cfg``.
+
+    Returns:
+        dict | list[dict] | None: None for a ``Pretrained`` dict; for a
+        list, its other entries (None if none is left); anything else
+        unchanged.
+    """
+    if _is_pretrained(init_cfg):
+        return None
+    if isinstance(init_cfg, (list, tuple)) and any(
+            _is_pretrained(c) for c in init_cfg):
+        kept = [c for c in init_cfg if not _is_pretrained(c)]
+        return kept or None
+    return init_cfg
+
+
 def _static_node(node, names: set, path: str, found: List[str]):
     """In place: every RepL backbone dict under ``node`` made static."""
     if isinstance(node, dict):
         if str(node.get('type', '')).split('.')[-1] in names:
             node['replacement'] = static_replacement(node.get('replacement'))
-            init = node.get('init_cfg')
-            if isinstance(init, dict) and init.get('type') == 'Pretrained':
+            if 'init_cfg' in node:
                 # Static sites load only from a static checkpoint.
-                node['init_cfg'] = None
+                node['init_cfg'] = drop_pretrained(node['init_cfg'])
             found.append(path)
         for k, v in node.items():
             _static_node(v, names, f'{path}.{k}', found)
@@ -88,8 +112,9 @@ def _static_node(node, names: set, path: str, found: List[str]):
 
 def static_config(cfg: Config) -> Config:
     """The static twin's config: ``cfg`` with every RepL backbone's
-    ``replacement`` made static (:func:`static_replacement`), their
-    ``Pretrained`` ``init_cfg`` and the model's ``pretrained`` dropped
+    ``replacement`` made static (:func:`static_replacement`), the
+    ``Pretrained`` entries of their ``init_cfg`` (:func:`drop_pretrained`)
+    and the model's ``pretrained`` dropped
     (a static model gets its weights from its static checkpoint only),
     and ``repl_mm`` in ``custom_imports``.
 
@@ -135,16 +160,6 @@ def build_model(cfg: Config) -> nn.Module:
     with DefaultScope.overwrite_default_scope(scope):
         model = registry.build(copy.deepcopy(cfg.model))
     return model.eval()
-
-
-def repl_backbones(model: nn.Module) -> Dict[str, RepLBackboneMixin]:
-    """Module name -> every RepL backbone in ``model`` (``''`` for the
-    model itself)."""
-    return {
-        n: m
-        for n, m in model.named_modules()
-        if isinstance(m, RepLBackboneMixin)
-    }
 
 
 def _site_pairs(model: nn.Module, static_model: nn.Module):
@@ -346,7 +361,8 @@ def convert_checkpoint(config: str,
                        batch_size: int = 2,
                        input_size=None,
                        tol: float = 1e-4,
-                       seed: int = 0) -> dict:
+                       seed: int = 0,
+                       force: bool = False) -> dict:
     """Convert a RepL checkpoint to a static checkpoint and config.
 
     Args:
@@ -361,14 +377,26 @@ def convert_checkpoint(config: str,
         tol (float): Largest relative output difference allowed
             (:func:`relative_error`). Defaults to 1e-4.
         seed (int): Seed of the random batch. Defaults to 0.
+        force (bool): Overwrite existing outputs (never the source config
+            or checkpoint). Defaults to False.
 
     Returns:
         dict: ``checkpoint`` and ``config`` (the written paths),
         ``error`` (the measured relative error), and for benchmarks the
         source ``cfg`` and the two models (``repl``, ``static``).
+
+    Raises:
+        ValueError: If an output is the source config or checkpoint.
+        FileExistsError: If an output exists and ``force`` is False.
     """
     if not osp.isfile(config):
         raise FileNotFoundError(f'CONFIG: no config file at {config!r}')
+    name = name or static_name(config)
+    out_ckpt = osp.join(out_dir, f'{name}.pth')
+    out_cfg = osp.join(out_dir, f'{name}.py')
+    sources = dict(config=config, checkpoint=checkpoint)
+    for what, path in (('checkpoint', out_ckpt), ('config', out_cfg)):
+        check_output(f'output {what} (out_dir, name)', path, sources, force)
     cfg = Config.fromfile(config)
     scfg = static_config(cfg)
     model = build_model(cfg)
@@ -379,10 +407,7 @@ def convert_checkpoint(config: str,
     print_log(f'static model: outputs equal to the RepL model up to '
               f'{err:.2e} (relative, tolerance {tol:g})', logger='current')
 
-    name = name or static_name(config)
     os.makedirs(out_dir, exist_ok=True)
-    out_ckpt = osp.join(out_dir, f'{name}.pth')
-    out_cfg = osp.join(out_dir, f'{name}.py')
     src_meta = ckpt.get('meta', {}) if isinstance(ckpt.get('meta'),
                                                   dict) else {}
     meta = {
@@ -466,7 +491,8 @@ def ratios(results: Dict[str, dict], num: str = 'static',
 
 __all__ = [
     'benchmark_inference', 'build_model', 'check_equal', 'convert_checkpoint',
-    'load_repl_checkpoint', 'output_tensors', 'param_bytes', 'random_inputs',
-    'ratios', 'relative_error', 'repl_backbones', 'static_config',
-    'static_name', 'static_replacement', 'to_static'
+    'drop_pretrained', 'load_repl_checkpoint', 'output_tensors',
+    'param_bytes', 'random_inputs', 'ratios', 'relative_error',
+    'repl_backbones', 'static_config', 'static_name', 'static_replacement',
+    'to_static'
 ]

@@ -207,6 +207,68 @@ def test_conv_site_fit_without_branch_still_improves():
     assert to_pixels(x).shape == (8 * 25, c)
 
 
+def _gn_site(seed=1, gain=1.0):
+    """A one-position ConvSite with a GroupNorm site norm."""
+    c = 8
+    torch.manual_seed(seed)
+    prev, nxt = nn.Conv2d(c, c, 3), nn.Conv2d(c, c, 3)
+    with torch.no_grad():
+        prev.weight.mul_(gain)
+        nxt.weight.mul_(gain)
+    return ConvSite([(c, c)], [[('prev', prev), ('next', nxt)]],
+                    nn.GroupNorm(2, c), nn.ReLU()).eval()
+
+
+def test_gn_site_in_its_family_is_fitted_on_whole_maps():
+    # A GN mixes the pixels of a map: fitting it pixel by pixel (1x1
+    # maps) fits another function (relative error 0.125 here).
+    truth = _gn_site()
+    c = 8
+    with torch.no_grad():
+        truth.phi1_prev.copy_(torch.rand(c))
+        truth.phi1_next.copy_(torch.rand(c) - .5)
+        truth.site_norm.weight.copy_(torch.rand(c) + .5)
+        truth.site_norm.bias.copy_(torch.randn(c))
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(8, c, 6, 6))
+    with torch.no_grad():
+        y = truth(x)
+    before, after = fit_site(_gn_site(), x, y, None, steps=100)
+    assert before > 0.5 and after < 0.05
+
+
+@pytest.mark.parametrize('steps', [0, 5])
+def test_fit_never_returns_a_worse_site(steps):
+    # E2E block with a small branch; a GN site (no least-squares start)
+    # with large neighbours: gamma 0 -> 1 alone is far worse than fresh.
+    site = _gn_site(seed=0, gain=5.0)
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(8, 8, 5, 5))
+    y = torch.relu(x + 0.1 * torch.randn(8, 8, 5, 5))
+    fresh = {k: v.clone() for k, v in site.state_dict().items()}
+    before, after = fit_site(site, x, y, branch=None, steps=steps)
+    assert after <= before
+    assert site_error(site, x, y) == pytest.approx(after)
+    if after == before:  # put back as it was
+        for k, v in site.state_dict().items():
+            assert torch.equal(v, fresh[k]), k
+
+
+@pytest.mark.parametrize('max_points', [1, 0, -5])
+def test_max_points_below_two_is_rejected(max_points):
+    c = 4
+    site = ConvSite([(c, c)], [[('prev', nn.Conv2d(c, c, 3)),
+                                ('next', nn.Conv2d(c, c, 3))]],
+                    nn.BatchNorm2d(c), nn.ReLU()).eval()
+    fresh = {k: v.clone() for k, v in site.state_dict().items()}
+    x = torch.relu(torch.randn(4, c, 5, 5))
+    with pytest.raises(ValueError,
+                       match=f'max_points must be .*got {max_points}'):
+        fit_site(site, x, x, x * 0.5, steps=3, max_points=max_points)
+    for k, v in site.state_dict().items():
+        assert torch.equal(v, fresh[k]), k
+
+
 # -- errors --------------------------------------------------------------
 def test_errors_name_the_problem(configs, converted, tmp_path):
     out = str(tmp_path / 'o.pth')
@@ -233,15 +295,67 @@ def test_errors_name_the_problem(configs, converted, tmp_path):
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
         convert(configs['e2e'], converted['e2e'], configs['repl'], out,
                 split='val', **kw)
+    with pytest.raises(ValueError, match='max_points must be .*got 1'):
+        convert(configs['e2e'], converted['e2e'], configs['repl'], out,
+                max_points=1, **kw)
+
+
+def _no_work(monkeypatch):
+    """Make any model build fail: the checks must come before it."""
+    import repl_mm.converters.from_e2e as from_e2e
+
+    def build_model(cfg):
+        raise AssertionError('work started before the output check')
+
+    monkeypatch.setattr(from_e2e, 'build_model', build_model)
+
+
+def test_output_never_overwrites_an_input(configs, converted, monkeypatch):
+    _no_work(monkeypatch)
+    kw = dict(num_batches=1, evaluate_metrics=False)
+    e2e = converted['e2e']
+    data = open(e2e, 'rb').read()
+    for force in (False, True):
+        with pytest.raises(ValueError, match=r"out_file '.*e2e\.pth' is "
+                           r'the input e2e_checkpoint'):
+            convert(configs['e2e'], e2e, configs['repl'], e2e, force=force,
+                    **kw)
+        with pytest.raises(ValueError, match=r"out_file '.*repl\.py' is "
+                           'the input repl_config'):
+            convert(configs['e2e'], e2e, configs['repl'], configs['repl'],
+                    force=force, **kw)
+    assert open(e2e, 'rb').read() == data
+
+
+def test_existing_output_needs_force(configs, converted, tmp_path,
+                                     monkeypatch):
+    out = tmp_path / 'exists.pth'
+    out.write_bytes(b'keep me')
+    kw = dict(num_batches=1, steps=1, evaluate_metrics=False)
+    with monkeypatch.context() as m:
+        _no_work(m)
+        with pytest.raises(FileExistsError, match=r"out_file '.*exists\.pth'"
+                           r' already exists.*--force'):
+            convert(configs['e2e'], converted['e2e'], configs['repl'],
+                    str(out), **kw)
+    assert out.read_bytes() == b'keep me'
+    convert(configs['e2e'], converted['e2e'], configs['repl'], str(out),
+            force=True, **kw)
+    assert torch.load(out, weights_only=True)['meta']['site_fit']
 
 
 # -- the tool --------------------------------------------------------------
-def test_cli_end_to_end(configs, converted, tmp_path, capsys):
+def _tool():
     import importlib.util
     spec = importlib.util.spec_from_file_location(
         'e2e_to_repl', ROOT / 'tools/model_converters/e2e_to_repl.py')
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_cli_end_to_end(configs, converted, tmp_path, capsys):
+    tool = _tool()
     out = str(tmp_path / 'cli.pth')
     report = tool.main([
         configs['e2e'], converted['e2e'], configs['repl'], out,
@@ -253,4 +367,22 @@ def test_cli_end_to_end(configs, converted, tmp_path, capsys):
     assert set(report.metrics) == {'e2e', 'repl_fresh', 'repl_fitted'}
     for m in report.metrics.values():
         assert 0 <= m['accuracy/top1'] <= 100
+    assert torch.load(out, weights_only=True)['meta']['site_fit']
+
+
+def test_cli_output_checks(configs, converted, tmp_path, capsys):
+    tool = _tool()
+    args = [configs['e2e'], converted['e2e'], configs['repl']]
+    opts = ['--num-batches', '1', '--steps', '1', '--no-eval']
+    with pytest.raises(SystemExit):
+        tool.main(args + [str(tmp_path / 'o.pth'), '--max-points', '1'])
+    assert '--max-points must be >= 2, but got 1' in capsys.readouterr().err
+    with pytest.raises(ValueError, match='is the input e2e_checkpoint'):
+        tool.main(args + [converted['e2e'], '--force'] + opts)
+    out = tmp_path / 'cli.pth'
+    out.write_bytes(b'keep me')
+    with pytest.raises(FileExistsError, match='--force'):
+        tool.main(args + [str(out)] + opts)
+    assert out.read_bytes() == b'keep me'
+    tool.main(args + [str(out), '--force'] + opts)
     assert torch.load(out, weights_only=True)['meta']['site_fit']

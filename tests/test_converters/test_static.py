@@ -3,6 +3,7 @@ math, static twins equal to trained RepL models (backbones of every kind,
 RetinaNet, DeepLabV3), the checkpoint + config tool and an upstream
 inferencer on its output, and the errors of mismatched modes."""
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -293,6 +294,78 @@ def test_static_checkpoint_in_upstream_inferencer(tiny_repl, tmp_path):
                                results['repl']['pred_scores'], atol=1e-5)
 
 
+def _copy(tiny_repl, folder):
+    """The tiny config and checkpoint, copied into ``folder`` (so a test
+    that would overwrite them cannot spoil the module fixture)."""
+    return tuple(Path(shutil.copy(p, folder)) for p in tiny_repl)
+
+
+def _no_work(monkeypatch):
+    """Make any model build fail: the checks must come before it."""
+    import repl_mm.converters.static as static
+
+    def build_model(cfg):
+        raise AssertionError('work started before the output check')
+
+    monkeypatch.setattr(static, 'build_model', build_model)
+
+
+def test_outputs_never_overwrite_the_sources(tiny_repl, tmp_path,
+                                             monkeypatch):
+    cfg_path, ckpt = _copy(tiny_repl, tmp_path)
+    data = ckpt.read_bytes(), cfg_path.read_bytes()
+    _no_work(monkeypatch)
+    for force in (False, True):
+        with pytest.raises(ValueError, match=r"output checkpoint .*"
+                           r"'.*epoch_1\.pth' is the input checkpoint"):
+            convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path),
+                               name='epoch_1', force=force)
+        with pytest.raises(ValueError, match=r"output config .*"
+                           r"'.*r20-repl_tiny\.py' is the input config"):
+            convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path),
+                               name='r20-repl_tiny', force=force)
+    assert (ckpt.read_bytes(), cfg_path.read_bytes()) == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'epoch_1.pth', 'r20-repl_tiny.py']
+
+
+def test_existing_outputs_need_force(tiny_repl, tmp_path, monkeypatch):
+    cfg_path, ckpt = tiny_repl
+    for suffix in ('.pth', '.py'):
+        out = tmp_path / f'r20-static_tiny{suffix}'
+        out.write_text('keep me')
+        with monkeypatch.context() as m:
+            _no_work(m)
+            with pytest.raises(FileExistsError, match=r'r20-static_tiny'
+                               rf'\{suffix}\' already exists.*--force'):
+                convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path))
+        assert out.read_text() == 'keep me'
+        out.unlink()
+    out = convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path))
+    again = convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path),
+                               force=True)
+    assert again['checkpoint'] == out['checkpoint']
+    assert torch.load(out['checkpoint'], weights_only=True)['meta']['static']
+
+
+def test_tool_refuses_existing_outputs_without_force(tiny_repl, tmp_path,
+                                                     monkeypatch, capsys):
+    cfg_path, ckpt = tiny_repl
+    out = tmp_path / 'r20-static_tiny.pth'
+    out.write_text('keep me')
+    argv = ['repl_to_static.py', str(cfg_path), str(ckpt), str(tmp_path),
+            '--no-benchmark']
+    tool = str(ROOT / 'tools/model_converters/repl_to_static.py')
+    monkeypatch.setattr(sys, 'argv', argv)
+    with pytest.raises(FileExistsError, match='--force'):
+        runpy.run_path(tool, run_name='__main__')
+    assert out.read_text() == 'keep me'
+    monkeypatch.setattr(sys, 'argv', argv + ['--force'])
+    runpy.run_path(tool, run_name='__main__')
+    assert 'outputs equal up to' in capsys.readouterr().out
+    assert torch.load(out, weights_only=True)['meta']['static']
+
+
 # -- errors ----------------------------------------------------------------
 def twins(mode='synthesize'):
     opts = dict(mode=mode)
@@ -348,3 +421,21 @@ def test_static_site_is_inference_only():
     other = ConvSite([(8, 8)], [[]], nn.BatchNorm2d(8), nn.ReLU())
     with pytest.raises(ValueError, match='does not match this static site'):
         conv.load_site(other)
+
+
+def test_static_config_drops_pretrained_init_cfg():
+    pretrained = dict(type='Pretrained', checkpoint='e2e.pth')
+    const = dict(type='Constant', layer='Conv2d', val=1)
+
+    def backbone_init(init_cfg):
+        cfg = Config(dict(model=dict(
+            type='ImageClassifier',
+            backbone=dict(type='RepLResNet_CIFAR', depth=20,
+                          init_cfg=init_cfg))))
+        return static_config(cfg).model.backbone.init_cfg
+
+    assert backbone_init(pretrained) is None
+    assert backbone_init([pretrained]) is None
+    assert backbone_init([const, pretrained]) == [const]
+    assert backbone_init([const]) == [const]
+    assert backbone_init(const) == const

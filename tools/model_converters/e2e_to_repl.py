@@ -7,12 +7,15 @@ it replaces on a few recorded batches (see
 error before and after, and the test metric of the E2E model, of RepL with
 fresh sites and of RepL with fitted sites (``--no-eval`` skips these).
 The output loads with ``tools/train.py --cfg-options load_from=OUT`` and
-``tools/test.py REPL_CONFIG OUT``.
+``tools/test.py REPL_CONFIG OUT``. OUT_FILE is never one of the inputs,
+and an existing OUT_FILE is replaced only with ``--force`` (checked before
+any work).
 
 Usage:
     python tools/model_converters/e2e_to_repl.py E2E_CONFIG E2E_CHECKPOINT \\
         REPL_CONFIG OUT_FILE [--num-batches 4] [--split train] \\
-        [--steps 30] [--no-eval] [--work-dir DIR] [--cfg-options k=v ...]
+        [--steps 30] [--max-points 32768] [--no-eval] [--work-dir DIR] \\
+        [--force] [--cfg-options k=v ...]
 """
 import argparse
 
@@ -48,9 +51,15 @@ def parse_args(argv=None):
         'temporary folder, removed)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
+        '--force', action='store_true',
+        help='overwrite OUT_FILE if it exists (never an input)')
+    parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override settings in both configs, key=value')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.max_points < 2:
+        parser.error(f'--max-points must be >= 2, but got {args.max_points}')
+    return args
 
 
 def main(argv=None):
@@ -70,7 +79,8 @@ def main(argv=None):
         evaluate_metrics=not args.no_eval,
         work_dir=args.work_dir,
         seed=args.seed,
-        cfg_options=args.cfg_options)
+        cfg_options=args.cfg_options,
+        force=args.force)
     print(report)
     return report
 

@@ -10,11 +10,14 @@ checked equal on a random batch before anything is written.
 Writes ``OUT_DIR/<name>.pth`` (``state_dict`` + plain ``meta``; loads with
 ``torch.load(weights_only=True)``) and ``OUT_DIR/<name>.py`` (the source
 config with ``replacement.mode='static'``), then reports the eval-forward
-speed and memory of the RepL and the static model.
+speed and memory of the RepL and the static model. An output is never the
+source config or checkpoint, and existing outputs are replaced only with
+``--force`` (checked before any work).
 
 Usage:
     python tools/model_converters/repl_to_static.py CONFIG CHECKPOINT \\
-        OUT_DIR [--batch-size 64] [--input-size 32] [--repeats 20]
+        OUT_DIR [--name NAME] [--batch-size 32] [--input-size 32] \\
+        [--repeats 20] [--force]
 """
 import argparse
 
@@ -47,6 +50,10 @@ def parse_args():
     parser.add_argument(
         '--no-benchmark', action='store_true',
         help='convert and check only, skip the speed / memory report')
+    parser.add_argument(
+        '--force', action='store_true',
+        help='overwrite existing outputs (never the source config or '
+        'checkpoint)')
     args = parser.parse_args()
     if args.input_size is not None and len(args.input_size) not in (1, 2):
         parser.error('--input-size takes H or H W, but got '
@@ -68,7 +75,7 @@ def main():
     size = None if size is None else (size[0], size[-1])
     out = convert_checkpoint(
         args.config, args.checkpoint, args.out_dir, name=args.name,
-        input_size=size, tol=args.tol)
+        input_size=size, tol=args.tol, force=args.force)
     print(f"checkpoint: {out['checkpoint']}")
     print(f"config:     {out['config']}")
     print(f"outputs equal up to {out['error']:.2e} (relative)")
