@@ -110,6 +110,10 @@ def render(bench: dict, acc: dict, epochs: int) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    # paths as the user typed them (relative to the current folder), then
+    # the repository root for the configs' own relative paths
+    args.data_root = osp.abspath(args.data_root)
+    args.out_dir = osp.abspath(args.out_dir)
     os.chdir(ROOT)
     os.makedirs(args.out_dir, exist_ok=True)
     MMLogger.get_instance(

@@ -6,10 +6,14 @@ A :class:`Table` is a list of :class:`Run` s (a config, a seed and
 trained with the same runner as ``tools/train.py`` (:func:`train_and_test`)
 and tested with its test loop; its result is written to
 ``<out_dir>/runs/<slug>.json`` as soon as it finishes, so an interrupted
-table continues where it stopped. The tables themselves (which configs,
+table continues where it stopped. Each result carries the fingerprint of
+the run's settings (:func:`run_fingerprint`): a result measured with other
+settings (an edited config, other overrides) is set aside, not reused. The tables themselves (which configs,
 seeds and budgets) are defined in ``tools/analysis/accuracy_table.py``.
 """
+import hashlib
 import json
+import logging
 import os
 import os.path as osp
 import re
@@ -117,6 +121,18 @@ def load_run_config(run: Run, work_dir: str,
     return cfg
 
 
+def run_fingerprint(run: Run, extra: Optional[dict] = None) -> str:
+    """SHA-256 of what a run's result depends on: its config as loaded
+    (inherited files, ``run.options`` and ``extra`` merged in) and its
+    seed. Work dir and experiment name, which differ per launch, are left
+    out."""
+    cfg = load_run_config(run, '', extra).to_dict()
+    for key in ('work_dir', 'experiment_name', 'launcher'):
+        cfg.pop(key, None)
+    text = json.dumps(cfg, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -166,7 +182,10 @@ def run_table(table: Table,
     """Run every run of ``table`` not finished yet under ``out_dir``.
 
     Results go to ``<out_dir>/runs/<slug>.json`` one by one; a run whose
-    file exists is read back, not run again (delete the file to redo it).
+    file exists with the run's :func:`run_fingerprint` is read back, not
+    run again (delete the file to redo it). A file with another (or no)
+    fingerprint was measured with other settings: it is renamed to
+    ``<slug>.json.stale-<time>`` (kept, never read) and the run runs.
     ``extra`` overrides apply to every run (e.g. ``table.smoke``).
 
     Returns:
@@ -177,17 +196,26 @@ def run_table(table: Table,
     results = []
     for i, run in enumerate(table.runs, 1):
         path = osp.join(runs_dir, f'{run.slug}.json')
+        fingerprint = run_fingerprint(run, extra)
         if osp.isfile(path):
             with open(path) as f:
-                results.append(json.load(f))
-            continue
+                res = json.load(f)
+            if res.get('fingerprint') == fingerprint:
+                results.append(res)
+                continue
+            stale = f'{path}.stale-{time.strftime("%Y%m%d_%H%M%S")}'
+            os.replace(path, stale)
+            print_log(f'[{table.name}] {run.slug}: the result on file was '
+                      'measured with other settings; kept as '
+                      f'{osp.basename(stale)}, running again',
+                      logger='current', level=logging.WARNING)
         print_log(f'[{table.name}] ({i}/{len(table.runs)}) {run.row} | '
                   f'{run.column} | seed {run.seed}', logger='current')
         work_dir = osp.join(out_dir, 'work', run.slug)
         if osp.isdir(work_dir):
             shutil.rmtree(work_dir)  # a run killed half way starts over
         res = trainer(run, work_dir, extra, keep_checkpoint(run))
-        res['work_dir'] = work_dir
+        res.update(work_dir=work_dir, fingerprint=fingerprint)
         with open(path + '.tmp', 'w') as f:
             json.dump(res, f, indent=1)
         os.replace(path + '.tmp', path)
@@ -263,6 +291,7 @@ def to_markdown(table: Table, summary: Dict[str, dict],
 
 __all__ = [
     'NO_VAL', 'cls_budget', 'Run', 'Table', 'load_run_config',
+    'run_fingerprint',
     'train_and_test', 'run_table',
     'mean_std', 'summarize', 'to_markdown', 'count_params'
 ]

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from repl_mm.analysis.experiments import Run, Table, mean_std, summarize
+from repl_mm.analysis.experiments import (Run, Table, mean_std, run_table,
+                                          summarize)
 from .test_cls_pipeline import ROOT, data, run  # noqa: F401 (fixture)
 
 TOOL = ROOT / 'tools' / 'analysis' / 'accuracy_table.py'
@@ -41,6 +42,39 @@ def test_mean_std_and_summary():
         Table('t', 'T', 'acc', [Run('r', 'a', 'c.py'), Run('r', 'a', 'c.py')])
 
 
+def test_resume_reuses_only_results_of_the_same_settings(tmp_path):
+    config = str(ROOT / 'configs/demo/resnet32-repl_1xb64_15e_digits.py')
+    table = Table('t', 'T', 'acc', [Run('r', 'a', config, 0),
+                                    Run('r', 'a', config, 1)])
+    calls = []
+
+    def trainer(run, work_dir, extra, keep):
+        calls.append((run.seed, dict(extra or {})))
+        return dict(row=run.row, column=run.column, seed=run.seed,
+                    metrics={'acc': float(len(calls))}, params=1,
+                    seconds=0.0)
+
+    short = {'train_cfg.max_epochs': 1}
+    first = run_table(table, str(tmp_path), short, trainer=trainer)
+    assert [c[0] for c in calls] == [0, 1]
+    # same settings: read back, not run again
+    assert run_table(table, str(tmp_path), short, trainer=trainer) == first
+    assert len(calls) == 2
+    # other settings (here the budget): both run again, the old results
+    # are kept aside and never read
+    second = run_table(table, str(tmp_path), None, trainer=trainer)
+    assert calls[2:] == [(0, {}), (1, {})]
+    assert [r['metrics']['acc'] for r in second] == [3.0, 4.0]
+    runs = tmp_path / 'runs'
+    assert len(list(runs.glob('*.json'))) == 2
+    stale = sorted(runs.glob('*.json.stale-*'))
+    assert [json.loads(p.read_text())['metrics']['acc']
+            for p in stale] == [1.0, 2.0]
+    # another seed is another run (and another fingerprint)
+    fps = {r['fingerprint'] for r in second}
+    assert len(fps) == 2
+
+
 SMOKE_RUNS = {'main-r32': 3, 'main-vit': 3, 'ablations': 12}
 
 
@@ -52,7 +86,8 @@ def test_table_smoke(tool, data, tmp_path, name):
     argv = [name, '--smoke', '--out-dir', str(tmp_path), '--cfg-options',
             *opts, 'train_dataloader.dataset.fraction=1.0']
     run(str(TOOL), *argv)  # a process of its own, as a user runs it
-    out = tmp_path / name
+    out = tmp_path / f'{name}-smoke'  # never beside measured tables
+    assert not (tmp_path / name).exists()
     runs = sorted((out / 'runs').glob('*.json'))
     # one run per distinct model: the regimes of a main table differ only
     # in the budget, which the smoke replaces
@@ -93,7 +128,7 @@ def test_shapes_table_smoke(shapes, tmp_path, name, kind, metric):
                     f'{root}/annotations/instances_val2017.json')
     run(str(TOOL), name, '--smoke', '--out-dir', str(tmp_path),
         '--cfg-options', *opts)
-    runs = sorted((tmp_path / name / 'runs').glob('*.json'))
+    runs = sorted((tmp_path / f'{name}-smoke' / 'runs').glob('*.json'))
     assert [json.loads(p.read_text())['column'] for p in runs] == [
         'E2E', 'RepL (k=4)']
     for path in runs:

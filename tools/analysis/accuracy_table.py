@@ -14,7 +14,8 @@ Usage:
 
 Results land in ``<out-dir>/<table>/`` (default ``work_dirs/results``):
 ``runs/*.json`` (one per finished run; an interrupted table resumes),
-``table.md``, ``table.json``, and ``<out-dir>/accuracies.json`` (mean
+``table.md``, ``table.json`` (``--smoke``: ``<out-dir>/<table>-smoke/``,
+nothing else), and ``<out-dir>/accuracies.json`` (mean
 accuracy per benchmark case and method, for the accuracy-memory chart of
 ``tools/analysis/benchmark.py --accuracies``).
 """
@@ -185,8 +186,8 @@ def parse_args(argv=None):
                         help='results root (default: work_dirs/results)')
     parser.add_argument(
         '--smoke', action='store_true',
-        help='seconds-long runs (one seed): checks the table runs, '
-        'measures nothing')
+        help='seconds-long runs (one seed) into <out-dir>/<table>-smoke: '
+        'checks the table runs, measures nothing')
     parser.add_argument(
         '--keep-checkpoints', choices=('all', 'seed0', 'none'),
         default='seed0', help='which runs keep their final checkpoint')
@@ -209,7 +210,9 @@ def main(argv=None):
                 seen.add(key)
                 runs.append(r)
         table.runs = runs
-    out = osp.join(args.out_dir, table.name)
+    # smoke runs never share a folder with measured ones
+    out = osp.join(args.out_dir,
+                   table.name + ('-smoke' if args.smoke else ''))
     os.makedirs(out, exist_ok=True)
     MMLogger.get_instance('repl_mm_accuracy', log_file=osp.join(
         out, f'table_{time.strftime("%Y%m%d_%H%M%S")}.log'),
