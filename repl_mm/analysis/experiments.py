@@ -8,8 +8,9 @@ and tested with its test loop; its result is written to
 ``<out_dir>/runs/<slug>.json`` as soon as it finishes, so an interrupted
 table continues where it stopped. Each result carries the fingerprint of
 the run's settings (:func:`run_fingerprint`): a result measured with other
-settings (an edited config, other overrides) is set aside, not reused. The tables themselves (which configs,
-seeds and budgets) are defined in ``tools/analysis/accuracy_table.py``.
+settings (an edited config, other overrides) is set aside, not reused.
+The tables themselves (which configs, seeds and budgets) are defined in
+``tools/analysis/accuracy_table.py``.
 """
 import hashlib
 import json

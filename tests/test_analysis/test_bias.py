@@ -316,7 +316,7 @@ def test_cli_refuses_mismatched_checkpoint_and_e2e_config(tiny_run,
         tool.main([tiny_run['cfg'], tiny_run['ckpt'], '--num-images', '0'])
 
 
-# -- detection and segmentation: the task loss, raw head outputs ----------------
+# -- detection and segmentation: the task loss, raw head outputs ------------
 SHAPES = {
     'mmdet': ('configs/shapes/retinanet_repl-r18_fpn_1xb8-scratch-adam-4e_'
               'coco-shapes.py', 'make_coco_shapes'),
