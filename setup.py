@@ -29,10 +29,14 @@ setup(
     long_description=readme(),
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'tests.*', 'configs', 'tools')),
-    python_requires='>=3.8',
+    # What is tested: Python 3.11; torch 2.1.2 (make test-compat, the users'
+    # GPU stack) to 2.14.1 (make test); numpy 1.26 and 2.x.
+    python_requires='>=3.11,<3.12',
     # `import repl_mm` registers into mmengine's registries: mmengine is
     # needed even for the torch-only core.
-    install_requires=['torch>=2.0', 'numpy', 'mmengine==0.10.7'],
+    install_requires=[
+        'torch>=2.1,<2.15', 'numpy>=1.24,<3', 'mmengine==0.10.7'
+    ],
     extras_require=EXTRAS,
     license='Apache License 2.0',
 )

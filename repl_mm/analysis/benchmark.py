@@ -50,6 +50,7 @@ from mmengine.logging import MMLogger, print_log
 from torch import nn
 
 from ..core import ConvSite, NonReentrantCheckpoint, TransformerSite
+from ..utils.compat import event_start_ns
 from .memory import SavedTensorMeter
 
 # method -> overrides of the backbone's ``replacement`` dict, and whether it
@@ -593,7 +594,7 @@ def peak_allocated(fn: Callable[[], None]) -> int:
         e for e in p.profiler.kineto_results.events()
         if e.name() == '[memory]' and e.device_type().name == 'CPU'
     ]
-    events.sort(key=lambda e: e.start_ns())
+    events.sort(key=event_start_ns)
     level = peak = 0
     for e in events:
         level += e.nbytes()

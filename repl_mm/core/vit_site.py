@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..utils.compat import is_autocast_enabled
 from .checkpoint import (CheckpointedSite, needs_graph,
                          recompute_in_backward)
 from .synthesis import attention_operator, mlp_operator
@@ -163,7 +164,7 @@ class TransformerSite(CheckpointedSite, nn.Module):
 
     def _synthesized_update(self, h: Tensor) -> Tensor:
         ops = self.synthesize()
-        if not torch.is_autocast_enabled(h.device.type):
+        if not is_autocast_enabled(h.device.type):
             ops = {k: v.to(h.dtype) for k, v in ops.items()}
         return self._update(h, ops['attn'], ops['mlp'])
 

@@ -22,8 +22,9 @@ import copyreg
 from contextlib import contextmanager
 
 import numpy as np
-import torch
 from mmengine.logging.history_buffer import HistoryBuffer
+
+from ..utils.compat import safe_globals
 
 
 def _reduce_history_buffer(buf: HistoryBuffer):
@@ -52,6 +53,7 @@ def checkpoint_globals() -> list:
 @contextmanager
 def allow_mmengine_checkpoints():
     """``torch.load`` inside accepts mmengine's training checkpoints with
-    ``weights_only=True`` (the torch >= 2.6 default)."""
-    with torch.serialization.safe_globals(checkpoint_globals()):
+    ``weights_only=True`` (the torch >= 2.6 default); a no-op before torch
+    2.5, whose ``torch.load`` defaults to ``weights_only=False``."""
+    with safe_globals(checkpoint_globals()):
         yield

@@ -1,0 +1,1 @@
+"""Torch-only helpers shared by every layer of the package."""
