@@ -13,12 +13,18 @@ flags (:data:`METHODS`), and is measured on the same synthetic batch:
   the batch) reported apart;
 - activation memory: bytes saved for backward by one training forward
   (:class:`repl_mm.analysis.memory.SavedTensorMeter`, deterministic);
-- peak memory of one step: the high-water mark of torch's CPU allocator
-  over the step above its level at the start (torch profiler with
-  ``profile_memory``), so nothing carries over between methods;
+- peak memory of one step: the allocator's high-water mark over the step
+  above its level at the start, so nothing carries over between methods
+  (CPU: torch profiler with ``profile_memory``; CUDA:
+  ``max_memory_allocated`` after ``reset_peak_memory_stats``);
 - step time (zero grad, forward, backward, SGD step): warm-up, then trials
   in which every method runs once, round robin, reported as the median of
-  per-trial ratios to E2E with the interquartile range.
+  per-trial ratios to E2E with the interquartile range (on CUDA each timed
+  step is bracketed by ``torch.cuda.synchronize``).
+
+Models and batch live on one device (``run_case(..., device=)``: CPU by
+default, or ``cuda[:N]``); :mod:`repl_mm.analysis.device` holds the only
+device-specific code (timer, peak memory).
 
 Derived: the saving efficiency S = (E2E - X) / (E2E - drop) of memory and
 time (:func:`saving_efficiency`). ``docs/benchmark.md`` states every
@@ -50,7 +56,8 @@ from mmengine.logging import MMLogger, print_log
 from torch import nn
 
 from ..core import ConvSite, NonReentrantCheckpoint, TransformerSite
-from ..utils.compat import event_start_ns
+from .device import (describe_device, device_timer, peak_allocated,
+                     peak_memory, resolve_device)
 from .memory import SavedTensorMeter
 
 # method -> overrides of the backbone's ``replacement`` dict, and whether it
@@ -391,6 +398,16 @@ def make_batch(case: Case, model: nn.Module, seed: int = 0) -> tuple:
     return inputs, samples
 
 
+def to_device(batch: tuple, device) -> tuple:
+    """``(inputs, data_samples)`` on ``device`` (unchanged on CPU, where
+    :func:`make_batch` builds it)."""
+    device = torch.device(device)
+    if device.type == 'cpu':
+        return batch
+    inputs, samples = batch
+    return inputs.to(device), [s.to(device) for s in samples]
+
+
 def training_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
     """The scalar loss of ``model.loss`` on a synthetic batch."""
     loss, _ = model.parse_losses(model.loss(*batch))
@@ -582,35 +599,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
 
 
-def peak_allocated(fn: Callable[[], None]) -> int:
-    """High-water mark (bytes) of torch's CPU allocator while ``fn`` runs,
-    above its level when it starts: the cumulative sum of the profiler's
-    memory events (frees of earlier tensors are not reported, so they
-    never lower it)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
-        fn()
-    events = [
-        e for e in p.profiler.kineto_results.events()
-        if e.name() == '[memory]' and e.device_type().name == 'CPU'
-    ]
-    events.sort(key=event_start_ns)
-    level = peak = 0
-    for e in events:
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak
-
-
 def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer,
-                   batch: tuple) -> dict:
+                   batch: tuple, device='cpu') -> dict:
     """``saved_bytes`` (saved for backward by the forward, weights
-    excluded) and ``peak_bytes`` (:func:`peak_allocated`) of one step, and
-    the part of ``saved_bytes`` that is weight-space synthesis
+    excluded) and ``peak_bytes`` (:func:`~repl_mm.analysis.device.
+    peak_memory` on ``device``, where model and batch are) of one step,
+    and the part of ``saved_bytes`` that is weight-space synthesis
     (:func:`synthesis_kept_bytes`)."""
     meter = SavedTensorMeter(_weights(model))
     torch.manual_seed(0)
-    peak = peak_allocated(lambda: train_step(model, optimizer, batch, meter))
+    peak = peak_memory(lambda: train_step(model, optimizer, batch, meter),
+                       device)
     return dict(saved_bytes=meter.bytes, peak_bytes=peak,
                 synthesis_kept_bytes=synthesis_kept_bytes(model))
 
@@ -636,23 +635,25 @@ def synthesis_kept_bytes(model: nn.Module) -> int:
 
 
 def time_round_robin(steps: Dict[str, Callable[[], None]], repeats: int,
-                     warmup: int = 1) -> Dict[str, List[float]]:
+                     warmup: int = 1,
+                     device='cpu') -> Dict[str, List[float]]:
     """Seconds per call of each step: ``warmup`` untimed rounds, then
     ``repeats`` trials in which every step runs once, the order rotated by
     one each trial; Python's GC collects once before and is off inside
-    a trial."""
+    a trial. Each call is timed by :func:`~repl_mm.analysis.device.
+    device_timer` of ``device`` (on CUDA: synchronized before and after)."""
     names = list(steps)
     times = {n: [] for n in names}
+    timed = device_timer(device)
     gc.collect()
     for r in range(warmup + repeats):
         order = names[r % len(names):] + names[:r % len(names)]
         gc.disable()
         try:
             for n in order:
-                t0 = time.perf_counter()
-                steps[n]()
+                t = timed(steps[n])
                 if r >= warmup:
-                    times[n].append(time.perf_counter() - t0)
+                    times[n].append(t)
         finally:
             gc.enable()
     return times
@@ -676,15 +677,19 @@ def saving_efficiency(e2e: float, x: float, drop: float) -> Optional[float]:
 # -- one case --------------------------------------------------------------
 def run_case(case: Case,
              methods: Sequence[str] = tuple(METHODS),
-             warmup: int = 0) -> dict:
-    """Measure every applicable method of ``case``; see the module doc."""
+             warmup: int = 0,
+             device='cpu') -> dict:
+    """Measure every applicable method of ``case`` on ``device`` (``'cpu'``,
+    ``'cuda'``, ``'cuda:N'``: models and batch live there); see the module
+    doc."""
     if 'e2e' not in methods:
         raise ValueError("methods must include 'e2e' (the reference)")
+    device = resolve_device(device)
     logger = MMLogger.get_current_instance()
     h, w = case.input_size
     print_log(f'[{case.name}] {case.backbone_type} ({case.task}), input '
-              f'{case.batch_size}x3x{h}x{w}, {case.repeats} trials',
-              logger=logger)
+              f'{case.batch_size}x3x{h}x{w}, {case.repeats} trials, on '
+              f'{device}', logger=logger)
     models, optims, batch, flop_cache, out = {}, {}, None, {}, {}
     for i, m in enumerate(methods, 1):
         cfg = method_model_cfg(case, m)
@@ -695,9 +700,9 @@ def run_case(case: Case,
             continue
         t0 = time.perf_counter()
         torch.manual_seed(0)
-        model = build_model(case.scope, cfg)
+        model = build_model(case.scope, cfg).to(device)
         if batch is None:
-            batch = make_batch(case, model)
+            batch = to_device(make_batch(case, model), device)
         opt = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad],
             lr=1e-3, momentum=0.9)
@@ -709,7 +714,7 @@ def run_case(case: Case,
         with track_recompute(model) as recomputed:
             train_step(model, opt, batch)  # warm-up: momentum buffers
         flops = step_flops(model, batch[0], recomputed, flop_cache, key)
-        mem = measure_memory(model, opt, batch)
+        mem = measure_memory(model, opt, batch, device)
         out[m] = dict(
             sites=list(plan.indices) if plan.mode != 'none' else [],
             plan_sites=list(plan.indices),
@@ -728,7 +733,7 @@ def run_case(case: Case,
               f'trials (+{warmup} warm-up), round robin', logger=logger)
     times = time_round_robin(
         {m: (lambda m=m: train_step(models[m], optims[m], batch))
-         for m in models}, case.repeats, warmup)
+         for m in models}, case.repeats, warmup, device)
     for m, r in out.items():
         t = np.asarray(times[m]) * 1e3
         r['time_ms'] = dict(median=float(np.median(t)),
@@ -739,7 +744,7 @@ def run_case(case: Case,
                 backbone=case.backbone_type, depth=case.depth,
                 input_size=list(case.input_size),
                 batch_size=case.batch_size, repeats=case.repeats,
-                warmup=warmup, methods=out)
+                warmup=warmup, device=str(device), methods=out)
 
 
 def _derive(out: Dict[str, dict]):
@@ -807,9 +812,10 @@ def to_markdown(results: dict) -> str:
     lines = []
     for c in results['cases']:
         h, w = c['input_size']
+        on = '' if c.get('device', 'cpu') == 'cpu' else f", on {c['device']}"
         lines += [
             f"### {c['name']}: {c['backbone']}, batch {c['batch_size']} x "
-            f'3x{h}x{w}, {c["repeats"]} trials', '',
+            f'3x{h}x{w}, {c["repeats"]} trials{on}', '',
             '| method | sites | params (M) | GFLOPs/step | synth. GFLOPs/'
             'step | act. mem (MB) | x E2E | of it synth. (MB) | peak (MB) | '
             'x E2E | step (ms) | time x E2E [IQR] | S_mem | S_mem B->inf | '
@@ -975,14 +981,17 @@ def run_benchmark(cases: Sequence[Case],
                   out_dir: str,
                   methods: Sequence[str] = tuple(METHODS),
                   warmup: int = 0,
-                  accuracies: Optional[dict] = None) -> dict:
-    """Run ``cases``, write the outputs (:func:`write_outputs`) and return
-    the results dict."""
+                  accuracies: Optional[dict] = None,
+                  device='cpu') -> dict:
+    """Run ``cases`` on ``device``, write the outputs
+    (:func:`write_outputs`) and return the results dict."""
+    device = resolve_device(device)
     results = dict(meta=machine_info(), cases=[])
+    results['meta'].update(describe_device(device))
     results['meta']['load_before'] = os.getloadavg()
     t0 = time.perf_counter()
     for case in cases:
-        results['cases'].append(run_case(case, methods, warmup))
+        results['cases'].append(run_case(case, methods, warmup, device))
     results['meta']['load_after'] = os.getloadavg()
     results['meta']['seconds'] = time.perf_counter() - t0
     written = write_outputs(finalize(results), out_dir, accuracies)
@@ -996,7 +1005,8 @@ __all__ = [
     'METHODS', 'SUITE', 'TWINS', 'Case', 'make_case', 'suite_cases',
     'method_model_cfg', 'build_model', 'make_batch', 'step_flops',
     'track_recompute',
-    'synthesis_flops', 'measure_memory', 'peak_allocated',
+    'synthesis_flops', 'measure_memory', 'peak_allocated', 'peak_memory',
+    'device_timer', 'resolve_device', 'to_device',
     'synthesis_kept_bytes',
     'time_round_robin', 'ratio_stats', 'saving_efficiency', 'run_case',
     'check_targets', 'to_markdown', 'plot_ratios', 'plot_accuracy_memory',

@@ -31,8 +31,8 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from ..analysis.benchmark import (default_input_size, peak_allocated,
-                                  time_round_robin)
+from ..analysis.benchmark import default_input_size, time_round_robin
+from ..analysis.device import peak_memory, resolve_device
 from ..core import STATIC_FROM, load_static_site
 from ..models.base import PLAN_KEY, RepLBackboneMixin, repl_classes
 from .from_e2e import check_output, repl_backbones
@@ -444,21 +444,28 @@ def param_bytes(model: nn.Module) -> int:
 def benchmark_inference(models: Dict[str, nn.Module],
                         inputs: Tensor,
                         repeats: int = 20,
-                        warmup: int = 2) -> Dict[str, dict]:
-    """Eval-forward time and memory of each model, on one batch.
+                        warmup: int = 2,
+                        device='cpu') -> Dict[str, dict]:
+    """Eval-forward time and memory of each model, on one batch, on
+    ``device``.
 
     Times are per forward, taken round-robin between the models in one run
-    (:func:`~repl_mm.analysis.benchmark.time_round_robin`): ``median_s``
-    over ``repeats`` trials after ``warmup`` untimed rounds. ``peak_bytes``
-    is the CPU allocator's high-water mark during one forward (above its
-    level at the start: activations and any weights computed on the fly);
-    ``param_bytes`` the model's parameters and buffers.
+    (:func:`~repl_mm.analysis.benchmark.time_round_robin`; on CUDA each
+    forward is synchronized before and after): ``median_s`` over
+    ``repeats`` trials after ``warmup`` untimed rounds. ``peak_bytes`` is
+    the allocator's high-water mark during one forward, above its level at
+    the start (:func:`~repl_mm.analysis.device.peak_memory`: activations
+    and any weights computed on the fly); ``param_bytes`` the model's
+    parameters and buffers.
 
     Args:
-        models (dict[str, nn.Module]): Name -> model (eval mode is set).
+        models (dict[str, nn.Module]): Name -> model (eval mode is set,
+            and the model is moved to ``device``).
         inputs (Tensor): (B, 3, H, W).
         repeats (int): Timed trials. Defaults to 20.
         warmup (int): Untimed rounds. Defaults to 2.
+        device (str | torch.device): ``'cpu'``, ``'cuda'`` or
+            ``'cuda:N'``. Defaults to ``'cpu'``.
 
     Returns:
         dict[str, dict]: Name -> ``median_s``, ``times_s``, ``peak_bytes``,
@@ -466,15 +473,17 @@ def benchmark_inference(models: Dict[str, nn.Module],
     """
     if repeats < 1:
         raise ValueError(f'repeats must be >= 1, but got {repeats}')
+    device = resolve_device(device)
     for m in models.values():
-        m.eval()
+        m.to(device).eval()
+    inputs = inputs.to(device)
     steps = {n: (lambda m=m: _forward(m, inputs)) for n, m in models.items()}
-    times = time_round_robin(steps, repeats, warmup)
+    times = time_round_robin(steps, repeats, warmup, device)
     return {
         n: dict(
             median_s=float(np.median(times[n])),
             times_s=times[n],
-            peak_bytes=peak_allocated(steps[n]),
+            peak_bytes=peak_memory(steps[n], device),
             param_bytes=param_bytes(m))
         for n, m in models.items()
     }

@@ -9,6 +9,9 @@ Usage:
         configs/retinanet/retinanet_repl-r50_fpn_1x_coco.py \
         --input-size 320 --batch-size 1 --repeats 3
     python tools/analysis/benchmark.py --suite --accuracies acc.json
+    # on a GPU (models and batch on cuda:0, synchronized timing, CUDA peak)
+    python tools/analysis/benchmark.py --suite resnet50 deit-s \
+        --methods e2e repl drop --batch-size 64 --device cuda
     # method repl_idx: these sites (e.g. span_diagnostic.py's choice)
     python tools/analysis/benchmark.py \
         configs/demo/resnet32-e2e_1xb64_15e_digits.py --indices 2 12 14 \
@@ -32,6 +35,7 @@ from repl_mm.analysis.benchmark import (METHODS, SUITE,  # noqa: E402
                                         finalize, load_accuracies, make_case,
                                         run_benchmark, suite_cases,
                                         write_outputs)
+from repl_mm.analysis.device import resolve_device  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -82,11 +86,21 @@ def parse_args(argv=None):
         help="render the outputs again from a run's benchmark.json "
         '(derived figures recomputed; nothing measured)')
     parser.add_argument(
+        '--device', default='cpu',
+        help="where models and batch live: 'cpu' (default), 'cuda' or "
+        "'cuda:N'; on CUDA every timed step is synchronized and peak "
+        'memory is the CUDA allocator\'s')
+    parser.add_argument(
         '--out-dir', default='work_dirs/benchmark', help='output folder')
     args = parser.parse_args(argv)
 
     def fail(msg):
         parser.error(msg)
+
+    try:
+        args.device = resolve_device(args.device, option='--device')
+    except ValueError as e:
+        fail(str(e))
 
     if args.from_json is not None:
         if args.suite is not None or args.configs:
@@ -165,7 +179,8 @@ def main(argv=None):
                       repeats=args.repeats or 3))
         cases[-1].indices = indices
         cases[-1].config_plan = args.config_plan
-    run_benchmark(cases, args.out_dir, args.methods, args.warmup, accuracies)
+    run_benchmark(cases, args.out_dir, args.methods, args.warmup, accuracies,
+                  device=args.device)
 
 
 if __name__ == '__main__':

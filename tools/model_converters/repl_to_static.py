@@ -17,16 +17,17 @@ source config or checkpoint, and existing outputs are replaced only with
 Usage:
     python tools/model_converters/repl_to_static.py CONFIG CHECKPOINT \\
         OUT_DIR [--name NAME] [--batch-size 32] [--input-size 32] \\
-        [--repeats 20] [--force]
+        [--repeats 20] [--device cpu] [--force]
 """
 import argparse
 
+from repl_mm.analysis.device import resolve_device
 from repl_mm.converters.static import (benchmark_inference,
                                        convert_checkpoint, random_inputs,
                                        ratios)
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('config', help='config of the trained RepL model')
     parser.add_argument('checkpoint', help='its checkpoint')
@@ -48,13 +49,17 @@ def parse_args():
         '--tol', type=float, default=1e-4,
         help='largest relative output difference allowed (default 1e-4)')
     parser.add_argument(
+        '--device', default='cpu',
+        help="device of the speed / memory measurement: 'cpu' (default), "
+        "'cuda' or 'cuda:N' (conversion and output check run on the CPU)")
+    parser.add_argument(
         '--no-benchmark', action='store_true',
         help='convert and check only, skip the speed / memory report')
     parser.add_argument(
         '--force', action='store_true',
         help='overwrite existing outputs (never the source config or '
         'checkpoint)')
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.input_size is not None and len(args.input_size) not in (1, 2):
         parser.error('--input-size takes H or H W, but got '
                      f'{args.input_size}')
@@ -62,6 +67,10 @@ def parse_args():
         if getattr(args, opt) < 1:
             parser.error(f"--{opt.replace('_', '-')} must be >= 1, but got "
                          f'{getattr(args, opt)}')
+    try:
+        args.device = resolve_device(args.device, option='--device')
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 
@@ -83,10 +92,12 @@ def main():
         return
     inputs = random_inputs(out['cfg'], args.batch_size, size)
     res = benchmark_inference(
-        dict(repl=out['repl'], static=out['static']), inputs, args.repeats)
+        dict(repl=out['repl'], static=out['static']), inputs, args.repeats,
+        device=args.device)
     r = ratios(res)
     shape = 'x'.join(str(s) for s in inputs.shape)
-    print(f'eval forward, batch {shape}, median of {args.repeats} '
+    on = '' if args.device.type == 'cpu' else f' on {args.device}'
+    print(f'eval forward{on}, batch {shape}, median of {args.repeats} '
           '(round-robin):')
     print(f"  time   repl {res['repl']['median_s'] * 1e3:.2f} ms, static "
           f"{res['static']['median_s'] * 1e3:.2f} ms, static/repl "
