@@ -7,8 +7,25 @@ only once". :func:`use_non_reentrant_checkpoint` re-classes a block so its
 ``with_cp`` path checkpoints the whole upstream forward with
 ``use_reentrant=False``; state-dict keys and ``isinstance`` checks are
 unchanged.
+
+The classes it makes at run time have unique names derived from the
+upstream class's module and name (mmdet's and mmpretrain's ``BasicBlock``
+become ``NonReentrant_mmdet_models_backbones_resnet_BasicBlock`` and
+``NonReentrant_mmpretrain_models_backbones_resnet_BasicBlock``), are
+attributes of this module under those names, and pickle by the upstream
+class (see :meth:`NonReentrantCheckpoint.__reduce_ex__`): ``torch.save`` of
+a whole ``with_cp`` model, ``pickle`` and ``copy.deepcopy`` work, also in a
+process that has not made the class yet.
+
+Recomputation in backward may run any number of times on one graph
+(``retain_graph=True``, ``torch.autograd.grad`` then ``backward``,
+``gradcheck``): each run restores the buffers it touched
+(:class:`FrozenBuffers`), so gradients of several backward passes add up
+as without recompute.
 """
-from contextlib import contextmanager, nullcontext
+import copyreg
+import sys
+from contextlib import nullcontext
 from typing import Dict, Sequence, Union
 
 import torch
@@ -53,6 +70,25 @@ class NonReentrantCheckpoint:
     def tail(self):
         return getattr(self, 'repl_tail', ())
 
+    def __reduce_ex__(self, protocol):
+        """Pickle as the upstream class, re-swapped on load.
+
+        The class itself is made at run time, so a pickle naming it could
+        not be loaded where it has not been made yet. The object is instead
+        rebuilt by :func:`_rebuild_non_reentrant` from the (importable)
+        upstream class, which swaps the class again; the state (the
+        module's ``__dict__``) is pickled as usual, so ``copy.deepcopy``
+        still maps everything it references (a ``repl_tail``) to the copy.
+        """
+        rv = super().__reduce_ex__(max(protocol, 2))
+        upstream = type(self).__dict__.get('_repl_upstream')
+        if upstream is None or not isinstance(rv, tuple) or \
+                rv[0] is not copyreg.__newobj__ or \
+                rv[1][0] is not type(self):
+            return rv  # not one of our classes or a custom reduction
+        return (_rebuild_non_reentrant,
+                (upstream, *rv[1][1:])) + tuple(rv[2:])
+
 
 class CheckpointedSite:
     """Mixin of the modules that stand in for a replaced block: the
@@ -96,46 +132,103 @@ def fuse_into_segment(block: nn.Module, site: nn.Module):
 _CLASSES: Dict[type, type] = {}
 
 
+def _class_name(cls: type) -> str:
+    """``NonReentrant_<module>_<qualname>`` of an upstream class, dots as
+    underscores, made unique among the names this module holds."""
+    base = 'NonReentrant_' + f'{cls.__module__}.{cls.__qualname__}'.replace(
+        '.', '_').replace('<', '_').replace('>', '_')
+    name, n = base, 1
+    module = sys.modules[__name__]
+    while getattr(module, name, None) is not None:
+        n += 1
+        name = f'{base}_{n}'
+    return name
+
+
 def use_non_reentrant_checkpoint(module: nn.Module) -> nn.Module:
     """Swap ``module``'s class for a cached ``NonReentrantCheckpoint``
-    subclass of it (idempotent) and return the module."""
+    subclass of it (idempotent) and return the module.
+
+    The subclass is made once per upstream class, named uniquely after the
+    upstream class's module and name (see :func:`_class_name`) and set as
+    an attribute of this module under that name.
+    """
     cls = type(module)
     if issubclass(cls, NonReentrantCheckpoint):
         return module
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f'NonReentrant{cls.__name__}',
-                             (NonReentrantCheckpoint, cls),
-                             {'__module__': __name__})
+        name = _class_name(cls)
+        new = type(name, (NonReentrantCheckpoint, cls), {
+            '__module__': __name__,
+            '__qualname__': name,
+            '_repl_upstream': cls
+        })
+        setattr(sys.modules[__name__], name, new)
+        _CLASSES[cls] = new
     module.__class__ = _CLASSES[cls]
     return module
 
 
-@contextmanager
-def frozen_buffers(*modules: nn.Module):
+def _rebuild_non_reentrant(upstream: type, *args) -> nn.Module:
+    """Unpickling: a bare ``upstream`` object with the class swapped (its
+    state is set afterwards, as for any pickled module)."""
+    return use_non_reentrant_checkpoint(upstream.__new__(upstream, *args))
+
+
+class FrozenBuffers:
     """Restore the buffers of ``modules`` on exit: a recomputed forward must
-    not update BN running statistics a second time."""
-    saved = [(b, b.detach().clone()) for m in modules for b in m.buffers()]
-    try:
-        yield
-    finally:
+    not update BN running statistics a second time.
+
+    Reusable (and re-entrant): every ``with`` snapshots the buffers on entry
+    and restores them on exit. Non-reentrant checkpointing makes its
+    recompute context once per forward and enters it at every recompute,
+    i.e. once per backward through the segment; a single-use (generator)
+    context manager would fail at the second backward.
+
+    Args:
+        *modules (nn.Module): Modules whose buffers (all, recursively) are
+            restored.
+    """
+
+    def __init__(self, *modules: nn.Module):
+        self.modules = modules
+        self._saved = []
+
+    def __enter__(self) -> 'FrozenBuffers':
+        self._saved.append([(b, b.detach().clone())
+                            for m in self.modules for b in m.buffers()])
+        return self
+
+    def __exit__(self, *exc_info) -> bool:
+        saved = self._saved.pop()
         with torch.no_grad():
             for b, v in saved:
                 b.copy_(v)
+        return False
+
+
+def frozen_buffers(*modules: nn.Module) -> FrozenBuffers:
+    """A fresh :class:`FrozenBuffers` of ``modules``."""
+    return FrozenBuffers(*modules)
 
 
 def recompute_in_backward(fn, *args,
                           stateful: Union[nn.Module, Sequence] = ()):
     """``fn(*args)``, storing only ``args`` for backward (non-reentrant
     checkpoint); the buffers of ``stateful`` (a module or modules) are left
-    as the forward set them when backward re-runs ``fn``. RNG state (drop
-    path) is replayed, so outputs and gradients equal a plain call's."""
+    as the forward set them when backward re-runs ``fn``, however many
+    backward passes run through the graph. RNG state (drop path) is
+    replayed, so outputs and gradients equal a plain call's."""
     if isinstance(stateful, nn.Module):
         stateful = (stateful, )
-    return checkpoint(
-        fn,
-        *args,
-        use_reentrant=False,
-        context_fn=lambda: (nullcontext(), frozen_buffers(*stateful)))
+    stateful = tuple(stateful)
+
+    def context_fn():
+        # Fresh, reusable context managers at every call: the recompute
+        # one is entered once per backward through the segment.
+        return nullcontext(), FrozenBuffers(*stateful)
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
 
 
 def needs_graph(*tensors) -> bool:

@@ -5,15 +5,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..utils.compat import autocast_disabled, is_autocast_enabled
 from .checkpoint import (CheckpointedSite, needs_graph,
                          recompute_in_backward)
-from .synthesis import apply_chain, collapse_kernel, mix_channels
+from .device import ScaleBuffer, factory_kwargs
+from .synthesis import (apply_chain, at_least_fp32, collapse_kernel,
+                        fold_chain, mix_channels, should_fold)
 
 # A position's sources: (neighbour name, the neighbour's conv module).
 Sources = Sequence[Tuple[str, nn.Module]]
 
 
-class ConvSite(CheckpointedSite, nn.Module):
+class ConvSite(ScaleBuffer, CheckpointedSite, nn.Module):
     """RepL computing layer for a BasicBlock / Bottleneck site.
 
     For every conv position j of the replaced block, the site synthesizes a
@@ -36,6 +39,16 @@ class ConvSite(CheckpointedSite, nn.Module):
     The neighbours' convs are held outside ``_modules``: they are not
     registered, counted, optimised or saved twice, and ``copy.deepcopy`` of
     the whole model maps them to the copy's neighbours.
+
+    Precision: the weight-space part (S, the phi mix and, when the chain is
+    folded, the product of its matrices) runs in at least fp32 with
+    autocast off, for the input's device type, whatever calls it; applying
+    the matrices to the activations (1x1 convs) follows autocast like any
+    conv (without autocast, in the input's dtype). Every tensor the site
+    creates is on the device and in the dtype of ``device``/``dtype``
+    (surgery passes the replaced block's); ``scale`` is a non-persistent
+    buffer that survives ``to_empty`` (:class:`~repl_mm.core.device.
+    ScaleBuffer`).
 
     Decisions the spec leaves open (documented, not options):
 
@@ -64,6 +77,11 @@ class ConvSite(CheckpointedSite, nn.Module):
             re-run the light update (chain, norm, drop path) in backward,
             with the norm's running statistics updated once. Same outputs
             and gradients. Defaults to True.
+        device (torch.device, optional): Where the site's own tensors
+            (phi, owned weights, ``scale``) are created. Defaults to the
+            device of the first source conv's weight (torch's default when
+            the site owns every weight).
+        dtype (torch.dtype, optional): Their dtype, defaulting likewise.
 
     Example:
         >>> prev, nxt = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
@@ -83,7 +101,9 @@ class ConvSite(CheckpointedSite, nn.Module):
                  scale: float = 1.0,
                  drop_path: Optional[nn.Module] = None,
                  with_cp: bool = False,
-                 recompute: bool = True):
+                 recompute: bool = True,
+                 device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         if len(shapes) != len(sources):
             raise ValueError(f'{len(shapes)} shapes but {len(sources)} '
@@ -100,6 +120,9 @@ class ConvSite(CheckpointedSite, nn.Module):
         self._sources: List[List[Tuple[str, nn.Module]]] = [
             list(s) for s in sources
         ]
+        factory = factory_kwargs(
+            device, dtype,
+            (conv.weight for srcs in self._sources for _, conv in srcs))
         for j, ((cout, cin), srcs) in enumerate(
                 zip(self.shapes, self._sources), 1):
             for name, conv in srcs:
@@ -108,11 +131,13 @@ class ConvSite(CheckpointedSite, nn.Module):
                     raise ValueError(
                         f'{name} neighbour conv{j} has weight shape '
                         f'{tuple(w.shape)}, the site needs ({cout}, {cin})')
-                self.register_parameter(f'phi{j}_{name}',
-                                        nn.Parameter(torch.empty(cout)))
+                self.register_parameter(
+                    f'phi{j}_{name}',
+                    nn.Parameter(torch.empty(cout, **factory)))
             if not srcs:
-                self.register_parameter(f'weight{j}',
-                                        nn.Parameter(torch.empty(cout, cin)))
+                self.register_parameter(
+                    f'weight{j}',
+                    nn.Parameter(torch.empty(cout, cin, **factory)))
         self.site_norm = norm
         self.act = act
         self.drop_path = drop_path if drop_path is not None else nn.Identity()
@@ -120,8 +145,7 @@ class ConvSite(CheckpointedSite, nn.Module):
         self.zero_init = zero_init
         self.with_cp = with_cp
         self.recompute = recompute
-        self.register_buffer(
-            'scale', torch.tensor(float(scale)), persistent=False)
+        self._register_scale(scale, **factory)
         self.init_weights()
 
     @property
@@ -130,11 +154,18 @@ class ConvSite(CheckpointedSite, nn.Module):
         return [tuple(n for n, _ in s) or ('own', ) for s in self._sources]
 
     def init_weights(self):
-        """phi = 0.5; own weights like a 1x1 conv; norm gamma 0 or 1.
+        """phi = 0.5; own weights like a 1x1 conv; norm gamma 0 or 1 and
+        its statistics reset (a no-op on a freshly built site; after a
+        ``meta`` build materialised with ``to_empty``, the statistics are
+        no longer garbage).
 
         Called by mmengine's ``init_weights`` recursion after the
         backbone's own initialisers (which would set every BN gamma to 1).
         """
+        reset_running_stats = getattr(self.site_norm, 'reset_running_stats',
+                                      None)
+        if reset_running_stats is not None:
+            reset_running_stats()
         with torch.no_grad():
             for j, srcs in enumerate(self._sources, 1):
                 for name, _ in srcs:
@@ -159,26 +190,54 @@ class ConvSite(CheckpointedSite, nn.Module):
                 out[f'phi_{name}'] = torch.cat(phis).mean().item()
         return out
 
-    def synthesize(self) -> List[Tensor]:
-        """The (Cout_j, Cin_j) matrices What^j from the live neighbours."""
-        mats = []
-        for j, srcs in enumerate(self._sources, 1):
-            if srcs:
-                mats.append(
-                    mix_channels([(getattr(self, f'phi{j}_{name}'),
-                                   collapse_kernel(conv.weight))
-                                  for name, conv in srcs]))
-            else:
-                mats.append(getattr(self, f'weight{j}'))
-        return mats
+    def _weights_device_type(self) -> str:
+        return self.trainable_tensors()[0].device.type
+
+    def synthesize(self, device_type: Optional[str] = None) -> List[Tensor]:
+        """The (Cout_j, Cin_j) matrices What^j from the live neighbours, in
+        at least fp32 with autocast off, whoever calls.
+
+        Args:
+            device_type (str, optional): The input's device type, for which
+                autocast is turned off (as for the weights' device type).
+                Defaults to the weights'.
+        """
+        weights = self._weights_device_type()
+        with autocast_disabled(device_type or weights, weights):
+            mats = []
+            for j, srcs in enumerate(self._sources, 1):
+                if srcs:
+                    mats.append(
+                        mix_channels([
+                            (at_least_fp32(getattr(self, f'phi{j}_{name}')),
+                             collapse_kernel(at_least_fp32(conv.weight)))
+                            for name, conv in srcs
+                        ]))
+                else:
+                    mats.append(at_least_fp32(getattr(self, f'weight{j}')))
+            return mats
 
     def _update(self, h: Tensor, *mats: Tensor) -> Tensor:
-        """scale * norm(What^J ... What^1 h), through drop path."""
-        x_hat = apply_chain(h, mats)
+        """scale * norm(What^J ... What^1 h), through drop path.
+
+        Folding the chain is weight-space math: at least fp32, autocast
+        off. Without autocast, the matrices are applied in ``h``'s dtype.
+        """
+        mats = list(mats)
+        if should_fold(mats, h.shape[0] * h.shape[2] * h.shape[3]):
+            with autocast_disabled(h.device.type, mats[0].device.type):
+                mats = [fold_chain([at_least_fp32(m) for m in mats])]
+        if not is_autocast_enabled(h.device.type):
+            mats = [m.to(h.dtype) for m in mats]
+        x_hat = apply_chain(h, mats, fold=False)
         return self.drop_path(self.scale * self.site_norm(x_hat))
 
     def _synthesized_update(self, h: Tensor) -> Tensor:
-        return self._update(h, *self.synthesize())
+        # autocast off for the input's device type (synthesize turns it off
+        # for the weights')
+        with autocast_disabled(h.device.type):
+            mats = self.synthesize()
+        return self._update(h, *mats)
 
     def trainable_tensors(self) -> List[Tensor]:
         """What the site's graph carries gradients to: its own parameters

@@ -1,10 +1,13 @@
 """``mode='interpolate'``: the supplement's Algorithm 1 (spec §2)."""
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from ..utils.compat import autocast_disabled
 from .checkpoint import CheckpointedSite
+from .device import factory_kwargs
+from .synthesis import at_least_fp32
 
 # (a weight-owning submodule of the block, [(neighbour name, its twin)])
 Target = Tuple[nn.Module, Sequence[Tuple[str, nn.Module]]]
@@ -20,9 +23,16 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
 
     (the supplement's scalars a, b, named ``alpha``/``beta`` here as in the
     ViT site so one ``paramwise_cfg`` key covers both; initialised to 0.5;
-    a weight one neighbour cannot serve is drawn from the other only). The block's own copies of the target
-    weights are deleted; its other parameters (norms; for ViT the MLP and
-    the attention biases) stay its own and train.
+    a weight one neighbour cannot serve is drawn from the other only). The
+    block's own copies of the target weights are deleted; its other
+    parameters (norms; for ViT the MLP and the attention biases) stay its
+    own and train.
+
+    The interpolation runs in at least fp32 with autocast off and gives
+    each weight in its twins' dtype; the block then runs it like its own
+    (under autocast, as autocast decides). alpha and beta are created on
+    the device and in the dtype of ``device``/``dtype`` (surgery passes
+    the replaced block's).
 
     Args:
         block (nn.Module): The replaced block, kept as ``self.block``.
@@ -31,11 +41,21 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
             own weight and is left out.
         with_cp (bool): Checkpoint non-reentrantly (the block's own
             ``with_cp`` is turned off so it does not checkpoint again).
+        device (torch.device, optional): Where alpha and beta are created.
+            Defaults to the device of the first target's weight.
+        dtype (torch.dtype, optional): Their dtype, defaulting likewise.
     """
 
-    def __init__(self, block: nn.Module, targets: Sequence[Target],
-                 with_cp: bool = False):
+    def __init__(self,
+                 block: nn.Module,
+                 targets: Sequence[Target],
+                 with_cp: bool = False,
+                 device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
+        targets = [(mod, list(srcs)) for mod, srcs in targets]
+        factory = factory_kwargs(
+            device, dtype, (mod.weight for mod, srcs in targets if srcs))
         self._targets: List[Target] = []
         used = set()
         for mod, srcs in targets:
@@ -52,8 +72,9 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
             mod.weight = None
             self._targets.append((mod, srcs))
         for name in sorted(used, reverse=True):  # prev -> a, next -> b
-            self.register_parameter('alpha' if name == 'prev' else 'beta',
-                                    nn.Parameter(torch.full((), 0.5)))
+            self.register_parameter(
+                'alpha' if name == 'prev' else 'beta',
+                nn.Parameter(torch.full((), 0.5, **factory)))
         if hasattr(block, 'with_cp'):
             block.with_cp = False
         self.block = block
@@ -75,13 +96,22 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
         return {n: getattr(self, n).item() for n in ('alpha', 'beta')
                 if hasattr(self, n)}
 
-    def interpolate(self) -> List[Tensor]:
+    def interpolate(self, device_type: Optional[str] = None) -> List[Tensor]:
+        """The target weights, alpha W_prev + beta W_next, in at least fp32
+        with autocast off (for ``device_type``, the input's, and the
+        twins' device type), given in the twins' dtype."""
         coef = {'prev': getattr(self, 'alpha', None),
                 'next': getattr(self, 'beta', None)}
-        return [
-            sum(coef[name] * twin.weight for name, twin in srcs)
-            for _, srcs in self._targets
-        ]
+        out = []
+        for _, srcs in self._targets:
+            twin = srcs[0][1].weight
+            with autocast_disabled(device_type or twin.device.type,
+                                   twin.device.type):
+                w = sum(
+                    at_least_fp32(coef[name]) * at_least_fp32(t.weight)
+                    for name, t in srcs)
+            out.append(w.to(twin.dtype))
+        return out
 
     def _run(self, x: Tensor, *weights: Tensor) -> Tensor:
         for (mod, _), w in zip(self._targets, weights):
@@ -95,7 +125,9 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
 
     def compute(self, x: Tensor) -> Tensor:
         """The block's function, without ``with_cp`` checkpointing."""
-        return self._run(x, *self.interpolate())
+        with autocast_disabled(x.device.type):  # and the twins' (inside)
+            weights = self.interpolate()
+        return self._run(x, *weights)
 
     def trainable_tensors(self) -> List[Tensor]:
         """Its own parameters (block and scalars) and the neighbours'

@@ -5,7 +5,9 @@ and the ``replacement=dict(...)`` options only, never of ``mode`` or
 ``neighbors``, so E2E (``mode='none'``), ``drop`` and ``synthesize`` of one
 backbone share one plan and compare like with like.
 """
-from dataclasses import asdict, dataclass, field, fields
+import math
+import numbers
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
 MODES = ('synthesize', 'interpolate', 'drop', 'none', 'static')
@@ -16,10 +18,24 @@ VIT_WEIGHTS = ('attn+mlp', 'attn', 'mlp', 'none')
 ON_INVALID = ('shift', 'skip', 'error')
 
 
+def _got(value) -> str:
+    """``value`` and its type, as errors show them: ``True (bool)``."""
+    return f'{value!r} ({type(value).__name__})'
+
+
+def _invalid(name: str, expected: str, value) -> ValueError:
+    return ValueError(f'replacement option {name} must be {expected}, but '
+                      f'got {_got(value)}')
+
+
+def _is_int(value) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` in Python)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f'replacement option {name} must be one of '
-                         f'{choices}, but got {value!r}')
+    if not isinstance(value, str) or value not in choices:
+        raise _invalid(name, f'one of {choices}', value)
 
 
 @dataclass(frozen=True)
@@ -56,18 +72,28 @@ class ReplacementConfig:
             site starts as its skip path. Defaults to True.
         scale (float): Multiplier of a site's update (a buffer, not
             trained; 0 leaves the skip path). Defaults to 1.0.
-        recompute (bool): Sites store only their input and output for
-            backward and recompute their light update (pointwise chain,
-            norm, activation) in backward: the memory a replaced block
-            saves is kept, at the cost of re-running the cheap site
-            forward. Same function and gradients either way; False stores
-            the intermediates instead. Our option, not the paper's.
+        recompute (bool): Sites store only their input (and their
+            activation's output) for backward and re-run their light
+            update (synthesis, pointwise chain, norm, drop path) in
+            backward: nothing weight-sized or intermediate is kept, so the
+            memory a replaced block saves is kept, at the cost of re-running
+            the cheap site forward. Same function and gradients either way
+            (also over several backward passes through one graph); False
+            stores the intermediates instead. Our option, not the paper's.
             Defaults to True.
         static_from (str): With ``mode='static'`` only: the mode of the
             trained model the static sites were computed from,
             ``'synthesize'`` (static computing layers) or
             ``'interpolate'`` (plain blocks with the interpolated weights).
             Defaults to ``'synthesize'``.
+
+    Every option is checked for its type and its value; an invalid one
+    raises a ``ValueError`` naming the option, the value and its type
+    (``num_scalars must be an int (1 or 2), but got True (bool)``).
+    Integers may be of any integral type but ``bool``; ``scale`` any finite
+    real number but ``bool``; numbers are stored as plain ``int`` and
+    ``float``. Which options a checkpoint's plan must match is
+    :meth:`ReplacementPlan.compare`'s to decide.
     """
 
     mode: str = 'synthesize'
@@ -85,6 +111,8 @@ class ReplacementConfig:
     static_from: str = 'synthesize'
 
     def __post_init__(self):
+        # Type and value of every option (see the class docstring); plain
+        # int and float are stored, so the recorded plan stays JSON.
         _choice('mode', self.mode, MODES)
         _choice('static_from', self.static_from, STATIC_FROM)
         if self.mode != 'static' and self.static_from != 'synthesize':
@@ -95,38 +123,39 @@ class ReplacementConfig:
         _choice('on_invalid', self.on_invalid, ON_INVALID)
         _choice('neighbors', self.neighbors, NEIGHBORS)
         _choice('vit_weights', self.vit_weights, VIT_WEIGHTS)
-        _choice('num_scalars', self.num_scalars, (1, 2))
-        if isinstance(self.interval, bool) or not isinstance(
-                self.interval, int) or self.interval < 2:
-            raise ValueError('replacement option interval must be an int '
-                             f'>= 2, but got {self.interval!r}')
-        if isinstance(self.offset, bool) or not isinstance(
-                self.offset, int) or not 0 <= self.offset < self.interval:
-            raise ValueError(
-                f'replacement option offset must be an int in [0, '
-                f'{self.interval}) (interval={self.interval}), but got '
-                f'{self.offset!r}')
+        if not _is_int(self.num_scalars) or self.num_scalars not in (1, 2):
+            raise _invalid('num_scalars', 'an int (1 or 2)',
+                           self.num_scalars)
+        if not _is_int(self.interval) or self.interval < 2:
+            raise _invalid('interval', 'an int >= 2', self.interval)
+        if not _is_int(self.offset) or not 0 <= self.offset < self.interval:
+            raise _invalid(
+                'offset', f'an int in [0, {self.interval}) (interval='
+                f'{self.interval})', self.offset)
+        for name in ('num_scalars', 'interval', 'offset'):
+            object.__setattr__(self, name, int(getattr(self, name)))
         if self.indices is not None:
             idx = self.indices
+            expected = 'None or a non-empty list of 1-based ints'
             if isinstance(idx, (str, bytes)) or not isinstance(
-                    idx, Sequence) or not idx or not all(
-                        isinstance(i, int) and not isinstance(i, bool)
-                        for i in idx):
-                raise ValueError('replacement option indices must be a '
-                                 'non-empty list of 1-based ints, but got '
-                                 f'{idx!r}')
+                    idx, Sequence) or not idx:
+                raise _invalid('indices', expected, idx)
+            bad = [i for i in idx if not _is_int(i)]
+            if bad:
+                raise ValueError(
+                    f'replacement option indices must be {expected}, but '
+                    f'got {idx!r}: entry {_got(bad[0])} is not an int')
             if len(set(idx)) != len(idx):
                 raise ValueError('replacement option indices has repeated '
                                  f'entries: {list(idx)!r}')
-            object.__setattr__(self, 'indices', tuple(idx))
+            object.__setattr__(self, 'indices', tuple(int(i) for i in idx))
         for name in ('residual', 'zero_init', 'recompute'):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f'replacement option {name} must be a '
-                                 f'bool, but got {getattr(self, name)!r}')
-        if isinstance(self.scale, bool) or not isinstance(
-                self.scale, (int, float)):
-            raise ValueError('replacement option scale must be a number, '
-                             f'but got {self.scale!r}')
+                raise _invalid(name, 'a bool', getattr(self, name))
+        if not isinstance(self.scale, numbers.Real) or isinstance(
+                self.scale, bool) or not math.isfinite(self.scale):
+            raise _invalid('scale', 'a finite number', self.scale)
+        object.__setattr__(self, 'scale', float(self.scale))
 
     @classmethod
     def from_dict(cls, options: Optional[dict]) -> 'ReplacementConfig':
@@ -244,8 +273,54 @@ class SiteRecord:
         return d
 
 
+# A recorded plan that lacks an option holds its default.
+_CONFIG_DEFAULTS = {
+    f.name: f.default
+    for f in fields(ReplacementConfig) if f.default is not MISSING
+}
+
+
+def _site_kind(sites: Sequence[SiteRecord]) -> Optional[str]:
+    """``'conv'`` when every site position is a conv (``conv1``...),
+    ``'transformer'`` when none is, None when unknown (no sources, as in
+    ``drop`` and ``none``, or a mix)."""
+    names = {k for s in sites for k in s.sources}
+    if not names:
+        return None
+    conv = [k.startswith('conv') for k in names]
+    if all(conv):
+        return 'conv'
+    return None if any(conv) else 'transformer'
+
+
+def _compared_options(cfg: ReplacementConfig,
+                      kind: Optional[str]) -> List[str]:
+    """The options that can change the function of a trained model with
+    ``cfg``'s mode and sites of ``kind`` (see
+    :meth:`ReplacementPlan.compare`); an unknown kind counts as both."""
+    synthesized = cfg.mode == 'synthesize' or (
+        cfg.mode == 'static' and cfg.static_from == 'synthesize')
+    names = []
+    if cfg.mode == 'static':
+        names.append('static_from')
+    if cfg.mode in ('synthesize', 'interpolate', 'static'):
+        names.append('neighbors')
+    if synthesized and kind != 'transformer':
+        names.append('residual')
+    if synthesized and kind != 'conv':
+        names.append('vit_weights')
+    if cfg.mode == 'synthesize' and kind != 'conv':
+        names.append('num_scalars')
+    return names
+
+
 class ReplacementPlan:
     """The immutable record of a replacement: options and sites.
+
+    A checkpoint records :meth:`to_dict` (every option, plain types);
+    loading compares it with the model's plan by :meth:`compare`, and two
+    plans are equal (``==``) iff that comparison finds nothing: neither a
+    difference nor a warning.
 
     Args:
         config (ReplacementConfig): The options that produced it.
@@ -287,23 +362,70 @@ class ReplacementPlan:
             indices=list(self.indices),
             sites=[s.to_dict() for s in self._sites])
 
-    def diff(self, other: dict) -> List[str]:
-        """Human-readable differences between this plan and ``other``
-        (a :meth:`to_dict` output); empty when they describe one model."""
+    def compare(self, other: dict) -> Tuple[List[str], List[str]]:
+        """Compare this plan with a recorded one (a :meth:`to_dict`
+        output, e.g. a checkpoint's), as loading does (spec §6).
+
+        Compared, each a *difference* (loading raises):
+
+        - ``num_blocks``, ``mode`` and, per site, its whole record (index,
+          stage, block, neighbours, sources, parameter counts). The
+          selection options (``interval``, ``offset``, ``indices``,
+          ``on_invalid``) act only through the sites, so they are not
+          compared themselves: two spellings of one set of sites match.
+        - The options that change the function a trained model computes
+          from its weights, wherever they can act (by ``mode``, and for
+          ``residual``/``num_scalars``/``vit_weights`` by the kind of
+          site, told by the sources' position names: ``conv1``... for CNN
+          sites, anything else a transformer-like one):
+          ``static_from`` (``mode='static'``); ``neighbors``
+          (``synthesize``, ``interpolate``, ``static``); ``residual``
+          (CNN, ``synthesize`` and static from ``synthesize``);
+          ``vit_weights`` (transformer, ``synthesize`` and static from
+          ``synthesize``); ``num_scalars`` (transformer, ``synthesize``).
+          An option is compared wherever it can act, even in a plan
+          where it happens not to (``neighbors`` at a site with one
+          neighbour).
+
+        A *warning* (loading logs it and goes on): ``scale`` in
+        ``synthesize`` mode, a diagnostics knob (spec §5) one sets on a
+        trained model on purpose.
+
+        Not compared: ``zero_init`` (initialisation only), ``recompute``
+        (same function, another evaluation order), the log notes. A
+        recorded plan that lacks an option (written before the option
+        existed) holds its default.
+
+        Args:
+            other (dict): A :meth:`to_dict` output.
+
+        Returns:
+            tuple[list[str], list[str]]: The differences and the warnings,
+            human-readable, each empty when there is none.
+        """
         mine = self.to_dict()
-        out = []
+        out, warnings = [], []
         if other.get('num_blocks') != mine['num_blocks']:
             out.append(f"num_blocks: checkpoint {other.get('num_blocks')}, "
                        f"model {mine['num_blocks']}")
-        theirs_mode = other.get('config', {}).get('mode')
-        if theirs_mode != self.mode:
-            out.append(f'mode: checkpoint {theirs_mode!r}, model '
+        theirs_cfg = {**_CONFIG_DEFAULTS, **(other.get('config') or {})}
+        if theirs_cfg['mode'] != self.mode:
+            out.append(f"mode: checkpoint {theirs_cfg['mode']!r}, model "
                        f'{self.mode!r}')
-        elif self.mode == 'static':
-            theirs_from = other['config'].get('static_from', 'synthesize')
-            if theirs_from != self._config.static_from:
-                out.append(f'static_from: checkpoint {theirs_from!r}, '
-                           f'model {self._config.static_from!r}')
+        else:
+            kind = _site_kind(self._sites)
+            for name in _compared_options(self._config, kind):
+                theirs, ours = theirs_cfg[name], mine['config'][name]
+                if theirs != ours:
+                    out.append(f'{name}: checkpoint {theirs!r}, model '
+                               f'{ours!r}')
+            if self.mode == 'synthesize' and \
+                    theirs_cfg['scale'] != mine['config']['scale']:
+                warnings.append(
+                    f"scale: checkpoint {theirs_cfg['scale']!r}, model "
+                    f"{mine['config']['scale']!r} (a diagnostics knob: the "
+                    "checkpoint loads and the sites scale their update by "
+                    "the model's value)")
         theirs = {s['index']: s for s in other.get('sites', [])}
         ours = {s['index']: s for s in mine['sites']}
         for i in sorted(set(theirs) | set(ours)):
@@ -317,14 +439,32 @@ class ReplacementPlan:
                     out.append(f'site {i}: differs in ' + ', '.join(
                         f'{k} (checkpoint {theirs[i].get(k)}, model '
                         f'{ours[i][k]})' for k in keys))
-        return out
+        return out, warnings
+
+    def diff(self, other: dict) -> List[str]:
+        """The differences of :meth:`compare`: human-readable, empty when
+        a checkpoint recording ``other`` (a :meth:`to_dict` output) loads
+        into this plan's model."""
+        return self.compare(other)[0]
+
+    def load_warnings(self, other: dict) -> List[str]:
+        """The warnings of :meth:`compare` (options that load but differ:
+        ``scale``)."""
+        return self.compare(other)[1]
 
     def __eq__(self, other):
-        return isinstance(other, ReplacementPlan) and \
-            self.to_dict() == other.to_dict()
+        """Equal iff :meth:`compare` finds neither a difference nor a
+        warning: the plans describe one model, computing one function of
+        the same weights. Options :meth:`compare` does not look at
+        (``zero_init``, ``recompute``, the selection options beyond the
+        sites they select) do not take part."""
+        if not isinstance(other, ReplacementPlan):
+            return NotImplemented
+        differences, warnings = self.compare(other.to_dict())
+        return not differences and not warnings
 
     def __hash__(self):
-        return hash(self.indices)
+        return hash((self.mode, self._num_blocks, self.indices))
 
     def __repr__(self):
         return (f'ReplacementPlan(mode={self.mode!r}, '

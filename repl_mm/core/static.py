@@ -15,12 +15,13 @@ and its drop path would be active.
 
 :func:`load_static_site` fills any of them from the trained site.
 """
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..utils.compat import autocast_disabled
 from .cnn_site import ConvSite
 from .interpolate import InterpolatedBlock
 from .synthesis import batch_norm_affine, fold_affine, fold_chain
@@ -93,7 +94,9 @@ class StaticConvSite(_InferenceOnly, nn.Module):
     eval mode and is not kept.
 
     Built empty (zero weights: the skip path) from the replaced block's
-    shapes; :meth:`load_site` fills it from a trained site.
+    shapes, on the device and in the dtype of ``device``/``dtype``
+    (surgery passes the replaced block's); :meth:`load_site` fills it from
+    a trained site.
 
     Args:
         shapes (Sequence[tuple[int, int]]): (Cout_j, Cin_j) per position.
@@ -101,6 +104,9 @@ class StaticConvSite(_InferenceOnly, nn.Module):
             whether it is folded; its values come from :meth:`load_site`).
         act (nn.Module): Activation after the residual sum.
         residual (bool): Keep ``+ h``. Defaults to True.
+        device (torch.device, optional): Where the pointwise convs are
+            created. Defaults to torch's default.
+        dtype (torch.dtype, optional): Their dtype. Defaults to torch's.
 
     Example:
         >>> site = StaticConvSite([(8, 8), (8, 8)], nn.BatchNorm2d(8),
@@ -115,7 +121,9 @@ class StaticConvSite(_InferenceOnly, nn.Module):
                  shapes: Sequence[Tuple[int, int]],
                  norm: nn.Module,
                  act: nn.Module,
-                 residual: bool = True):
+                 residual: bool = True,
+                 device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.shapes = [tuple(s) for s in shapes]
         self.folded = should_fold_static(self.shapes)
@@ -124,7 +132,8 @@ class StaticConvSite(_InferenceOnly, nn.Module):
             if self.folded else self.shapes
         self.pointwise = nn.ModuleList(
             nn.Conv2d(cin, cout, 1,
-                      bias=self.norm_folded and k == len(layers) - 1)
+                      bias=self.norm_folded and k == len(layers) - 1,
+                      device=device, dtype=dtype)
             for k, (cout, cin) in enumerate(layers))
         if not self.norm_folded:
             self.site_norm = norm
@@ -141,9 +150,14 @@ class StaticConvSite(_InferenceOnly, nn.Module):
     @torch.no_grad()
     def load_site(self, site: ConvSite):
         """Set the weights to ``site``'s eval-mode operator (computed in
-        float64, stored in this module's dtype)."""
+        float64 with autocast off, stored in this module's dtype)."""
         if not isinstance(site, ConvSite):
             raise TypeError(f'expected a ConvSite, got {type(site).__name__}')
+        with autocast_disabled(site._weights_device_type(),
+                               self.pointwise[0].weight.device.type):
+            self._load_site(site)
+
+    def _load_site(self, site: ConvSite):
         if site.shapes != self.shapes or site.residual != self.residual:
             raise ValueError(
                 f'ConvSite with shapes {site.shapes}, residual='
@@ -200,10 +214,16 @@ class StaticTransformerSite(_InferenceOnly, nn.Module):
     (exact). LN itself normalises per token and cannot be folded into the
     linears. Drop path is the identity in eval mode and is not kept.
 
+    Built empty, on the device and in the dtype of ``device``/``dtype``
+    (surgery passes the replaced layer's).
+
     Args:
         dim (int): Embedding width d.
         norm (nn.Module): A LayerNorm like the trained site's.
         act (nn.Module): The MLP activation (GELU).
+        device (torch.device, optional): Where the linears are created.
+            Defaults to torch's default.
+        dtype (torch.dtype, optional): Their dtype. Defaults to torch's.
 
     Example:
         >>> site = StaticTransformerSite(8, nn.LayerNorm(8), nn.GELU())
@@ -211,11 +231,18 @@ class StaticTransformerSite(_InferenceOnly, nn.Module):
         torch.Size([2, 5, 8])
     """
 
-    def __init__(self, dim: int, norm: nn.Module, act: nn.Module):
+    def __init__(self,
+                 dim: int,
+                 norm: nn.Module,
+                 act: nn.Module,
+                 device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.dim = dim
-        self.attn = nn.Linear(dim, dim, bias=False)
-        self.mlp = nn.Linear(dim, dim, bias=False)
+        self.attn = nn.Linear(dim, dim, bias=False, device=device,
+                              dtype=dtype)
+        self.mlp = nn.Linear(dim, dim, bias=False, device=device,
+                             dtype=dtype)
         self.site_norm = norm
         self.act = act
         self.init_weights()
@@ -229,8 +256,8 @@ class StaticTransformerSite(_InferenceOnly, nn.Module):
 
     @torch.no_grad()
     def load_site(self, site: TransformerSite):
-        """Set Ahat, Mhat and the norm from ``site`` (synthesized in fp32,
-        as the site does)."""
+        """Set Ahat, Mhat and the norm from ``site`` (synthesized as the
+        site does: at least fp32, autocast off)."""
         if not isinstance(site, TransformerSite):
             raise TypeError('expected a TransformerSite, got '
                             f'{type(site).__name__}')

@@ -2,15 +2,21 @@
 a model (spec §1-§3). Backbones (and, later, the hook) call
 :func:`replace_blocks`; it never learns which codebase a block came from:
 the adapter hands it block slots and a ``describe`` function.
+
+Every tensor a site creates is created on the device and in the dtype of
+the block it replaces (its first conv or qkv weight), whenever surgery
+runs (spec §8): the hook route edits a model mmengine has already moved.
 """
 import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 from .checkpoint import fuse_into_segment, use_non_reentrant_checkpoint
 from .cnn_site import ConvSite
+from .device import weight_factory
 from .interpolate import InterpolatedBlock
 from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
                    nearest_kept, select_sites)
@@ -78,10 +84,42 @@ def _vit_sources(nbrs, cfg, ops):
     return {op: [(n, nbrs[n][op]) for n in names] for op in ops}
 
 
+# Attributes of the SyncBN types that hold their process group: torch's
+# ``nn.SyncBatchNorm.process_group`` and mmcv's ``SyncBatchNorm.group``.
+_GROUP_ATTRS = ('process_group', 'group')
+
+
+def _process_group_types() -> tuple:
+    dist = torch.distributed
+    group = getattr(dist, 'ProcessGroup', None) if dist.is_available() \
+        else None
+    return (group, ) if isinstance(group, type) else ()
+
+
+def _shared_groups(module: nn.Module) -> Dict[int, Any]:
+    """A ``copy.deepcopy`` memo that maps every process group ``module``
+    (or a submodule) holds to itself."""
+    types = _process_group_types()
+    memo = {}
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if value is not None and (name in _GROUP_ATTRS or
+                                      isinstance(value, types)):
+                memo[id(value)] = value
+    return memo
+
+
 def fresh_norm(norm: nn.Module) -> nn.Module:
     """A new norm of the same type and width as ``norm``: reset
-    parameters and statistics, trainable (spec §3: never shared)."""
-    new = copy.deepcopy(norm)
+    parameters and statistics, trainable (spec §3: never shared).
+
+    A copy of ``norm`` (so of any norm type, with its options, on its
+    device and in its dtype), reset. A SyncBN's process group is shared
+    with ``norm``, not copied: a process group cannot be copied (torch's
+    ``SyncBatchNorm`` once DDP converted it, mmcv's ``MMSyncBN``), and the
+    site's norm synchronises over the same processes as the block's.
+    """
+    new = copy.deepcopy(norm, _shared_groups(norm))
     if hasattr(new, 'reset_parameters'):
         new.reset_parameters()  # BN: also resets running statistics
     for p in new.parameters():
@@ -99,6 +137,14 @@ _VIT_OPS = {
 
 def _named(sources) -> Tuple[str, ...]:
     return tuple(n for n, _ in sources) or ('own', )
+
+
+def block_factory(kind: str, desc: dict) -> dict:
+    """``dict(device=..., dtype=...)`` of the block ``desc`` describes: of
+    its first conv weight (``'conv'``) or its qkv weight
+    (``'transformer'``). Every tensor its site creates takes them."""
+    lin = desc['convs'][0] if kind == 'conv' else desc['attn'][0]
+    return weight_factory(lin.weight)
 
 
 def _build_static(kind, old, desc, nbrs, cfg):
@@ -121,11 +167,13 @@ def _build_static(kind, old, desc, nbrs, cfg):
             [tuple(c.weight.shape[:2]) for c in desc['convs']],
             fresh_norm(desc['norm']),
             copy.deepcopy(desc['act']),
-            residual=cfg.residual)
+            residual=cfg.residual,
+            **block_factory(kind, desc))
         return site, {f'conv{j}': _named(s) for j, s in enumerate(srcs, 1)}
     srcs = _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights])
     site = StaticTransformerSite(desc['dim'], fresh_norm(desc['norm']),
-                                 copy.deepcopy(desc['act']))
+                                 copy.deepcopy(desc['act']),
+                                 **block_factory(kind, desc))
     return site, {op: _named(srcs.get(op, ())) for op in ('attn', 'mlp')}
 
 
@@ -136,6 +184,8 @@ def _build_site(kind, old, desc, nbrs, cfg, with_cp):
         return nn.Identity(), {}
     if cfg.mode == 'static':
         return _build_static(kind, old, desc, nbrs, cfg)
+    # before InterpolatedBlock deletes the block's weights
+    factory = block_factory(kind, desc)
     if cfg.mode == 'interpolate':
         if kind == 'conv':
             srcs = _conv_sources('interpolate', desc, nbrs, cfg)
@@ -146,7 +196,7 @@ def _build_site(kind, old, desc, nbrs, cfg, with_cp):
             targets = [(m, [(n, t[i]) for n, t in per_op])
                        for i, m in enumerate(desc['attn'])]
             names = ['qkv', 'proj']
-        site = InterpolatedBlock(old, targets, with_cp=with_cp)
+        site = InterpolatedBlock(old, targets, with_cp=with_cp, **factory)
         return site, {
             k: tuple(n for n, _ in s) or ('own', )
             for k, (_, s) in zip(names, targets)
@@ -164,7 +214,8 @@ def _build_site(kind, old, desc, nbrs, cfg, with_cp):
             scale=cfg.scale,
             drop_path=drop_path,
             with_cp=with_cp,
-            recompute=cfg.recompute)
+            recompute=cfg.recompute,
+            **factory)
         return site, {f'conv{j}': s for j, s in enumerate(site.sources, 1)}
     site = TransformerSite(
         desc['dim'],
@@ -176,7 +227,8 @@ def _build_site(kind, old, desc, nbrs, cfg, with_cp):
         scale=cfg.scale,
         drop_path=drop_path,
         with_cp=with_cp,
-        recompute=cfg.recompute)
+        recompute=cfg.recompute,
+        **factory)
     return site, site.sources
 
 

@@ -5,8 +5,22 @@ tensors against values worked out by hand.
 """
 from typing import Optional, Sequence, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in the dtype synthesis runs in: float32 for a narrower float
+    (fp16, bf16), ``t`` itself (no copy) for float32 and float64.
+
+    Synthesis is weight-space math (sums over taps, products of weight
+    matrices): it runs in at least fp32 whatever the model's dtype, and a
+    float64 model is not rounded to fp32 on the way.
+    """
+    if t.is_floating_point() and torch.finfo(t.dtype).bits < 32:
+        return t.float()
+    return t
 
 
 def collapse_kernel(weight: Tensor) -> Tensor:
@@ -69,9 +83,15 @@ def folded_macs(mats: Sequence[Tensor]) -> int:
 def should_fold(mats: Sequence[Tensor], pixels: int) -> bool:
     """Whether folding the chain in weight space costs fewer multiply-adds.
 
-    Folding costs ``sum_j Cout_j * Cin_j * Cin_1`` once (it does not grow
-    with the batch) and then ``Cout_J * Cin_1`` per pixel; the chain costs
-    ``sum_j Cout_j * Cin_j`` per pixel.
+    Folding (:func:`fold_chain`: W_1, then W_j @ (W_{j-1} ... W_1) for
+    j = 2..J) costs ``sum_{j=2..J} Cout_j * Cin_j * Cin_1`` once (it does
+    not grow with the batch; W_1 itself costs nothing) and then
+    ``Cout_J * Cin_1`` per pixel; the chain costs ``sum_{j=1..J} Cout_j *
+    Cin_j`` per pixel. A single matrix is never "folded".
+
+    Args:
+        mats (Sequence[Tensor]): The (Cout_j, Cin_j) matrices, j = 1..J.
+        pixels (int): Pixels the chain is applied to (B x H x W).
     """
     if len(mats) == 1:
         return False

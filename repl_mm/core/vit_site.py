@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.compat import is_autocast_enabled
+from ..utils.compat import autocast_disabled, is_autocast_enabled
 from .checkpoint import (CheckpointedSite, needs_graph,
                          recompute_in_backward)
-from .synthesis import attention_operator, mlp_operator
+from .device import ScaleBuffer, factory_kwargs
+from .synthesis import at_least_fp32, attention_operator, mlp_operator
 
 # Per operator, its sources: (neighbour name, (linear, linear)) with
 # (qkv, proj) for 'attn' and (fc1, fc2) for 'mlp'.
@@ -18,7 +19,7 @@ OperatorSources = Sequence[Tuple[str, Tuple[nn.Module, nn.Module]]]
 _OPERATORS = {'attn': attention_operator, 'mlp': mlp_operator}
 
 
-class TransformerSite(CheckpointedSite, nn.Module):
+class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
     """RepL computing layer for a ViT encoder layer (paper Eq. 10).
 
     .. math::
@@ -31,8 +32,15 @@ class TransformerSite(CheckpointedSite, nn.Module):
     with A = W_proj W_v and M = W_fc2 W_fc1 of each neighbour. An operator
     not drawn from the neighbours (``vit_weights``) is a (d, d) weight the
     site owns, initialised like ``nn.Linear``. With ``num_scalars=1``,
-    beta = 1 - alpha. Synthesis runs every forward in fp32 with autocast
-    off; biases are not synthesized.
+    beta = 1 - alpha. Synthesis runs every forward in at least fp32 (fp32
+    for fp16/bf16 weights, float64 for a float64 model) with autocast off
+    for the input's device type, whoever calls; the operators are then
+    applied under autocast like any linear (without autocast, in the
+    input's dtype). Biases are not synthesized. Every tensor the site
+    creates is on the device and in the dtype of ``device``/``dtype``
+    (surgery passes the replaced layer's); ``scale`` is a non-persistent
+    buffer that survives ``to_empty`` (:class:`~repl_mm.core.device.
+    ScaleBuffer`).
 
     Args:
         dim (int): Embedding width d.
@@ -49,6 +57,11 @@ class TransformerSite(CheckpointedSite, nn.Module):
         recompute (bool): Store only the input for backward and re-run the
             light update in backward. Same outputs and gradients.
             Defaults to True.
+        device (torch.device, optional): Where the site's own tensors
+            (alpha, beta, owned operators, ``scale``) are created.
+            Defaults to the device of the first source linear's weight
+            (torch's default when the site owns both operators).
+        dtype (torch.dtype, optional): Their dtype, defaulting likewise.
 
     Example:
         >>> qkv, proj = nn.Linear(8, 24), nn.Linear(8, 8)
@@ -70,10 +83,15 @@ class TransformerSite(CheckpointedSite, nn.Module):
                  scale: float = 1.0,
                  drop_path: Optional[nn.Module] = None,
                  with_cp: bool = False,
-                 recompute: bool = True):
+                 recompute: bool = True,
+                 device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.dim = dim
         self._sources = {op: list(sources.get(op, ())) for op in _OPERATORS}
+        factory = factory_kwargs(
+            device, dtype, (lin.weight for srcs in self._sources.values()
+                            for _, pair in srcs for lin in pair))
         used = sorted({n for s in self._sources.values() for n, _ in s},
                       reverse=True)  # ['prev', 'next'] order
         # alpha weighs 'prev', beta weighs 'next'; one scalar with
@@ -84,19 +102,19 @@ class TransformerSite(CheckpointedSite, nn.Module):
                 continue
             self.register_parameter(
                 'alpha' if name == 'prev' else 'beta',
-                nn.Parameter(torch.empty(())))
+                nn.Parameter(torch.empty((), **factory)))
         for op, srcs in self._sources.items():
             if not srcs:
-                self.register_parameter(f'{op}_weight',
-                                        nn.Parameter(torch.empty(dim, dim)))
+                self.register_parameter(
+                    f'{op}_weight',
+                    nn.Parameter(torch.empty(dim, dim, **factory)))
         self.site_norm = norm
         self.act = act
         self.drop_path = drop_path if drop_path is not None else nn.Identity()
         self.zero_init = zero_init
         self.with_cp = with_cp
         self.recompute = recompute
-        self.register_buffer(
-            'scale', torch.tensor(float(scale)), persistent=False)
+        self._register_scale(scale, **factory)
         self.init_weights()
 
     @property
@@ -134,24 +152,34 @@ class TransformerSite(CheckpointedSite, nn.Module):
         names = {'prev': 'alpha', 'next': 'beta'}
         return {names[n]: self.coefficient(n).item() for n in sorted(used)}
 
-    def synthesize(self) -> Dict[str, Tensor]:
-        """The (d, d) operators Ahat ('attn') and Mhat ('mlp'), in fp32
-        with autocast off, whoever calls."""
-        device = self.scale.device.type
-        with torch.autocast(device_type=device, enabled=False):
+    def _weights_device_type(self) -> str:
+        return self.trainable_tensors()[0].device.type
+
+    def synthesize(self,
+                   device_type: Optional[str] = None) -> Dict[str, Tensor]:
+        """The (d, d) operators Ahat ('attn') and Mhat ('mlp'), in at
+        least fp32 with autocast off, whoever calls.
+
+        Args:
+            device_type (str, optional): The input's device type, for which
+                autocast is turned off (as for the weights' device type).
+                Defaults to the weights'.
+        """
+        weights = self._weights_device_type()
+        with autocast_disabled(device_type or weights, weights):
             return self._synthesize()
 
     def _synthesize(self) -> Dict[str, Tensor]:
         out = {}
         for op, srcs in self._sources.items():
             if not srcs:
-                out[op] = getattr(self, f'{op}_weight').float()
+                out[op] = at_least_fp32(getattr(self, f'{op}_weight'))
                 continue
             fn = _OPERATORS[op]
             total = None
             for name, (w_in, w_out) in srcs:
-                term = self.coefficient(name).float() * fn(
-                    w_in.weight.float(), w_out.weight.float())
+                term = at_least_fp32(self.coefficient(name)) * fn(
+                    at_least_fp32(w_in.weight), at_least_fp32(w_out.weight))
                 total = term if total is None else total + term
             out[op] = total
         return out
@@ -163,7 +191,10 @@ class TransformerSite(CheckpointedSite, nn.Module):
         return self.drop_path(self.scale * self.site_norm(y))
 
     def _synthesized_update(self, h: Tensor) -> Tensor:
-        ops = self.synthesize()
+        # autocast off for the input's device type (synthesize turns it off
+        # for the weights')
+        with autocast_disabled(h.device.type):
+            ops = self.synthesize()
         if not is_autocast_enabled(h.device.type):
             ops = {k: v.to(h.dtype) for k, v in ops.items()}
         return self._update(h, ops['attn'], ops['mlp'])

@@ -123,11 +123,18 @@ class RepLBackboneMixin:
     def _load_from_state_dict(self, state_dict, prefix, local_metadata,
                               strict, missing_keys, unexpected_keys,
                               error_msgs):
+        """Compare the checkpoint's recorded plan with this model's
+        (:meth:`ReplacementPlan.compare`): a difference raises a
+        ``ValueError`` listing them all; an option that loads but differs
+        (``scale``) is logged as a warning. A checkpoint without a plan is
+        an end-to-end one (spec §6)."""
+        import logging  # local: only this method is edited here
+
         key = prefix + PLAN_KEY
         mode = self.replacement_plan.mode
         if key in state_dict:
             theirs = decode_plan(state_dict.pop(key))
-            diff = self.replacement_plan.diff(theirs)
+            diff, warnings = self.replacement_plan.compare(theirs)
             if diff:
                 their_mode = theirs.get('config', {}).get('mode')
                 hint = ''
@@ -143,6 +150,12 @@ class RepLBackboneMixin:
                     'this model (indices '
                     f'{list(self.replacement_plan.indices)}, mode '
                     f'{mode!r}):\n  ' + '\n  '.join(diff) + hint)
+            for warning in warnings:
+                print_log(
+                    f'{type(self).__name__}: the checkpoint was saved with '
+                    f'another RepL option, {warning}',
+                    logger='current',
+                    level=logging.WARNING)
         elif mode == 'static':
             raise ValueError(
                 "a mode='static' model loads only a static checkpoint "

@@ -10,6 +10,9 @@ guard                           what differs between torch versions
 :func:`is_autocast_enabled`     ``torch.is_autocast_enabled(device_type)``
                                 takes the device type from 2.4; 2.1-2.3
                                 have one function per device type.
+:func:`autocast_disabled`       built on :func:`is_autocast_enabled`; enters
+                                ``torch.autocast`` only for device types
+                                where autocast is on (``meta`` has none).
 :func:`safe_globals`            ``torch.serialization.safe_globals`` (a
                                 scoped allow-list for ``weights_only``
                                 loads) exists from 2.5; before 2.6
@@ -17,11 +20,19 @@ guard                           what differs between torch versions
                                 ``weights_only=False`` and needs none.
 :func:`event_start_ns`          profiler events have ``start_ns()`` from
                                 2.2 (2.1: ``start_us()``).
+:func:`cuda_bf16_native`        ``torch.cuda.is_bf16_supported()`` answers
+                                native support (compute capability >= 8)
+                                on 2.1; later releases also count emulated
+                                bf16 (pre-Ampere GPUs, no bf16 cuDNN
+                                convolutions) and, once they have it, take
+                                ``including_emulation=False`` for the
+                                native answer.
 ==============================  ============================================
 
 Torch-only: imports nothing but torch.
 """
-from contextlib import nullcontext
+import inspect
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Iterable, Tuple
 
 import torch
@@ -51,6 +62,26 @@ def is_autocast_enabled(device_type: str) -> bool:
     return bool(fn()) if fn is not None else False
 
 
+@contextmanager
+def autocast_disabled(*device_types: str):
+    """A context with autocast off for each of ``device_types`` where it
+    is on; nothing is entered for the others (autocast off already, or a
+    device type autocast does not know, such as ``'meta'``).
+
+    Example:
+        >>> with torch.autocast('cpu', dtype=torch.bfloat16):
+        ...     with autocast_disabled('cpu'):
+        ...         (torch.rand(2, 2) @ torch.rand(2, 2)).dtype
+        torch.float32
+    """
+    with ExitStack() as stack:
+        for device_type in dict.fromkeys(device_types):
+            if is_autocast_enabled(device_type):
+                stack.enter_context(
+                    torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
 def safe_globals(globals_: Iterable) :
     """A context in which ``torch.load(weights_only=True)`` accepts
     ``globals_`` (torch >= 2.5). Before torch 2.6, ``torch.load`` defaults
@@ -71,5 +102,22 @@ def event_start_ns(event) -> int:
     return int(event.start_us() * 1000)
 
 
+def cuda_bf16_native() -> bool:
+    """Whether the current CUDA device computes bfloat16 natively (compute
+    capability 8.0 or newer; every ROCm device), on every supported torch:
+    what ``torch.cuda.is_bf16_supported()`` answers on torch 2.1. False
+    without CUDA."""
+    if not torch.cuda.is_available():
+        return False
+    supported = torch.cuda.is_bf16_supported
+    if 'including_emulation' in inspect.signature(supported).parameters:
+        return bool(supported(including_emulation=False))
+    if not supported():
+        return False
+    return torch.version.hip is not None or \
+        torch.cuda.get_device_capability()[0] >= 8
+
+
 __all__ = ['TORCH_VERSION', 'torch_version', 'is_autocast_enabled',
-           'safe_globals', 'event_start_ns']
+           'autocast_disabled', 'safe_globals', 'event_start_ns',
+           'cuda_bf16_native']

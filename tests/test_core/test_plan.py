@@ -141,3 +141,144 @@ def test_plan_record_roundtrip_and_diff():
     assert any('mode' in x for x in diff)
     table = str(plan)
     assert 'conv1:prev+next' in table and '1 of 8 blocks' in table
+
+
+@pytest.mark.parametrize('options,message', [
+    (dict(mode=1), 'mode must be one of.*but got 1 \\(int\\)'),
+    (dict(mode=None), 'mode must be one of.*None \\(NoneType\\)'),
+    (dict(interval=4.0), 'interval must be an int >= 2, but got 4.0 '
+     '\\(float\\)'),
+    (dict(interval=True), 'interval.*True \\(bool\\)'),
+    (dict(offset=True), 'offset must be an int.*True \\(bool\\)'),
+    (dict(offset='0'), "offset.*'0' \\(str\\)"),
+    (dict(indices='3'), "indices.*'3' \\(str\\)"),
+    (dict(indices=3), 'indices.*3 \\(int\\)'),
+    (dict(indices=[3.0]), 'indices.*entry 3.0 \\(float\\)'),
+    (dict(indices=[2, True]), 'indices.*entry True \\(bool\\)'),
+    (dict(indices=[2, None]), 'indices.*entry None \\(NoneType\\)'),
+    (dict(on_invalid=0), 'on_invalid must be one of.*0 \\(int\\)'),
+    (dict(neighbors=['prev']), "neighbors.*\\['prev'\\] \\(list\\)"),
+    (dict(vit_weights=None), 'vit_weights.*None \\(NoneType\\)'),
+    (dict(num_scalars=True), 'num_scalars must be an int \\(1 or 2\\), '
+     'but got True \\(bool\\)'),
+    (dict(num_scalars=2.0), 'num_scalars.*2.0 \\(float\\)'),
+    (dict(num_scalars='2'), "num_scalars.*'2' \\(str\\)"),
+    (dict(residual=1), 'residual must be a bool, but got 1 \\(int\\)'),
+    (dict(zero_init='False'), "zero_init.*'False' \\(str\\)"),
+    (dict(recompute=None), 'recompute.*None \\(NoneType\\)'),
+    (dict(scale=True), 'scale must be a finite number, but got True '
+     '\\(bool\\)'),
+    (dict(scale='1.0'), "scale.*'1.0' \\(str\\)"),
+    (dict(scale=float('inf')), 'scale.*inf \\(float\\)'),
+    (dict(mode='static', static_from=1), 'static_from.*1 \\(int\\)'),
+])
+def test_options_of_a_wrong_type(options, message):
+    with pytest.raises(ValueError, match=message):
+        ReplacementConfig.from_dict(options)
+
+
+def test_numbers_are_stored_plain():
+    import json
+    cfg = ReplacementConfig(interval=4, scale=1, indices=(3, 7))
+    assert type(cfg.scale) is float and cfg.indices == (3, 7)
+    json.dumps(cfg.to_dict())
+
+
+CONV = {'conv1': ('prev', 'next'), 'conv2': ('prev', 'next')}
+VIT = {'attn': ('prev', 'next'), 'mlp': ('prev', 'next')}
+
+
+def make_plan(sources=CONV, **options):
+    sites = [SiteRecord(4, 2, 1, 3, 5, dict(sources), 10, 2)]
+    return ReplacementPlan(ReplacementConfig(**options), 8, sites)
+
+
+# option -> (other value, [(mode, static_from, site kind)] where it must be
+# compared): everywhere else it must not be.
+COMPARED = {
+    'residual': (False, [('synthesize', 'synthesize', CONV),
+                         ('static', 'synthesize', CONV)]),
+    'num_scalars': (1, [('synthesize', 'synthesize', VIT)]),
+    'vit_weights': ('attn', [('synthesize', 'synthesize', VIT),
+                             ('static', 'synthesize', VIT)]),
+    'neighbors': ('prev', [(m, f, k) for m, f in (
+        ('synthesize', 'synthesize'), ('interpolate', 'synthesize'),
+        ('static', 'synthesize'), ('static', 'interpolate'))
+                           for k in (CONV, VIT)]),
+    'static_from': ('interpolate', [('static', f, k)
+                                    for f in ('synthesize', 'interpolate')
+                                    for k in (CONV, VIT)]),
+    'zero_init': (False, []),
+    'recompute': (False, []),
+    'interval': (2, []),  # through the sites only
+    'offset': (1, []),
+    'indices': ([4], []),
+    'on_invalid': ('skip', []),
+    'scale': (0.0, []),  # a warning, see below
+}
+CONTEXTS = [(m, f, k) for m, f in (
+    ('synthesize', 'synthesize'), ('interpolate', 'synthesize'),
+    ('drop', 'synthesize'), ('none', 'synthesize'),
+    ('static', 'synthesize'), ('static', 'interpolate'))
+            for k in (CONV, VIT)]
+
+
+@pytest.mark.parametrize('option', sorted(COMPARED))
+@pytest.mark.parametrize(
+    'mode,static_from,kind', CONTEXTS,
+    ids=[f"{m}-{f}-{'conv' if k is CONV else 'vit'}"
+         for m, f, k in CONTEXTS])
+def test_equality_agrees_with_diff(option, mode, static_from, kind):
+    value, where = COMPARED[option]
+    base = dict(mode=mode, static_from=static_from)
+    if option == 'static_from' and mode != 'static':
+        return  # static_from applies to mode='static' only
+    if option == 'static_from' and static_from == value:
+        value = 'synthesize'
+    a = make_plan(kind, **base)
+    b = make_plan(kind, **{**base, option: value})
+    differences = a.diff(b.to_dict())
+    warnings = a.load_warnings(b.to_dict())
+    compared = (mode, static_from, kind) in where
+    assert bool(differences) == compared
+    assert all(option in d for d in differences)
+    assert bool(warnings) == (option == 'scale' and mode == 'synthesize')
+    # == is "neither a difference nor a warning", both ways
+    assert (a == b) == (not differences and not warnings)
+    assert (a == b) == (b == a)
+    assert bool(b.diff(a.to_dict())) == bool(differences)
+    if a == b:
+        assert hash(a) == hash(b)
+
+
+def test_scale_is_a_warning_not_a_difference():
+    a, b = make_plan(), make_plan(scale=0.0)
+    assert a.diff(b.to_dict()) == []
+    (warning, ) = a.load_warnings(b.to_dict())
+    assert 'scale: checkpoint 0.0, model 1.0' in warning
+    assert a != b  # equal plans describe one function
+    assert make_plan(mode='drop') == make_plan(mode='drop', scale=0.0)
+
+
+def test_sites_and_modes_make_plans_differ():
+    a = make_plan()
+    assert a == make_plan() and a != make_plan(mode='drop')
+    other = ReplacementPlan(a.config, 8,
+                            [SiteRecord(5, 2, 2, 4, 6, CONV, 10, 2)])
+    assert a != other and a.diff(other.to_dict())
+    assert a != make_plan(sources={'conv1': ('prev', ), 'conv2': ('own', )})
+
+
+@pytest.mark.parametrize('option,value', [
+    ('residual', False), ('num_scalars', 1), ('vit_weights', 'mlp'),
+    ('neighbors', 'next'), ('scale', 0.5), ('static_from', 'interpolate'),
+])
+def test_recorded_plan_without_an_option_holds_its_default(option, value):
+    kind = CONV if option == 'residual' else VIT
+    mode = 'static' if option == 'static_from' else 'synthesize'
+    old = make_plan(kind, mode=mode).to_dict()
+    del old['config'][option]  # a plan written before the option existed
+    model = make_plan(kind, mode=mode)
+    assert model.diff(old) == [] and model.load_warnings(old) == []
+    changed = make_plan(kind, mode=mode, **{option: value})
+    assert changed.diff(old) or changed.load_warnings(old)

@@ -86,14 +86,17 @@ def test_conv_site_recompute_is_exact(kw):
     lean = run(conv_site, shape, recompute=True, **kw)
     assert torch.allclose(plain[0], lean[0], atol=1e-6)
     for a, b in zip(plain[1], lean[1]):
-        assert a is not None and torch.allclose(a, b, atol=1e-5)
+        assert a is not None and torch.count_nonzero(a) > 0
+        assert torch.allclose(a, b, atol=1e-5)
     # running mean/var updated once, num_batches_tracked == 1
     for a, b in zip(plain[2], lean[2]):
         assert torch.equal(a, b)
     assert int(lean[2][-1]) == 1
-    # lean keeps h and out (and KB-sized matrices), plain also x_hat
+    # lean keeps h (the checkpoint's input) and out (the activation's);
+    # synthesis and chain re-run inside the checkpoint, so no matrix is
+    # kept. plain also keeps x_hat and the norm's input.
     one_map = 4 * 16 * 6 * 6 * 4
-    assert lean[3] < 2 * one_map + 4096
+    assert lean[3] <= 2 * one_map
     assert plain[3] >= lean[3] + one_map
 
 
@@ -103,19 +106,38 @@ def test_vit_site_recompute_is_exact(drop):
     lean = run(vit_site, (3, 5, 8), recompute=True, drop=drop)
     assert torch.allclose(plain[0], lean[0], atol=1e-6)
     for a, b in zip(plain[1], lean[1]):
-        assert a is not None and torch.allclose(a, b, atol=1e-5)
+        assert a is not None and torch.count_nonzero(a) > 0
+        assert torch.allclose(a, b, atol=1e-5)
     one_map = 3 * 5 * 8 * 4
-    # lean keeps h and the two (d, d) operators only
-    assert lean[3] <= one_map + 8 * (8 * 8 * 4)
+    # lean keeps h only: synthesis re-runs inside the checkpoint, so
+    # nothing d x d is kept
+    assert lean[3] <= one_map
     assert plain[3] >= lean[3] + 2 * one_map  # GELU and LN inputs
 
 
 def test_vit_synthesis_stays_fp32_under_autocast():
-    site, _ = vit_site(recompute=True)
+    site, nbrs = vit_site(recompute=True)
     h = torch.rand(2, 5, 8, requires_grad=True)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        ops = site.synthesize()
-        out = site(h)
-    assert all(v.dtype == torch.float32 for v in ops.values())
-    out.float().sum().backward()
-    assert site.alpha.grad is not None and torch.isfinite(site.alpha.grad)
+    # A weighted loss: the plain sum of a LayerNorm's output over its
+    # width is constant, which would make every site gradient zero.
+    weight = torch.linspace(-1, 1, h.numel()).view(h.shape)
+    tensors = [h, *site.parameters(), *(m.weight for m in nbrs)]
+
+    def grads(autocast):
+        for t in tensors:
+            t.grad = None
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            ops = site.synthesize()
+            out = site(h)
+        assert all(v.dtype == torch.float32 for v in ops.values())
+        (out.float() * weight).sum().backward()
+        return [t.grad.clone() for t in tensors]
+
+    ref = grads(False)  # fp32
+    for g, r in zip(grads(True), ref):
+        assert torch.count_nonzero(r) > 0 and torch.count_nonzero(g) > 0
+        # bf16 activations: about 1% off for weight-sized gradients; the
+        # scalars' (alpha, beta) sum many rounded terms that cancel.
+        rel = ((g - r).norm() / r.norm()).item()
+        assert rel < (0.3 if r.dim() == 0 else 0.05)
+        assert r.dim() or torch.sign(g) == torch.sign(r)

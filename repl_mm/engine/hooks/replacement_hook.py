@@ -33,6 +33,10 @@ class ReplacementHook(Hook):
     param schedulers from the config: the new parameters are optimised and
     scheduled, the removed ones are gone from the optimizer and from DDP.
     ``init_weights`` and ``load_or_resume`` then run on the RepL model.
+    The model is already on its device (and in its dtype) by then: every
+    tensor the surgery creates is created there, on the device and in the
+    dtype of the block it replaces, and a SyncBN's process group is shared
+    with the site's fresh norm (spec §8), so the model stays where it was.
 
     Tools that never run hooks (inferencers, FLOP counters, deployment)
     need the RepL model config: every checkpoint records it in

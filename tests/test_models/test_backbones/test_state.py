@@ -1,10 +1,18 @@
-"""Deepcopy, checkpoints (spec §6, §8)."""
+"""Deepcopy, pickling, checkpoints (spec §6, §8)."""
 import copy
+import io
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from repl_mm.core import ConvSite, TransformerSite
+from repl_mm.core import ConvSite, NonReentrantCheckpoint, TransformerSite
+from repl_mm.models.base import decode_plan
 
 from .cases import CASES, IDS
 from .test_contract import neighbour_weights, outputs
@@ -121,3 +129,170 @@ def test_ema_copy_reads_its_own_neighbours():
     # the average moved the copy's neighbours, and its site follows them
     prev_conv2 = ema.module.layer2[0].conv2.weight
     assert any(w is prev_conv2 for _, w in neighbour_weights(site))
+
+
+def _cifar(**kwargs):
+    from repl_mm.models.cls_resnet import RepLResNet_CIFAR
+    torch.manual_seed(0)
+    return RepLResNet_CIFAR(depth=20, **kwargs)
+
+
+def _set_plan(sd, edit):
+    """``sd`` with its recorded plan edited by ``edit(dict)``."""
+    plan = decode_plan(sd['replacement_plan'])
+    edit(plan)
+    data = json.dumps(plan, sort_keys=True).encode()
+    return {**sd, 'replacement_plan': torch.tensor(list(data),
+                                                   dtype=torch.uint8)}
+
+
+def test_function_options_must_match():
+    sd = _cifar(replacement=dict(residual=False)).state_dict()
+    # same keys, same shapes: only the recorded plan tells them apart
+    with pytest.raises(ValueError, match='residual: checkpoint False, '
+                       'model True'):
+        _cifar().load_state_dict(sd)
+    # options that do not change the function load
+    _cifar(replacement=dict(residual=False, zero_init=False,
+                            recompute=False)).load_state_dict(sd)
+    _cifar(with_cp=True, replacement=dict(residual=False)).load_state_dict(sd)
+    with pytest.raises(ValueError, match='neighbors'):
+        _cifar(replacement=dict(residual=False, neighbors='prev')
+               ).load_state_dict(sd, strict=False)
+
+
+def test_vit_function_options_must_match():
+    case = next(c for c in CASES if c.kind == 'transformer')
+    sd = case.build(num_scalars=1).state_dict()  # alpha only: no beta key
+    with pytest.raises(ValueError, match='num_scalars: checkpoint 1, '
+                       'model 2'):
+        case.build().load_state_dict(sd, strict=False)
+    sd = case.build(vit_weights='attn').state_dict()
+    with pytest.raises(ValueError, match="vit_weights: checkpoint 'attn'"):
+        case.build().load_state_dict(sd, strict=False)
+    case.build(num_scalars=1, residual=False).load_state_dict(
+        case.build(num_scalars=1).state_dict())  # residual: CNN only
+
+
+def test_scale_loads_with_a_warning(monkeypatch):
+    logged = []
+    monkeypatch.setattr('repl_mm.models.base.print_log',
+                        lambda msg, **kw: logged.append((msg, kw)))
+    src = _cifar(replacement=dict(zero_init=False))
+    model = _cifar(replacement=dict(scale=0.0))
+    model.load_state_dict(src.state_dict())
+    warnings = [m for m, kw in logged if kw.get('level') == logging.WARNING]
+    assert len(warnings) == 1
+    assert 'scale: checkpoint 1.0, model 0.0' in warnings[0]
+    # loaded: the source's site norm gamma (1), not the model's init (0)
+    assert torch.all(model.layer2[1].site_norm.weight == 1)
+    # the model keeps its own scale: the sites are their skip paths
+    assert float(model.layer2[1].scale) == 0.0
+
+
+def test_old_plan_without_an_option_loads_with_its_default():
+    sd = _cifar().state_dict()
+
+    def drop_options(plan):
+        for name in ('residual', 'num_scalars', 'vit_weights', 'neighbors',
+                     'scale', 'static_from', 'recompute'):
+            del plan['config'][name]
+
+    old = _set_plan(sd, drop_options)
+    _cifar().load_state_dict(old)
+    with pytest.raises(ValueError, match='residual: checkpoint True, '
+                       'model False'):
+        _cifar(replacement=dict(residual=False)).load_state_dict(old)
+
+
+def test_with_cp_second_backward_adds_up():
+    """A with_cp segment (a kept block with its fused site) recomputes in
+    every backward; two passes give twice one pass, as without
+    checkpointing."""
+
+    def grads(with_cp, recompute, n):
+        model = _cifar(with_cp=with_cp,
+                       replacement=dict(zero_init=False,
+                                        recompute=recompute)).train()
+        x = torch.rand(2, 3, 32, 32,
+                       generator=torch.Generator().manual_seed(1))
+        out = model(x)[-1]
+        loss = (out * torch.linspace(-1, 1, out.numel()).view(
+            out.shape)).sum()
+        for i in range(n):
+            loss.backward(retain_graph=i < n - 1)
+        return [p.grad for p in model.parameters()], model
+
+    once, _ = grads(True, True, 1)
+    twice, model = grads(True, True, 2)
+    plain, _ = grads(False, False, 2)
+    assert any(isinstance(m, NonReentrantCheckpoint) and m.tail
+               for m in model.modules())  # a fused segment ran
+    for a, b, c in zip(once, twice, plain):
+        assert torch.allclose(2 * a, b, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(b, c, rtol=1e-4, atol=1e-6)
+    assert int(model.layer2[1].site_norm.num_batches_tracked) == 1
+
+
+WITH_CP = [c for c in CASES if c.name in ('det-r18', 'cls-cifar-r20')]
+
+
+def _with_cp(case):
+    torch.manual_seed(0)
+    return case.cls('repl')(**case.kwargs, with_cp=True,
+                            replacement=dict(zero_init=False)).eval()
+
+
+@pytest.mark.parametrize('case', WITH_CP, ids=[c.name for c in WITH_CP])
+def test_with_cp_model_pickles(case):
+    model = _with_cp(case)
+    x = torch.rand(case.shape)
+    ref = outputs(model, x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copies = [torch.load(buf, weights_only=False),
+              pickle.loads(pickle.dumps(model)),
+              copy.deepcopy(model)]
+    for clone in copies:
+        assert [type(m) for m in clone.modules()] == [
+            type(m) for m in model.modules()]
+        assert all(torch.equal(a, b) for a, b in zip(outputs(clone, x), ref))
+
+
+def test_with_cp_classes_are_distinct():
+    names = {
+        case.name: {type(m).__name__ for m in _with_cp(case).modules()
+                    if isinstance(m, NonReentrantCheckpoint)}
+        for case in WITH_CP
+    }
+    det, cls = names['det-r18'], names['cls-cifar-r20']
+    assert det and cls and not det & cls
+    assert all('mmdet' in n and n.endswith('BasicBlock') for n in det)
+    assert all('mmpretrain' in n and n.endswith('BasicBlock') for n in cls)
+
+
+def test_with_cp_model_loads_in_a_fresh_process(tmp_path):
+    """Unpickling where the run-time classes were never made."""
+    case = WITH_CP[0]
+    model = _with_cp(case)
+    x = torch.rand(case.shape)
+    torch.save(model, tmp_path / 'model.pth')
+    ref = [o.detach() for o in outputs(model, x)]
+    torch.save({'x': x, 'out': ref}, tmp_path / 'ref.pth')
+    script = (
+        'import sys, torch\n'
+        "m = torch.load(sys.argv[1], weights_only=False)\n"
+        'ref = torch.load(sys.argv[2])\n'
+        "out = m(ref['x'])\n"
+        "assert all(torch.equal(a, b) for a, b in zip(out, ref['out']))\n"
+        "print(sorted({type(b).__name__ for b in m.modules()"
+        " if hasattr(b, 'tail')}))\n")
+    res = subprocess.run(
+        [sys.executable, '-c', script, str(tmp_path / 'model.pth'),
+         str(tmp_path / 'ref.pth')],
+        capture_output=True, text=True, env={**os.environ,
+                                             'OMP_NUM_THREADS': '1'})
+    assert res.returncode == 0, res.stderr
+    assert 'NonReentrant_mmdet_models_backbones_resnet_BasicBlock' in \
+        res.stdout
