@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import numpy as np
 from mmengine.logging.history_buffer import HistoryBuffer
 
-from ..utils.compat import safe_globals
+from ..utils.compat import numpy_multiarray, safe_globals
 
 
 def _reduce_history_buffer(buf: HistoryBuffer):
@@ -36,9 +36,8 @@ copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
 
 
 def _numpy_globals():
-    core = getattr(np, '_core', None) or np.core  # numpy 2 / numpy 1
-    _reconstruct, scalar = core.multiarray._reconstruct, \
-        core.multiarray.scalar
+    multiarray = numpy_multiarray()
+    _reconstruct, scalar = multiarray._reconstruct, multiarray.scalar
     dtypes = [type(np.dtype(t)) for t in (
         np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8,
         np.bool_)]

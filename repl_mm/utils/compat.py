@@ -27,10 +27,15 @@ guard                           what differs between torch versions
                                 convolutions) and, once they have it, take
                                 ``including_emulation=False`` for the
                                 native answer.
+:func:`numpy_multiarray`        numpy's ``multiarray`` module (what its
+                                pickles reference): ``numpy._core`` from
+                                numpy 2, ``numpy.core`` in 1.x (1.26 has a
+                                ``numpy._core`` stub without it).
 ==============================  ============================================
 
-Torch-only: imports nothing but torch.
+Torch-only: imports nothing but torch (and numpy, which torch needs).
 """
+import importlib
 import inspect
 from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Iterable, Tuple
@@ -82,7 +87,7 @@ def autocast_disabled(*device_types: str):
         yield
 
 
-def safe_globals(globals_: Iterable) :
+def safe_globals(globals_: Iterable):
     """A context in which ``torch.load(weights_only=True)`` accepts
     ``globals_`` (torch >= 2.5). Before torch 2.6, ``torch.load`` defaults
     to ``weights_only=False`` and mmengine's loads need no allow-list, so on
@@ -120,4 +125,14 @@ def cuda_bf16_native() -> bool:
 
 __all__ = ['TORCH_VERSION', 'torch_version', 'is_autocast_enabled',
            'autocast_disabled', 'safe_globals', 'event_start_ns',
-           'cuda_bf16_native']
+           'cuda_bf16_native', 'numpy_multiarray']
+
+
+def numpy_multiarray():
+    """``numpy._core.multiarray`` (numpy 2) or ``numpy.core.multiarray``
+    (numpy 1.x): where the numpy installed here pickles arrays from."""
+    import numpy as np
+    major = int(np.__version__.split('.')[0])
+    name = 'numpy._core.multiarray' if major >= 2 else \
+        'numpy.core.multiarray'
+    return importlib.import_module(name)

@@ -21,6 +21,12 @@ def test_installed_torch_in_supported_range():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_is_autocast_enabled_follows_cpu_autocast(dtype):
     assert not compat.is_autocast_enabled('cpu')
+    try:
+        with torch.autocast('cpu', dtype=dtype):
+            pass
+    except RuntimeError as e:  # torch 2.1: AutocastCPU supports bf16 only
+        pytest.skip(f'no {dtype} CPU autocast on torch '
+                    f'{torch.__version__}: {e}')
     with torch.autocast('cpu', dtype=dtype):
         assert compat.is_autocast_enabled('cpu')
         assert not compat.is_autocast_enabled('cuda')
@@ -72,3 +78,10 @@ def test_event_start_ns_real_profiler_events():
     starts = [compat.event_start_ns(e)
               for e in p.profiler.kineto_results.events()]
     assert starts and all(isinstance(s, int) and s >= 0 for s in starts)
+
+
+def test_numpy_multiarray_is_where_arrays_pickle_from():
+    import numpy as np
+    multiarray = compat.numpy_multiarray()
+    assert np.ndarray.__reduce__(np.zeros(1))[0] is \
+        multiarray._reconstruct
