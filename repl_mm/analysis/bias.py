@@ -345,7 +345,7 @@ def build_model(cfg: Config, checkpoint: str) -> nn.Module:
     from mmengine.registry import MODELS, init_default_scope
     from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
-    from ..engine import allow_mmengine_checkpoints
+    from ..engine import load_mmengine_checkpoint
     from ..engine.hooks.replacement_hook import META_KEY
 
     if not osp.isfile(checkpoint):
@@ -355,8 +355,7 @@ def build_model(cfg: Config, checkpoint: str) -> nn.Module:
         raise ValueError(f'default_scope must be one of {list(OUTPUT_NAMES)}'
                          f', but the config has {scope!r}')
     init_default_scope(scope)
-    with allow_mmengine_checkpoints():
-        ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    ckpt = load_mmengine_checkpoint(checkpoint)
     meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
     model_cfg = copy.deepcopy(meta.get(META_KEY) or cfg.model)
     if cfg.get('data_preprocessor', None) is not None:

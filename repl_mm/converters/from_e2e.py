@@ -675,11 +675,10 @@ def repl_backbones(model: nn.Module) -> Dict[str, nn.Module]:
 
 def load_state(path: str) -> Dict[str, Tensor]:
     """The ``state_dict`` of an mmengine (or plain) checkpoint file."""
-    from repl_mm.engine import allow_mmengine_checkpoints
+    from repl_mm.engine import load_mmengine_checkpoint
     if not osp.isfile(path):
         raise FileNotFoundError(f'no checkpoint at {path!r}')
-    with allow_mmengine_checkpoints():
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_mmengine_checkpoint(path)
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f'{path}: no state_dict in the checkpoint')

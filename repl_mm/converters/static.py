@@ -325,11 +325,10 @@ def random_inputs(cfg: Config,
 def load_repl_checkpoint(model: nn.Module, path: str) -> dict:
     """Load a training (or published) RepL checkpoint into ``model``,
     strictly; return the checkpoint."""
-    from ..engine import allow_mmengine_checkpoints
+    from ..engine import load_mmengine_checkpoint
     if not osp.isfile(path):
         raise FileNotFoundError(f'CHECKPOINT: no checkpoint at {path!r}')
-    with allow_mmengine_checkpoints():
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_mmengine_checkpoint(path)
     state = ckpt.get('state_dict', ckpt)
     model.load_state_dict(state, strict=True)
     return ckpt

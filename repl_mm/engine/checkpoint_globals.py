@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import numpy as np
 from mmengine.logging.history_buffer import HistoryBuffer
 
-from ..utils.compat import numpy_multiarray, safe_globals
+from ..utils.compat import load_allowing, numpy_multiarray, safe_globals
 
 
 def _reduce_history_buffer(buf: HistoryBuffer):
@@ -56,3 +56,10 @@ def allow_mmengine_checkpoints():
     2.5, whose ``torch.load`` defaults to ``weights_only=False``."""
     with safe_globals(checkpoint_globals()):
         yield
+
+
+def load_mmengine_checkpoint(path: str, map_location='cpu'):
+    """``torch.load`` of an mmengine training checkpoint (or any plainer
+    one) with exactly :func:`checkpoint_globals` allowed; see
+    :func:`repl_mm.utils.compat.load_allowing` for torch < 2.5."""
+    return load_allowing(path, checkpoint_globals(), map_location)

@@ -18,6 +18,11 @@ guard                           what differs between torch versions
                                 loads) exists from 2.5; before 2.6
                                 ``torch.load`` defaults to
                                 ``weights_only=False`` and needs none.
+:func:`load_allowing`           ``torch.load(weights_only=True)`` with a
+                                scoped allow-list from 2.5; torch 2.1-2.4
+                                have no scoped one (2.4: a global one
+                                only), so there it loads as mmengine does
+                                on that torch, ``weights_only=False``.
 :func:`event_start_ns`          profiler events have ``start_ns()`` from
                                 2.2 (2.1: ``start_us()``).
 :func:`cuda_bf16_native`        ``torch.cuda.is_bf16_supported()`` answers
@@ -98,6 +103,19 @@ def safe_globals(globals_: Iterable):
     if fn is None:
         return nullcontext()
     return fn(list(globals_))
+
+
+def load_allowing(path: str, globals_: Iterable, map_location='cpu'):
+    """``torch.load`` of a checkpoint that pickles ``globals_`` (e.g. an
+    mmengine training checkpoint): ``weights_only=True`` with exactly
+    those globals allowed, on torch >= 2.5; on older torch, which has no
+    scoped allow-list, ``weights_only=False`` (what mmengine's own loads do
+    there: load only files you trust)."""
+    if hasattr(torch.serialization, 'safe_globals'):
+        with safe_globals(globals_):
+            return torch.load(
+                path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=False)
 
 
 def event_start_ns(event) -> int:

@@ -85,3 +85,13 @@ def test_numpy_multiarray_is_where_arrays_pickle_from():
     multiarray = compat.numpy_multiarray()
     assert np.ndarray.__reduce__(np.zeros(1))[0] is \
         multiarray._reconstruct
+
+
+def test_load_allowing_loads_exactly_the_allowed_globals(tmp_path):
+    path = tmp_path / 'x.pth'
+    torch.save({'obj': _Weird(), 't': torch.ones(2)}, path)
+    out = compat.load_allowing(path, [_Weird], map_location='cpu')
+    assert isinstance(out['obj'], _Weird) and out['t'].sum() == 2
+    if compat.TORCH_VERSION >= (2, 5):
+        with pytest.raises(pickle.UnpicklingError):
+            compat.load_allowing(path, [], map_location='cpu')
