@@ -85,10 +85,72 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
         return [tuple(n for n, _ in s) for _, s in self._targets]
 
     def init_weights(self):
+        """The block's own ``init_weights`` (once: not when the block says
+        ``is_init``), then alpha = beta = 0.5.
+
+        A parent's ``init_weights`` recursion (mmengine's) calls this in
+        place of the block's: running the block's own initialisation here
+        gives the parameters it keeps (norms; for ViT the MLP) the
+        initialisation upstream gives them, e.g. the xavier init of a ViT
+        layer's FFN.
+        """
+        init = getattr(self.block, 'init_weights', None)
+        if callable(init) and not getattr(self.block, 'is_init', False):
+            init()
+        self.reset_scalars()
+
+    def reset_scalars(self):
+        """alpha = beta = 0.5."""
         with torch.no_grad():
             for name in ('alpha', 'beta'):
                 if hasattr(self, name):
                     getattr(self, name).fill_(0.5)
+
+    def target_keys(self) -> List[str]:
+        """State-dict keys, relative to the block, of the weights that are
+        interpolated (``conv2.weight``, ``attn.qkv.weight``): the block no
+        longer holds them."""
+        names = {id(m): n for n, m in self.block.named_modules()}
+        return [
+            f'{names[id(mod)]}.weight' if names[id(mod)] else 'weight'
+            for mod, _ in self._targets
+        ]
+
+    def adopt_block_state(self, state_dict: dict, prefix: str) -> List[str]:
+        """Make the state of a plain block (an end-to-end checkpoint's)
+        loadable into this module, in place.
+
+        The block's own keys ``prefix + k`` move to ``prefix + 'block.' +
+        k`` (where that key is absent): the parameters the block keeps
+        (norms, a conv no neighbour serves, for ViT the MLP, the LNs and
+        the attention biases) load from them. The keys of the interpolated
+        weights are removed: those weights are interpolated from the
+        neighbours, not loaded. alpha and beta, which a plain block has
+        not, keep their values, so the state loads strictly.
+
+        Args:
+            state_dict (dict): The state being loaded (edited in place).
+            prefix (str): This module's prefix in it (``'layer2.1.'``).
+
+        Returns:
+            list[str]: The removed keys (the interpolated weights').
+        """
+        inner = prefix + 'block.'
+        targets = set(self.target_keys())
+        removed = []
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if key.startswith(inner) or rest in ('alpha', 'beta'):
+                continue
+            if rest in targets:
+                del state_dict[key]
+                removed.append(key)
+            elif inner + rest not in state_dict:
+                state_dict[inner + rest] = state_dict.pop(key)
+        for name in ('alpha', 'beta'):
+            if hasattr(self, name) and prefix + name not in state_dict:
+                state_dict[prefix + name] = getattr(self, name).detach()
+        return removed
 
     @torch.no_grad()
     def mixing_summary(self) -> Dict[str, float]:

@@ -10,10 +10,18 @@ import torch
 from mmengine.logging import print_log
 from torch import nn
 
-from ..core import (BlockSlot, ConvSite, ReplacementPlan, TransformerSite,
+from ..core import (BlockSlot, ConvSite, InterpolatedBlock, ReplacementPlan,
+                    StaticConvSite, StaticTransformerSite, TransformerSite,
                     replace_blocks)
 
 PLAN_KEY = 'replacement_plan'
+
+# Modules that RepL builds in place of a block and that hold weights of
+# their own to initialise. Not an original block: in ``mode='none'`` a
+# site is the block itself, and a static site of ``static_from=
+# 'interpolate'`` is a plain block; upstream initialises both.
+SITE_TYPES = (ConvSite, TransformerSite, InterpolatedBlock, StaticConvSite,
+              StaticTransformerSite)
 
 
 def encode_plan(plan: ReplacementPlan) -> torch.Tensor:
@@ -35,7 +43,7 @@ class RepLBackboneMixin:
     Subclasses define :meth:`setup_replacement`, which calls
     :meth:`_replace` with their block slots and a ``describe`` function (see
     :func:`repl_mm.core.replace_blocks`), call it at the end of
-    ``__init__``, and define :meth:`_site_frozen`. Because everything RepL
+    ``__init__``, and define :meth:`_block_frozen`. Because everything RepL
     adds happens in ``setup_replacement``, an already built upstream
     backbone becomes the RepL one by changing its class and calling it
     (:func:`to_repl_backbone`, used by ``ReplacementHook``): one surgery
@@ -64,11 +72,46 @@ class RepLBackboneMixin:
             for s in plan.sites
         }
         print_log(f'{type(self).__name__}:\n{plan}', logger='current')
+        self._check_frozen_sites()
         return plan
+
+    def _block_frozen(self, index: int) -> bool:
+        """Whether block ``index`` (1-based, forward order) lies in the
+        frozen part (``frozen_stages``). Defined by subclasses."""
+        raise NotImplementedError
 
     def _site_frozen(self, index: int) -> bool:
         """Whether site ``index`` lies in a frozen stage."""
-        raise NotImplementedError
+        return self._block_frozen(index)
+
+    def _check_frozen_sites(self):
+        """Refuse a site in the frozen part that draws from a block that
+        trains (spec §3).
+
+        Such a site would compute from weights that change as they train,
+        and pass gradient to them: the frozen part would not be frozen.
+        A site whose neighbours are frozen too is frozen with them.
+        """
+        plan = self.replacement_plan
+        if plan.mode not in ('synthesize', 'interpolate'):
+            return  # no site reads a neighbour
+        for site in plan.sites:
+            if not self._block_frozen(site.index):
+                continue
+            used = {n for names in site.sources.values() for n in names}
+            for side in ('prev', 'next'):
+                block = getattr(site, side)
+                if side in used and not self._block_frozen(block):
+                    raise ValueError(
+                        f'{type(self).__name__}: site {site.index} lies in '
+                        f'the frozen part (frozen_stages='
+                        f'{self.frozen_stages}) but is drawn from block '
+                        f'{block}, its {side} neighbour, which trains: the '
+                        'frozen site would change as that block trains and '
+                        'pass it gradient. Freeze that block too, leave '
+                        f'site {site.index} out of frozen_stages, or draw it '
+                        'from frozen neighbours only (e.g. replacement='
+                        "dict(neighbors='prev'))")
 
     def site_modules(self) -> Dict[int, nn.Module]:
         """Site index -> the module that stands in for the block."""
@@ -85,10 +128,15 @@ class RepLBackboneMixin:
         ``Constant(1)`` on every ``_BatchNorm``) also reach a site's fresh
         norm, and upstream's recursion never reaches sites held in a plain
         ``nn.Sequential``: so the sites (phi = alpha = beta = 0.5, norm gamma
-        0 with ``zero_init``) are initialised after upstream's. With a
-        ``Pretrained`` init_cfg (an upstream E2E or a RepL checkpoint) the
-        generic initialisers do not run and the sites keep what they were
-        built with or what the checkpoint holds. Runs once, like upstream's.
+        0 with ``zero_init``; a static site's zero weights) are initialised
+        after upstream's. Only modules RepL built are (``SITE_TYPES``),
+        never an original block: in ``mode='none'`` the model is
+        upstream's, draw for draw. An ``InterpolatedBlock`` initialises its
+        block as upstream's recursion would have (when it reaches it):
+        here only its alpha and beta are reset. With a ``Pretrained``
+        init_cfg (an upstream E2E or a RepL checkpoint) the generic
+        initialisers do not run and the sites keep what they were built
+        with or what the checkpoint holds. Runs once, like upstream's.
         """
         first = not getattr(self, '_is_init', False)
         super().init_weights()
@@ -98,7 +146,9 @@ class RepLBackboneMixin:
         pretrained = any(c and c.get('type') == 'Pretrained' for c in cfgs)
         if first and not pretrained:
             for m in self.site_modules().values():
-                if hasattr(m, 'init_weights'):
+                if isinstance(m, InterpolatedBlock):
+                    m.reset_scalars()
+                elif isinstance(m, SITE_TYPES):
                     m.init_weights()
 
     def train(self, mode: bool = True):
@@ -171,9 +221,21 @@ class RepLBackboneMixin:
 
     def _report_e2e_keys(self, state_dict, prefix: str) -> List[str]:
         """An E2E checkpoint (no plan): kept blocks load as usual; log the
-        keys of the replaced blocks, which the RepL model does not use."""
+        keys of the replaced blocks, which the RepL model does not use.
+
+        An ``interpolate`` site is the replaced block with some weights
+        interpolated: its other parameters (norms, a conv no neighbour
+        serves, the ViT MLP and LNs) load from the replaced block's keys
+        (:meth:`InterpolatedBlock.adopt_block_state`), and the keys of the
+        interpolated weights are consumed unused, so an E2E checkpoint
+        loads into an ``interpolate`` model strictly."""
+        sites = self.site_modules()
+        unused = []
+        for i, p in self._site_prefixes.items():
+            if isinstance(sites.get(i), InterpolatedBlock):
+                unused += sites[i].adopt_block_state(state_dict, prefix + p)
         own = set(self.state_dict().keys())
-        unused = [
+        unused += [
             k for k in state_dict if k.startswith(prefix) and any(
                 k[len(prefix):].startswith(p)
                 for p in self._site_prefixes.values())
@@ -221,10 +283,13 @@ class RepLResNetMixin(RepLBackboneMixin):
         self._freeze_stages()  # sites in frozen stages freeze with them
         return plan
 
-    def _site_frozen(self, index: int) -> bool:
-        site = next(s for s in self.replacement_plan.sites
-                    if s.index == index)
-        return site.stage <= self.frozen_stages
+    def _block_frozen(self, index: int) -> bool:
+        end = 0
+        for stage, name in enumerate(self.res_layers, 1):
+            end += len(getattr(self, name))
+            if index <= end:
+                return stage <= self.frozen_stages
+        raise IndexError(f'block {index} of {end}')
 
 
 def repl_classes() -> List[type]:
@@ -270,6 +335,7 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
 
 
 __all__ = [
-    'RepLBackboneMixin', 'RepLResNetMixin', 'describe_resnet_block',
-    'encode_plan', 'decode_plan', 'repl_classes', 'to_repl_backbone'
+    'SITE_TYPES', 'RepLBackboneMixin', 'RepLResNetMixin',
+    'describe_resnet_block', 'encode_plan', 'decode_plan', 'repl_classes',
+    'to_repl_backbone'
 ]

@@ -36,6 +36,15 @@ class RepLVisionTransformer(RepLBackboneMixin, VisionTransformer):
     replaced layer's rate. Configs reproducing the paper's ViT runs use
     ``replacement=dict(indices=[3, 7, 11])`` (spec §1).
 
+    ``frozen_stages`` freezes a site with its layer, and frozen means
+    frozen: a site in the frozen part draws only from frozen layers, so no
+    gradient reaches anything in that part and its output does not change
+    as the later layers train. A site there that would draw from a layer
+    that trains (e.g. site 4 with ``frozen_stages=4``: its next neighbour,
+    layer 5, trains) is refused with a ``ValueError`` naming
+    ``frozen_stages`` and the site; freeze the neighbour too, or draw the
+    site from its previous neighbour only (``neighbors='prev'``).
+
     Example:
         >>> m = RepLVisionTransformer(arch='deit-small', img_size=32,
         ...                           patch_size=8)
@@ -60,5 +69,5 @@ class RepLVisionTransformer(RepLBackboneMixin, VisionTransformer):
             self._freeze_stages()
         return plan
 
-    def _site_frozen(self, index: int) -> bool:
+    def _block_frozen(self, index: int) -> bool:
         return index <= self.frozen_stages

@@ -212,3 +212,66 @@ def test_hook_route_resumes_and_tests(tmp_path, data):
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         metrics = RepLRunner.from_cfg(cfg).test()
     assert 0 <= metrics['accuracy/top1'] <= 100
+
+
+def test_train_then_test_on_one_runner(tmp_path, data, monkeypatch):
+    """``test()`` runs ``before_run`` again: the hook finds the backbone it
+    converted and leaves model, optimizer and schedulers alone."""
+    from repl_mm.engine import RepLRunner
+    logged = []
+    monkeypatch.setattr('repl_mm.engine.hooks.replacement_hook.print_log',
+                        lambda msg, **kw: logged.append(msg))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        runner = RepLRunner.from_cfg(tiny_cfg(tmp_path, 'hook', data))
+        runner.train()
+        assert logged == [
+            'ReplacementHook: RepLResNet_CIFAR built from the config, '
+            'optimizer rebuilt, schedulers rebuilt'
+        ]
+        model, optim = runner.model, runner.optim_wrapper
+        schedulers = runner.param_schedulers
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        metrics = runner.test()
+    assert 0 <= metrics['accuracy/top1'] <= 100
+    assert runner.model is model and runner.optim_wrapper is optim
+    assert runner.param_schedulers is schedulers
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(v, state[k])
+               for k, v in model.state_dict().items())
+    assert len(logged) == 2 and 'left as they are' in logged[1]
+    assert 'rebuilt' not in logged[1]
+
+
+def test_test_only_runner_logs_what_it_did(tmp_path, data, monkeypatch):
+    from repl_mm.engine import RepLRunner
+    train(tiny_cfg(tmp_path, 'hook', data))
+    logged = []
+    monkeypatch.setattr('repl_mm.engine.hooks.replacement_hook.print_log',
+                        lambda msg, **kw: logged.append(msg))
+    cfg = tiny_cfg(tmp_path, 'hook', data)
+    cfg.load_from = str(tmp_path / 'hook' / 'epoch_1.pth')
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        RepLRunner.from_cfg(cfg).test()
+    assert logged == ['ReplacementHook: RepLResNet_CIFAR built from the '
+                      'config, no optimizer built yet, none rebuilt']
+
+
+def test_hook_refuses_a_backbone_it_did_not_convert():
+    from types import SimpleNamespace
+
+    from repl_mm.engine.hooks.replacement_hook import ReplacementHook
+    from repl_mm.models.cls_resnet import RepLResNet_CIFAR
+    model = SimpleNamespace(backbone=RepLResNet_CIFAR(depth=20))
+    runner = SimpleNamespace(model=model, optim_wrapper=None,
+                             cfg=Config(dict(model=dict(backbone=dict()))))
+    with pytest.raises(ValueError, match='already a RepL backbone'):
+        ReplacementHook(interval=4).before_run(runner)
+    # a hook that converted another backbone refuses this one too
+    hook = ReplacementHook(interval=2)
+    from mmpretrain.models.backbones import ResNet_CIFAR
+    other = SimpleNamespace(backbone=ResNet_CIFAR(depth=18))
+    hook.before_run(SimpleNamespace(
+        model=other, optim_wrapper=None,
+        cfg=Config(dict(model=dict(backbone=dict())))))
+    with pytest.raises(ValueError, match='already a RepL backbone'):
+        hook.before_run(runner)

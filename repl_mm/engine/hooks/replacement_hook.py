@@ -1,6 +1,7 @@
 """Switch RepL on in an unmodified upstream config (spec §1-§6)."""
 import copy
 import gc
+import weakref
 
 from mmengine.hooks import Hook
 from mmengine.logging import print_log
@@ -33,6 +34,11 @@ class ReplacementHook(Hook):
     param schedulers from the config: the new parameters are optimised and
     scheduled, the removed ones are gone from the optimizer and from DDP.
     ``init_weights`` and ``load_or_resume`` then run on the RepL model.
+    ``before_run`` runs again in ``test()`` or ``val()`` after ``train()``
+    on the same runner: the backbone is then the one this hook converted,
+    with its plan, and the hook does nothing (model, wrapper, optimizer and
+    schedulers stay). A RepL backbone that this hook did not convert (the
+    registry route) raises a ``ValueError``, as in one ``before_run``.
     The model is already on its device (and in its dtype) by then: every
     tensor the surgery creates is created there, on the device and in the
     dtype of the block it replaces, and a SyncBN's process group is shared
@@ -49,6 +55,17 @@ class ReplacementHook(Hook):
     def __init__(self, **replacement):
         self.replacement = ReplacementConfig.from_dict(replacement).to_dict()
         self.model_cfg = None
+        # the backbone this hook converted and its plan: a second
+        # ``before_run`` (``test()`` after ``train()`` on one runner) finds
+        # it converted and leaves it alone
+        self._converted = None
+        self._plan = None
+
+    def _is_converted(self, backbone) -> bool:
+        """Whether ``backbone`` is the one this hook converted, with the
+        plan it made."""
+        ref = self._converted() if self._converted is not None else None
+        return ref is backbone and backbone.replacement_plan == self._plan
 
     def before_run(self, runner) -> None:
         wrapped = is_model_wrapper(runner.model)
@@ -57,13 +74,26 @@ class ReplacementHook(Hook):
         if backbone is None:
             raise ValueError('ReplacementHook needs a model with a '
                              f'`backbone`, got {type(model).__name__}')
-        to_repl_backbone(backbone, self.replacement)
+        if self._is_converted(backbone):
+            # Runner.test()/val() after train(): the model, its wrapper
+            # and the optimizer are already the RepL ones
+            print_log(
+                'ReplacementHook: the backbone is already the '
+                f'{type(backbone).__name__} this hook built (sites '
+                f'{list(self._plan.indices)}): model, optimizer and '
+                'schedulers left as they are', logger='current')
+            return
+        # a RepL backbone from the registry or with another plan raises
+        self._plan = to_repl_backbone(backbone, self.replacement)
+        self._converted = weakref.ref(backbone)
         self.model_cfg = self._repl_model_cfg(runner.cfg.model, backbone)
+        done = [f'{type(backbone).__name__} built from the config']
         if wrapped:
             runner.model = None  # release the old DDP wrapper first
             gc.collect()
             runner.model = runner.wrap_model(
                 copy.deepcopy(runner.cfg.get('model_wrapper_cfg')), model)
+            done.append('model wrapped again')
         if isinstance(runner.optim_wrapper, (OptimWrapper, OptimWrapperDict)):
             # as Runner.train() does, in its order (scale_lr refuses to run
             # once schedulers are built)
@@ -72,12 +102,14 @@ class ReplacementHook(Hook):
             runner.param_schedulers = copy.deepcopy(
                 runner.cfg.get('param_scheduler'))
             runner.scale_lr(runner.optim_wrapper, runner.auto_scale_lr)
+            done.append('optimizer rebuilt')
             if runner.param_schedulers is not None:
                 runner.param_schedulers = runner.build_param_scheduler(
                     runner.param_schedulers)
-        print_log(
-            f'ReplacementHook: {type(backbone).__name__} built from the '
-            'config, optimizer and schedulers rebuilt', logger='current')
+                done.append('schedulers rebuilt')
+        else:
+            done.append('no optimizer built yet, none rebuilt')
+        print_log(f"ReplacementHook: {', '.join(done)}", logger='current')
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         checkpoint.setdefault('meta', {})[META_KEY] = self.model_cfg

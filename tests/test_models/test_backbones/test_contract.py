@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 from repl_mm.core import ConvSite, InterpolatedBlock, TransformerSite
-from repl_mm.core.cnn_site import ConvSite as _ConvSite
 
-from .cases import CASES, IDS
+from .cases import CASES, IDS, TINY_VIT, Case
 
 MODES = ['synthesize', 'interpolate', 'drop', 'none']
 
@@ -96,48 +95,6 @@ def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
             f'{name} neighbour got no gradient through the synthesis'
 
 
-def expected_counts(case, mode, ref, plan):
-    """Independent parameter count of the sites (spec §2-§4)."""
-    blocks = site_blocks_of(ref, case)
-    removed = added = 0
-    for s in plan.sites:
-        blk = blocks[s.index - 1]
-        if mode == 'none':
-            continue
-        if mode == 'drop':
-            removed += sum(p.numel() for p in blk.parameters())
-            continue
-        if case.kind == 'conv':
-            convs = [blk.conv1, blk.conv2] + (
-                [blk.conv3] if hasattr(blk, 'conv3') else [])
-            if mode == 'synthesize':
-                removed += sum(p.numel() for p in blk.parameters())
-                for c, src in zip(convs, s.sources.values()):
-                    cout, cin = c.weight.shape[:2]
-                    added += cout * cin if src == ('own', ) else \
-                        cout * len(src)
-                added += 2 * convs[-1].weight.shape[0]  # fresh norm
-            else:  # interpolate
-                for c, src in zip(convs, s.sources.values()):
-                    if src != ('own', ):
-                        removed += c.weight.numel()
-                added += len({n for v in s.sources.values() for n in v
-                              if n != 'own'})
-        else:
-            d = blk.embed_dims
-            if mode == 'synthesize':
-                removed += sum(p.numel() for p in blk.parameters())
-                used = {n for v in s.sources.values() for n in v
-                        if n != 'own'}
-                added += len(used) + 2 * d + sum(
-                    d * d for v in s.sources.values() if v == ('own', ))
-            else:
-                removed += blk.attn.qkv.weight.numel() + \
-                    blk.attn.proj.weight.numel()
-                added += len({n for v in s.sources.values() for n in v})
-    return removed, added
-
-
 def site_blocks_of(model, case):
     if case.kind == 'conv':
         return [b for name in model.res_layers for b in getattr(model, name)]
@@ -148,12 +105,88 @@ def count(m):
     return sum(p.numel() for p in m.parameters())
 
 
+def independent_plan(blocks, kind, k=4):
+    """Spec §1 with its defaults (interval 4, offset 0, ``shift``), from
+    the upstream blocks alone: site index -> (prev, next) kept neighbour
+    (1-based, None at an end)."""
+    n = len(blocks)
+    # replaceable: identity shortcut (ResNet: no downsample; every ViT layer)
+    ok = [kind == 'transformer' or b.downsample is None for b in blocks]
+    sites = []
+    for i in range(k, n, k):
+        while i < n and (not ok[i - 1] or i in sites):
+            i += 1  # shift; never the last block
+        if i < n:
+            sites.append(i)
+    kept = [i for i in range(1, n + 1) if i not in sites]
+    return {
+        i: (max((j for j in kept if j < i), default=None),
+            min((j for j in kept if j > i), default=None))
+        for i in sorted(sites)
+    }
+
+
+def expected_counts(case, mode, ref):
+    """Site indices and parameter counts (removed, added) from the upstream
+    model's block shapes by the formulas of spec §2-§4 (``neighbors=
+    'both'``), never from the plan under test."""
+    blocks = site_blocks_of(ref, case)
+    plan = independent_plan(blocks, case.kind)
+    removed = added = 0
+    for i, (prev, nxt) in plan.items():
+        blk = blocks[i - 1]
+        nbrs = [blocks[j - 1] for j in (prev, nxt) if j is not None]
+        if mode == 'none':
+            continue
+        if mode == 'drop':
+            removed += count(blk)
+        elif case.kind == 'conv':
+            names = ['conv1', 'conv2'] + (['conv3'] if hasattr(
+                blk, 'conv3') else [])
+            used = set()
+            for name in names:
+                w = getattr(blk, name).weight
+                cout, cin = w.shape[:2]
+                # synthesize: a neighbour with the same (Cout, Cin) serves;
+                # interpolate: one with the same kernel
+                serve = [
+                    id(b) for b in nbrs
+                    if (getattr(b, name).weight.shape == w.shape
+                        if mode == 'interpolate' else
+                        getattr(b, name).weight.shape[:2] == (cout, cin))
+                ]
+                used.update(serve)
+                if mode == 'synthesize':
+                    # phi per serving neighbour, or an owned 1x1 weight
+                    added += cout * len(serve) if serve else cout * cin
+                elif serve:
+                    removed += w.numel()  # interpolated, no longer owned
+            if mode == 'synthesize':
+                removed += count(blk)
+                cout = getattr(blk, names[-1]).weight.shape[0]
+                added += 2 * cout  # the fresh BN (gamma, beta)
+            else:
+                added += len(used)  # alpha and/or beta
+        else:
+            d = blk.embed_dims
+            if mode == 'synthesize':
+                # alpha, beta (one per neighbour), the fresh LN of width d;
+                # Ahat and Mhat come from the neighbours
+                removed += count(blk)
+                added += len(nbrs) + 2 * d
+            else:  # interpolate: qkv (3d x d) and proj (d x d) weights
+                removed += 3 * d * d + d * d
+                added += len(nbrs)
+    return tuple(plan), removed, added
+
+
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('case', CASES, ids=IDS)
 def test_parameter_count(case, mode):
     model = case.build(mode=mode)
     ref = case.build_upstream()
-    removed, added = expected_counts(case, mode, ref, model.replacement_plan)
+    indices, removed, added = expected_counts(case, mode, ref)
+    assert model.replacement_plan.indices == indices
     assert model.replacement_plan.removed_params == removed
     assert model.replacement_plan.added_params == added
     assert count(model) == count(ref) - removed + added
@@ -219,13 +252,98 @@ def test_none_equals_upstream(case):
         case.build().replacement_plan.indices
 
 
+# The five upstream backbones, narrow (stem and base width 8).
+NARROW = dict(stem_channels=8, base_channels=8)
+INIT_CASES = [
+    Case('det-r18', 'repl_mm.models.det_resnet:RepLResNet',
+         'mmdet.models.backbones:ResNet', dict(depth=18, **NARROW)),
+    Case('det-r50', 'repl_mm.models.det_resnet:RepLResNet',
+         'mmdet.models.backbones:ResNet', dict(depth=50, **NARROW)),
+    Case('seg-r18v1c', 'repl_mm.models.seg_resnet:RepLResNetV1c',
+         'mmseg.models.backbones:ResNetV1c', dict(depth=18, **NARROW)),
+    Case('cls-r18', 'repl_mm.models.cls_resnet:RepLResNet',
+         'mmpretrain.models.backbones:ResNet', dict(depth=18, **NARROW)),
+    Case('cls-cifar-r18', 'repl_mm.models.cls_resnet:RepLResNet_CIFAR',
+         'mmpretrain.models.backbones:ResNet_CIFAR',
+         dict(depth=18, **NARROW)),
+    Case('cls-vit', 'repl_mm.models.cls_vit:RepLVisionTransformer',
+         'mmpretrain.models.backbones:VisionTransformer', TINY_VIT,
+         kind='transformer'),
+]
+
+
+@pytest.mark.parametrize('case', INIT_CASES, ids=[c.name for c in INIT_CASES])
+def test_none_equals_upstream_after_init_weights(case, monkeypatch):
+    """``mode='none'`` is upstream's model at the same seed, also after
+    ``init_weights``: no block is initialised twice, so every draw (and
+    every later one) is upstream's."""
+    import mmengine.model.base_module as base_module
+    logged = []
+    monkeypatch.setattr(base_module, 'print_log',
+                        lambda msg, *args, **kwargs: logged.append(msg))
+    torch.manual_seed(3)
+    ref = case.cls('upstream')(**case.kwargs)
+    ref.init_weights()
+    ref_rng = torch.get_rng_state()
+    torch.manual_seed(3)
+    model = case.build(mode='none')
+    model.init_weights()
+    assert model.replacement_plan.indices  # the twin has sites planned
+    a, b = model.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(torch.get_rng_state(), ref_rng)
+    assert not [m for m in logged if 'more than once' in m]
+
+
+@pytest.mark.parametrize('name', ['det-r50', 'cls-vit'])
+def test_interpolated_block_gets_upstream_init(name):
+    """An ``interpolate`` site's block initialises what it keeps as
+    upstream does: a ViT layer's xavier FFN (the draws of the whole model
+    stay upstream's), mmdet's zero-init residual norm3 of a Bottleneck."""
+    case = next(c for c in INIT_CASES if c.name == name)
+    torch.manual_seed(3)
+    ref = case.cls('upstream')(**case.kwargs)
+    ref.init_weights()
+    torch.manual_seed(3)
+    model = case.build(mode='interpolate')
+    model.init_weights()
+    ref_sd = ref.state_dict()
+    for i, site in model.site_modules().items():
+        assert isinstance(site, InterpolatedBlock)
+        prefix = model._site_prefixes[i]
+        for k, v in site.block.state_dict().items():
+            if case.kind == 'transformer' or k.startswith('bn'):
+                assert torch.equal(v, ref_sd[prefix + k]), prefix + k
+        if case.kind == 'conv':
+            assert torch.all(site.block.norm3.weight == 0)
+        assert all(float(p) == 0.5 for n, p in site.named_parameters()
+                   if n in ('alpha', 'beta'))
+
+
 @pytest.mark.parametrize('case', CASES, ids=IDS)
 def test_sites_are_the_right_modules(case):
-    model = case.build()
-    sites = [m for m in model.modules()
-             if isinstance(m, (ConvSite, TransformerSite))]
-    assert len(sites) == len(model.replacement_plan.indices)
-    interp = case.build(mode='interpolate')
-    assert sum(isinstance(m, InterpolatedBlock) for m in interp.modules()) \
-        == len(interp.replacement_plan.indices)
-    assert _ConvSite is ConvSite
+    """Each mode puts its module at exactly the plan's sites (under the
+    replaced block's name) and leaves upstream's block everywhere else."""
+    ref_types = [type(b) for b in site_blocks_of(case.build_upstream(), case)]
+    site_type = ConvSite if case.kind == 'conv' else TransformerSite
+    for mode, expected in (('synthesize', site_type),
+                           ('interpolate', InterpolatedBlock),
+                           ('drop', nn.Identity)):
+        model = case.build(mode=mode)
+        indices = model.replacement_plan.indices
+        assert indices
+        blocks = site_blocks_of(model, case)
+        assert len(blocks) == len(ref_types)
+        mods = dict(model.named_modules())
+        for i, prefix in model._site_prefixes.items():
+            assert mods[prefix[:-1]] is blocks[i - 1]
+        for i, (block, ref_type) in enumerate(zip(blocks, ref_types), 1):
+            assert type(block) is (expected if i in indices else ref_type), i
+        if mode == 'interpolate':
+            assert all(type(blocks[i - 1].block) is ref_types[i - 1]
+                       for i in indices)
+        repl = (ConvSite, TransformerSite, InterpolatedBlock)
+        assert sum(isinstance(m, repl) for m in model.modules()) == (
+            0 if mode == 'drop' else len(indices))

@@ -83,6 +83,76 @@ def test_frozen_stages_and_norm_eval(case):
             assert m.site_norm.training  # fresh site norms always train
 
 
+def assert_frozen_part_frozen(model, x):
+    """``model(x)[0]`` is the frozen part's output: no gradient reaches
+    anything in it, and it does not change when the trainable parameters
+    are updated (while the last output does)."""
+    model.train()
+    frozen_out = outputs(model, x)[0].detach().clone()
+    last = outputs(model, x)[-1].detach().clone()
+    weighted_loss(outputs(model, x)).backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+    torch.optim.SGD(trainable, lr=1.0).step()
+    out = outputs(model, x)
+    assert torch.equal(out[0], frozen_out)
+    assert not torch.allclose(out[-1], last)
+
+
+@pytest.mark.parametrize('mode', ['synthesize', 'interpolate'])
+def test_vit_site_in_frozen_stages(mode):
+    """A ViT site in ``frozen_stages`` drawing from a layer that trains is
+    refused (both routes); one drawing from frozen layers is frozen."""
+    from mmpretrain.models.backbones import VisionTransformer
+
+    from repl_mm.models.base import to_repl_backbone
+    from repl_mm.models.cls_vit import RepLVisionTransformer
+    match = (r'site 4 lies in the frozen part \(frozen_stages=4\) but is '
+             'drawn from block 5, its next neighbour')
+    with pytest.raises(ValueError, match=match):
+        RepLVisionTransformer(**TINY_VIT, frozen_stages=4,
+                              replacement=dict(mode=mode))
+    with pytest.raises(ValueError, match=match):
+        to_repl_backbone(VisionTransformer(**TINY_VIT, frozen_stages=4),
+                         dict(mode=mode))
+    x = torch.rand(2, 3, 32, 32)
+    for frozen, extra in ((4, dict(neighbors='prev')), (5, {})):
+        model = RepLVisionTransformer(
+            **TINY_VIT, frozen_stages=frozen, out_indices=(frozen - 1, 5),
+            replacement=dict(mode=mode, zero_init=False, **extra))
+        site = model.layers[3]
+        assert model._site_frozen(4)
+        assert all(not p.requires_grad for p in site.parameters())
+        assert_frozen_part_frozen(model, x)
+
+
+@pytest.mark.parametrize('mode', ['synthesize', 'interpolate'])
+@pytest.mark.parametrize('name', ['det-r18', 'cls-cifar-r20'])
+def test_resnet_site_in_frozen_stages(name, mode, monkeypatch):
+    """ResNet sites in frozen stages draw from their own stage (widths
+    double between stages) and are frozen with it; the check that refuses
+    a frozen site drawing from a block that trains applies to them too."""
+    case = next(c for c in CASES if c.name == name)
+    model = case.cls('repl')(
+        **dict(case.kwargs, out_indices=(1, 2)), frozen_stages=2,
+        replacement=dict(mode=mode, interval=2, zero_init=False))
+    frozen = [i for i in model.replacement_plan.indices
+              if model._site_frozen(i)]
+    assert frozen and len(frozen) < len(model.replacement_plan.indices)
+    assert_frozen_part_frozen(model, torch.rand(case.shape))
+    # were a frozen site's neighbour to train, it would be refused
+    monkeypatch.setattr(type(model), '_block_frozen',
+                        lambda self, index: index == 2)
+    with pytest.raises(ValueError, match=r'site 2 lies in the frozen part '
+                       r'\(frozen_stages=2\) but is drawn from block 1, '
+                       'its prev neighbour'):
+        case.cls('repl')(**case.kwargs, frozen_stages=2,
+                         replacement=dict(mode=mode, indices=[2]))
+
+
 @pytest.mark.parametrize('mode', ['synthesize', 'interpolate', 'none'])
 @pytest.mark.parametrize('case', CASES, ids=IDS)
 def test_with_cp_is_non_reentrant_and_exact(case, mode, monkeypatch):

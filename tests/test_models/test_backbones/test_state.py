@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from repl_mm.core import ConvSite, NonReentrantCheckpoint, TransformerSite
+from repl_mm.core import (ConvSite, InterpolatedBlock, NonReentrantCheckpoint,
+                          TransformerSite)
 from repl_mm.models.base import decode_plan
 
 from .cases import CASES, IDS
@@ -82,6 +83,81 @@ def test_e2e_checkpoint_loads_kept_blocks(case, monkeypatch):
     assert all(k in log for k in unexpected)
 
 
+INTERPOLATE = [c for c in CASES if c.name in ('det-r18', 'cls-vit')]
+
+
+@pytest.mark.parametrize('case', INTERPOLATE,
+                         ids=[c.name for c in INTERPOLATE])
+def test_e2e_checkpoint_loads_strict_into_interpolate(case, monkeypatch):
+    """An ``interpolate`` site is the replaced block: an E2E checkpoint
+    fills what it keeps (norms, the conv no neighbour serves, the ViT MLP
+    and LNs); the interpolated weights come from the neighbours (spec
+    §2), alpha and beta keep their values."""
+    torch.manual_seed(1)
+    e2e = case.build(mode='none')
+    g = torch.Generator().manual_seed(2)
+    # values no fresh model has (BN and LN start at ones and zeros)
+    sd = {
+        k: v + torch.rand(v.shape, generator=g) if v.is_floating_point()
+        else v + 7
+        for k, v in e2e.state_dict().items()
+    }
+    assert 'replacement_plan' not in sd
+    torch.manual_seed(0)
+    model = case.build(mode='interpolate')
+    logged = []
+    monkeypatch.setattr('repl_mm.models.base.print_log',
+                        lambda msg, **kw: logged.append(msg))
+    model.load_state_dict(sd)  # strict: nothing missing, nothing unexpected
+    sites = model.site_modules()
+    assert sites and all(
+        isinstance(m, InterpolatedBlock) for m in sites.values())
+    unused = []
+    for i, site in sites.items():
+        prefix = model._site_prefixes[i]
+        kept = site.block.state_dict()
+        assert kept
+        for k, v in kept.items():  # the trainable parts: the E2E values
+            assert torch.equal(v, sd[prefix + k]), prefix + k
+        assert all(float(p) == 0.5 for p in (
+            getattr(site, n) for n in ('alpha', 'beta') if hasattr(site, n)))
+        # the interpolated weights are synthesized from the (loaded)
+        # neighbours, not loaded from the replaced block's keys
+        coef = {'prev': getattr(site, 'alpha', None),
+                'next': getattr(site, 'beta', None)}
+        for key, w, (_, srcs) in zip(site.target_keys(), site.interpolate(),
+                                     site._targets):
+            unused.append(prefix + key)
+            assert prefix + key in sd
+            assert not torch.allclose(w, sd[prefix + key])
+            assert torch.allclose(w, sum(coef[n] * t.weight
+                                         for n, t in srcs))
+        if case.kind == 'conv':  # ResNet-18 site 4: conv1 is its own
+            assert site.sources == [('prev', )]
+            assert torch.equal(site.block.conv1.weight,
+                               sd[prefix + 'conv1.weight'])
+        else:
+            assert torch.equal(site.block.ffn.layers[1].weight,
+                               sd[prefix + 'ffn.layers.1.weight'])
+    prefixes = tuple(model._site_prefixes.values())
+    state = model.state_dict()
+    for k, v in sd.items():
+        if not k.startswith(prefixes):
+            assert torch.equal(state[k], v), k
+    log = '\n'.join(logged)
+    assert 'without a RepL plan' in log and all(k in log for k in unused)
+    # the model's own (RepL) checkpoint loads strictly as before
+    twin = case.build(mode='interpolate')
+    twin.load_state_dict(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(
+        twin.state_dict().values(), model.state_dict().values()))
+    with torch.no_grad():
+        site = next(iter(sites.values()))
+        site.alpha.fill_(0.25)
+    twin.load_state_dict(model.state_dict())
+    assert float(next(iter(twin.site_modules().values())).alpha) == 0.25
+
+
 def test_pretrained_init_cfg_loads_upstream(tmp_path):
     from mmdet.models.backbones import ResNet
 
@@ -112,23 +188,64 @@ def test_init_weights_keeps_site_init():
     assert torch.all(model.layer2[1].site_norm.weight == 1)
 
 
+def _site_by_hand(site, neighbours, h):
+    """A BasicBlock site's eval-mode output from the explicit formula of
+    spec §3, reading the convs of ``neighbours`` (name -> block)."""
+    mats = []
+    for j, names in enumerate(site.sources, 1):
+        if names == ('own', ):
+            mats.append(getattr(site, f'weight{j}'))
+            continue
+        mats.append(sum(
+            getattr(site, f'phi{j}_{n}')[:, None] *
+            getattr(neighbours[n], f'conv{j}').weight.sum((2, 3))
+            for n in names))
+    x = h
+    for m in mats:
+        x = torch.einsum('oc,bchw->bohw', m, x)
+    return torch.relu(site.scale * site.site_norm(x) + h)
+
+
+@torch.no_grad()
 def test_ema_copy_reads_its_own_neighbours():
-    """mmengine's EMAHook deep-copies the model (spec §8)."""
+    """mmengine's EMAHook deep-copies the model (spec §8): the copy's
+    sites follow the copy's neighbours as they move, not the source's."""
     from mmengine.model import ExponentialMovingAverage
 
     from repl_mm.models.cls_resnet import RepLResNet_CIFAR
     model = RepLResNet_CIFAR(depth=20, replacement=dict(zero_init=False))
+    model.eval()
     ema = ExponentialMovingAverage(model, momentum=0.5)
-    site = ema.module.layer2[1]
+    ema.module.eval()
+    record = model.replacement_plan.sites[0]
+    assert (record.index, record.prev, record.next) == (5, 4, 6)
+    src_site, site = model.layer2[1], ema.module.layer2[1]
+    assert site.sources == [('next', ), ('prev', 'next')]
     own = {id(p) for p in ema.module.parameters()}
     assert all(id(w) in own for _, w in neighbour_weights(site))
-    with torch.no_grad():
+    h = torch.rand(2, 32, 8, 8, generator=torch.Generator().manual_seed(1))
+    for step in range(3):  # the first update copies, the next ones average
         for p in model.parameters():
-            p.add_(1.0)
-    ema.update_parameters(model)
-    # the average moved the copy's neighbours, and its site follows them
-    prev_conv2 = ema.module.layer2[0].conv2.weight
-    assert any(w is prev_conv2 for _, w in neighbour_weights(site))
+            p.add_(0.1 * (step + 1))
+        ema.update_parameters(model)
+    ema_nbrs = {'prev': ema.module.layer2[0], 'next': ema.module.layer2[2]}
+    src_nbrs = {'prev': model.layer2[0], 'next': model.layer2[2]}
+    conv2 = ema_nbrs['prev'].conv2.weight
+    assert not torch.allclose(conv2, src_nbrs['prev'].conv2.weight)
+    src_out = src_site(h)
+    out = site(h)
+    assert torch.allclose(out, _site_by_hand(site, ema_nbrs, h), atol=1e-5)
+    assert not torch.allclose(out, _site_by_hand(site, src_nbrs, h))
+    # move the copy's neighbours: its site follows them, the source's
+    # site does not
+    for block in ema_nbrs.values():
+        block.conv1.weight.mul_(-2.0)
+        block.conv2.weight.add_(0.5)
+    moved = site(h)
+    assert not torch.allclose(moved, out)
+    assert torch.allclose(moved, _site_by_hand(site, ema_nbrs, h),
+                          atol=1e-5)
+    assert torch.equal(src_site(h), src_out)
 
 
 def _cifar(**kwargs):
