@@ -190,6 +190,14 @@ def test_with_cp_is_non_reentrant_and_exact(case, mode, monkeypatch):
     grads = dict(plain.named_parameters())
     for n, p in cp_model.named_parameters():
         assert torch.allclose(p.grad, grads[n].grad, atol=1e-4), n
+    # BN statistics updated once per step, as without with_cp (upstream's
+    # reentrant checkpoint would update them a second time in backward)
+    stats = dict(plain.named_buffers())
+    for n, b in cp_model.named_buffers():
+        if b.is_floating_point():
+            assert torch.allclose(b, stats[n], atol=1e-6), n
+        else:
+            assert torch.equal(b, stats[n]), n
     blocks = [m for m in cp_model.modules()
               if isinstance(m, NonReentrantCheckpoint)]
     assert blocks
