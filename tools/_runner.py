@@ -8,9 +8,11 @@ import os.path as osp
 import repl_mm  # noqa: F401  (RepLRunner, RNGStateHook, the backbones)
 from mmengine.config import Config, DictAction
 
-from repl_mm.engine.runner import build_runner
+from repl_mm.engine.runner import (build_runner, destroy_distributed,
+                                   infer_local_rank)
 
-__all__ = ['add_common_args', 'load_config', 'build_runner']
+__all__ = ['add_common_args', 'load_config', 'build_runner',
+           'destroy_distributed']
 
 
 def add_common_args(parser: argparse.ArgumentParser):
@@ -31,9 +33,14 @@ def add_common_args(parser: argparse.ArgumentParser):
 
 def load_config(args) -> Config:
     """The config with ``--cfg-options``, ``--launcher`` and the work dir
-    (``--work-dir``, else the config's, else ``work_dirs/<config name>``)."""
+    (``--work-dir``, else the config's, else ``work_dirs/<config name>``).
+
+    Exports ``LOCAL_RANK`` (mmengine's DDP device) when unset: the
+    launcher's local rank (``mpirun``, ``srun``), else ``--local-rank``; see
+    :func:`repl_mm.engine.runner.infer_local_rank`."""
     if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+        os.environ['LOCAL_RANK'] = str(
+            infer_local_rank(args.launcher, args.local_rank))
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

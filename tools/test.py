@@ -9,7 +9,8 @@ Usage:
 import argparse
 import os.path as osp
 
-from _runner import add_common_args, build_runner, load_config
+from _runner import (add_common_args, build_runner, destroy_distributed,
+                     load_config)
 
 
 def parse_args():
@@ -35,6 +36,7 @@ def main():
         cfg.test_cfg = {**cfg.get('test_cfg', {}), 'fp16': True}
     runner = build_runner(cfg, train=False)
     metrics = runner.test()
+    destroy_distributed()
     if args.out:
         from mmengine.fileio import dump
         dump(metrics, args.out)

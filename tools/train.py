@@ -8,7 +8,8 @@ Usage:
 import argparse
 import os.path as osp
 
-from _runner import add_common_args, build_runner, load_config
+from _runner import (add_common_args, build_runner, destroy_distributed,
+                     load_config)
 
 
 def parse_args():
@@ -63,6 +64,7 @@ def main():
         cfg.resume, cfg.load_from = True, args.resume
     runner = build_runner(cfg, train=True)
     runner.train()
+    destroy_distributed()
 
 
 if __name__ == '__main__':

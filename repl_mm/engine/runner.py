@@ -1,15 +1,77 @@
 """``RepLRunner``: mmengine's ``Runner`` that loads its own checkpoints
-under torch >= 2.6 (see :mod:`.checkpoint_globals`) and trains with DDP on
-CPU-only machines (gloo)."""
+under torch >= 2.6 (see :mod:`.checkpoint_globals`), refuses checkpoints
+loaded onto the meta device, lets hooks gather per-rank state before a
+checkpoint is saved, and trains with DDP on CPU-only machines (gloo)."""
 import os
+from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from mmengine.model import revert_sync_batchnorm
+from mmengine.model import is_model_wrapper, revert_sync_batchnorm
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
+from mmengine.runner.checkpoint import (_load_checkpoint,
+                                        _load_checkpoint_to_model)
 
 from .checkpoint_globals import allow_mmengine_checkpoints
+
+#: Where each launcher's processes find their local rank (the GPU they
+#: drive) when ``LOCAL_RANK`` (torchrun's) is not set, in lookup order.
+LOCAL_RANK_ENV = {
+    'mpi': ('OMPI_COMM_WORLD_LOCAL_RANK',  # OpenMPI
+            'MPI_LOCALRANKID',  # MPICH, Intel MPI (Hydra)
+            'SLURM_LOCALID'),  # MPI processes started by srun
+    'slurm': ('SLURM_LOCALID', ),
+}
+
+
+def infer_local_rank(launcher: str,
+                     default: int = 0,
+                     environ: Optional[Mapping[str, str]] = None) -> int:
+    """The local rank of this process: ``LOCAL_RANK`` (torchrun, and
+    ``torch.distributed.launch``), else the launcher's own variable (see
+    :data:`LOCAL_RANK_ENV`), else ``default`` (``--local-rank``).
+
+    mmengine wraps the model in DDP with ``device_ids=[LOCAL_RANK]``;
+    ``tools/train.py`` and ``tools/test.py`` export the result as
+    ``LOCAL_RANK`` when it is unset, so under ``mpirun`` every rank drives
+    its own GPU instead of all driving GPU 0.
+
+    Args:
+        launcher (str): ``--launcher``: 'none', 'pytorch', 'slurm' or
+            'mpi'.
+        default (int): The rank when no variable names one. Defaults to 0.
+        environ (Mapping, optional): The environment. Defaults to
+            ``os.environ``.
+    """
+    environ = os.environ if environ is None else environ
+    for name in ('LOCAL_RANK', ) + LOCAL_RANK_ENV.get(launcher, ()):
+        value = environ.get(name, '').strip()
+        if not value:
+            continue
+        try:
+            rank = int(value)
+        except ValueError:
+            rank = -1
+        if rank < 0:
+            raise ValueError(f'--launcher {launcher}: {name}={value!r} is '
+                             'not a local rank (an integer >= 0)')
+        return rank
+    return default
+
+
+def meta_tensors(obj, path: str = 'checkpoint') -> Iterator[str]:
+    """Where ``obj`` (nested dicts, lists and tuples) holds tensors on the
+    meta device, as ``checkpoint['state_dict']['conv.weight']`` paths."""
+    if torch.is_tensor(obj):
+        if obj.is_meta:
+            yield path
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from meta_tensors(v, f'{path}[{k!r}]')
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from meta_tensors(v, f'{path}[{i}]')
 
 
 def init_cpu_distributed(launcher: str, backend: str = 'gloo') -> bool:
@@ -28,11 +90,34 @@ def init_cpu_distributed(launcher: str, backend: str = 'gloo') -> bool:
     return True
 
 
+def destroy_distributed() -> None:
+    """End the default process group, after a barrier, if there is one.
+
+    ``tools/train.py`` and ``tools/test.py`` call it when the run is done:
+    mmengine never ends the group, and a gloo rank whose group outlives
+    Python's shutdown can abort ("terminate called without an active
+    exception"), which torchrun reports as a failed run.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @RUNNERS.register_module()
 class RepLRunner(Runner):
     """mmengine ``Runner`` whose checkpoint loading (``load_from``,
     ``resume``, and the checkpoint of ``test()``) allow-lists exactly the
     globals mmengine 0.10.7 pickles into its training checkpoints.
+
+    Every rank calls :meth:`save_checkpoint` (``CheckpointHook`` does);
+    before mmengine's rank-0 save it runs the hooks'
+    ``before_save_checkpoint_all_ranks(runner)`` on every rank, where a
+    hook may run collectives (``RNGStateHook`` gathers each rank's random
+    state). :meth:`resume` ends with the hooks' ``after_resume(runner)``.
+    A checkpoint loaded onto the meta device (``map_location=
+    'meta'``) holds no data to load or resume from: :meth:`load_checkpoint`
+    (so ``resume`` and ``load_from``) raises a ``ValueError`` naming the
+    first meta tensor, before any hook or the model sees it.
 
     On a machine without CUDA, a distributed run wraps the model in DDP
     without ``device_ids`` (DDP rejects them for CPU modules) and reverts
@@ -56,9 +141,54 @@ class RepLRunner(Runner):
                 device_ids=None)
         return super().wrap_model(model_wrapper_cfg, model)
 
-    def load_checkpoint(self, *args, **kwargs):
+    def save_checkpoint(self, *args, **kwargs):
+        """mmengine's ``save_checkpoint`` (rank 0 writes), after the hooks'
+        ``before_save_checkpoint_all_ranks`` ran on every rank: mmengine
+        runs ``before_save_checkpoint`` on rank 0 only, where a collective
+        would hang."""
+        self.call_hook('before_save_checkpoint_all_ranks')
+        return super().save_checkpoint(*args, **kwargs)
+
+    def resume(self, *args, **kwargs) -> None:
+        """mmengine's ``resume``, then the hooks' ``after_resume(runner)``:
+        mmengine re-seeds every generator at the end of ``resume`` when the
+        config's seed differs from the checkpoint's (``randomness.seed=
+        None``), after ``after_load_checkpoint`` restored them
+        (``RNGStateHook`` restores them again). While it runs,
+        ``self.resuming`` is True, also when called directly rather than
+        for ``resume=True``."""
+        self.resuming = True
+        try:
+            super().resume(*args, **kwargs)
+        finally:
+            self.resuming = False
+        self.call_hook('after_resume')
+
+    def load_checkpoint(self,
+                        filename: str,
+                        map_location='cpu',
+                        strict: bool = False,
+                        revise_keys: list = [(r'^module.', '')]):
+        """mmengine 0.10.7's ``load_checkpoint`` (same arguments), with our
+        checkpoints' globals allowed and a ``ValueError`` for a checkpoint
+        on the meta device."""
         with allow_mmengine_checkpoints():
-            return super().load_checkpoint(*args, **kwargs)
+            checkpoint = _load_checkpoint(filename, map_location=map_location)
+        meta = next(meta_tensors(checkpoint), None)
+        if meta is not None:
+            raise ValueError(
+                f'map_location={map_location!r}: {filename} was loaded onto '
+                f'the meta device (first meta tensor: {meta}), which holds '
+                "no data to load or resume from; use map_location='cpu' or "
+                'a real device')
+        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
+        model = self.model.module if is_model_wrapper(
+            self.model) else self.model
+        checkpoint = _load_checkpoint_to_model(
+            model, checkpoint, strict, revise_keys=revise_keys)
+        self._has_loaded = True
+        self.logger.info(f'Load checkpoint from {filename}')
+        return checkpoint
 
 
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')

@@ -56,9 +56,8 @@ def tiny_config(folder, data, epochs=2, extra=''):
 
 
 def load(path):
-    from repl_mm.engine import allow_mmengine_checkpoints
-    with allow_mmengine_checkpoints():
-        return torch.load(path, map_location='cpu', weights_only=True)
+    from repl_mm.engine import load_mmengine_checkpoint
+    return load_mmengine_checkpoint(path)
 
 
 @pytest.fixture(scope='module')
@@ -163,3 +162,71 @@ def test_amp_and_ema_train(data, tmp_path):
     assert 'module.backbone.layer2.1.phi2_prev' in ema
     assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values()
                if v.is_floating_point())
+
+
+def test_checkpoints_on_the_meta_device(trained, data, tmp_path):
+    """A GPU run loads checkpoints onto the GPU (``resume``: get_device());
+    the meta device stands in for another device here. The training and
+    the published checkpoint, loaded onto it through RepLRunner, fail with
+    an error naming ``map_location`` and a tensor, before any hook or the
+    model sees them; the RNG hook, reached directly, names its entry."""
+    from types import SimpleNamespace
+
+    from mmengine.config import Config
+    from mmengine.hooks import Hook
+    from mmengine.registry import DefaultScope
+
+    from repl_mm.engine import ReplacementHook, RNGStateHook, build_runner
+    out = run('tools/model_converters/publish_model.py',
+              str(trained / 'epoch_3.pth'), str(tmp_path / 'r20.pth'))
+    published = out.stdout.strip().splitlines()[-1]
+    cfg = Config.fromfile(tiny_config(tmp_path, data, epochs=4))
+    cfg.work_dir, cfg.launcher = str(tmp_path / 'run'), 'none'
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        runner = build_runner(cfg, train=True)
+    ckpt = str(trained / 'epoch_3.pth')
+    meta = r"map_location='meta': .* the meta device \(first meta tensor: " \
+        r"checkpoint\['"
+    for path in (ckpt, published):
+        with pytest.raises(ValueError, match=meta):
+            runner.load_checkpoint(path, map_location='meta')
+    with pytest.raises(ValueError, match=meta):
+        runner.resume(ckpt, map_location='meta')
+    # the hooks' after_load_checkpoint paths, reached directly
+    on_meta = torch.load(ckpt, map_location='meta', weights_only=False)
+    with pytest.raises(ValueError, match=r"checkpoint\['rng_state'\]\[0\]"
+                       r"\['torch'\] is on the meta device"):
+        RNGStateHook().after_load_checkpoint(
+            SimpleNamespace(resuming=True), on_meta)
+    assert ReplacementHook.after_load_checkpoint is \
+        Hook.after_load_checkpoint  # it has none
+    # the backbones' _load_from_state_dict reads the plan's bytes: fine on
+    # any device with data, torch's own error on meta
+    state = {k[len('backbone.'):]: v
+             for k, v in on_meta['state_dict'].items()
+             if k.startswith('backbone.')}
+    with pytest.raises(NotImplementedError, match='meta tensor'):
+        runner.model.backbone.load_state_dict(state)
+    # the same files load and resume on the CPU
+    runner.load_checkpoint(published)
+    runner.resume(ckpt)
+    assert runner.epoch == 3
+
+
+def test_resume_without_a_fixed_seed_restores_the_rng_state(
+        trained, data, tmp_path):
+    """mmengine's resume re-seeds after loading when the config has no
+    fixed seed (mmdet's and mmseg's default); the saved state wins."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+
+    from repl_mm.engine import build_runner
+    cfg = Config.fromfile(tiny_config(tmp_path, data, epochs=4))
+    cfg.work_dir, cfg.launcher = str(tmp_path / 'run'), 'none'
+    cfg.randomness = dict(seed=None)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        runner = build_runner(cfg, train=True)
+    runner.resume(str(trained / 'epoch_3.pth'))
+    assert runner.seed == 0  # the checkpoint's, set by mmengine's resume
+    saved = load(trained / 'epoch_3.pth')['rng_state'][0]
+    assert torch.equal(torch.get_rng_state(), saved['torch'])

@@ -1,8 +1,9 @@
 """2-process training on this CPU (gloo) through tools/dist_train.sh, both
 routes (registry backbone, ReplacementHook): no unused-parameter errors
 without find_unused_parameters, and both ranks end with identical weights
-(issue 6 §2)."""
+(issue 6 §2); each rank's random state saved and restored on resume."""
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -147,3 +148,82 @@ def test_two_process_detection_segmentation(tmp_path, name, route):
     path.write_text(text)
     port = 29620 + 2 * sorted(STOCK).index(name) + (route == 'hook')
     assert_ranks_identical(dist_train(tmp_path, path, port))
+
+
+PROBE = '''
+import os
+import torch
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from repl_mm.engine.hooks.rng_state_hook import get_rng_state
+
+
+@HOOKS.register_module()
+class DumpRankRNG(Hook):
+    priority = 'HIGHEST'  # the state as train() leaves it after resuming
+
+    def before_train(self, runner):
+        torch.save(get_rng_state(), os.path.join(
+            runner.work_dir, f"rng{os.environ.get('RANK', '0')}.pth"))
+'''
+
+# one random stream per rank; no fixed seed (mmdet's and mmseg's default:
+# mmengine's resume then re-seeds after loading)
+CLS_RNG = CLS.replace("'dumper'", "'probe'") + '''
+randomness = dict(seed=None, diff_rank_seed=True)
+custom_hooks = [dict(type='DumpRankRNG')]
+'''
+
+
+def assert_same_rng_state(got, want):
+    assert torch.equal(got['torch'], want['torch'])
+    assert got['numpy']['state'] == want['numpy']['state']
+    assert list(got['python'][1]) == list(want['python'][1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_rng_state_per_rank(tmp_path):
+    """Each rank saves its own random state and restores it on resume; a
+    resume on one process restores rank 0's and says the rest are unused.
+    """
+    from .test_cls_pipeline import load
+    port = free_port()
+    (tmp_path / 'probe.py').write_text(textwrap.dedent(PROBE))
+    cfg = tmp_path / 'cfg.py'
+    cfg.write_text(CLS_RNG.format(root=ROOT, data=cls_data(tmp_path)))
+    work = tmp_path / 'work'
+    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir',
+             work)
+    states = load(work / 'epoch_1.pth')['rng_state']
+    assert isinstance(states, list) and len(states) == 2
+    assert not torch.equal(states[0]['torch'], states[1]['torch'])
+    assert states[0]['numpy'] != states[1]['numpy']
+
+    resume = ('--resume', work / 'epoch_1.pth', '--cfg-options',
+              'train_cfg.max_epochs=2')
+    two = tmp_path / 'two'
+    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir',
+             two, *resume)
+    for rank in range(2):
+        assert_same_rng_state(
+            torch.load(two / f'rng{rank}.pth', weights_only=True),
+            states[rank])
+
+    one = tmp_path / 'one'
+    env = {**os.environ, 'PYTHONPATH': str(tmp_path), 'OMP_NUM_THREADS': '1'}
+    env = {k: v for k, v in env.items()
+           if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
+    out = subprocess.run(
+        [sys.executable, 'tools/train.py', str(cfg), '--work-dir', str(one),
+         *map(str, resume)], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert_same_rng_state(torch.load(one / 'rng0.pth', weights_only=True),
+                          states[0])
+    log = next(one.rglob('*.log')).read_text()
+    assert 'the state of rank 1 is unused' in log
