@@ -190,6 +190,34 @@ def test_resume_continues_from_the_checkpoint(trained, data, tmp_path):
     assert meta['epoch'] == 2 * first['epoch']
 
 
+def test_resume_without_a_fixed_seed_restores_the_rng_state(
+        trained, data, tmp_path):
+    """mmengine's resume re-seeds after loading when the config has no
+    fixed seed (the tiny configs leave mmdet's and mmseg's default, None);
+    the saved state wins."""
+    import random
+
+    from repl_mm.engine import build_runner
+    name, work = trained
+    case = CASES[name]
+    cfg = Config.fromfile(tiny_config(name, tmp_path, data, 2 * case.length))
+    assert cfg.get('randomness') is None  # Runner's default: seed=None
+    cfg.work_dir, cfg.launcher = str(tmp_path / 'run'), 'none'
+    cfg.randomness = dict(seed=None)
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        runner = build_runner(cfg, train=True)
+    ckpt = load(work / case.ckpt)
+    runner.resume(str(work / case.ckpt))
+    # the first run's (drawn) seed, set by mmengine's resume
+    assert runner.seed == ckpt['meta']['seed'] is not None
+    saved = ckpt['rng_state'][0]
+    assert torch.equal(torch.get_rng_state(), saved['torch'])
+    state = np.random.get_state(legacy=False)
+    assert state['state']['key'].tolist() == saved['numpy']['state']['key']
+    assert state['state']['pos'] == saved['numpy']['state']['pos']
+    assert list(random.getstate()[1]) == list(saved['python'][1])
+
+
 def infer(name, cfg, weights, img):
     """The upstream inferencer's prediction for one image."""
     if name == 'retinanet':
