@@ -20,7 +20,6 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests -q
 
-# The whole suite on the users' stack, but for the tests listed (with the
-# reason) in tests/compat_excluded.txt.
+# The whole suite again, on the users' stack.
 test-compat: setup-compat
-	REPL_MM_COMPAT_RUN=1 $(COMPAT_VENV)/bin/python -m pytest tests -q
+	$(COMPAT_VENV)/bin/python -m pytest tests -q
