@@ -592,9 +592,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def dist_check(ctx: Context, route: str) -> Check:
+def dist_check(ctx: Context, route: str, recompute: bool = True) -> Check:
+    """``recompute=False``: the same run with the sites' recompute off,
+    whose seconds beside the default run's show what re-running each
+    site's SyncBN forward in backward (one more all-gather per site and
+    step) costs."""
     model = MODELS['resnet32']
-    check = f'dist-resnet32-{route}'
+    check = f'dist-resnet32-{route}' + ('' if recompute else '-norecompute')
     work = ctx.run_dir(check)
     world = ctx.gpus
     iters = max(1, min(ctx.iters, MNIST5K_TRAIN // (DIST_BATCH * max(
@@ -611,11 +615,14 @@ def dist_check(ctx: Context, route: str) -> Check:
             ctx.config_path('resnet32', route), str(world), '--work-dir',
             work, '--cfg-options', 'model.backbone.norm_cfg.type=SyncBN',
             f'train_dataloader.batch_size={DIST_BATCH}'
-        ] + schedule(ctx, model, iters, world=world, batch=DIST_BATCH)]
+        ] + ([] if recompute else
+             ['model.backbone.replacement.recompute=False']) +
+            schedule(ctx, model, iters, world=world, batch=DIST_BATCH)]
 
     return Check(
         check, f'tools/dist_train.sh on every GPU (NCCL, SyncBN), '
-        f'{route} route, ranks compared by parameter digest', commands,
+        f'{route} route' + ('' if recompute else ', recompute=False') +
+        ', ranks compared by parameter digest', commands,
         verify=lambda: verify_dist(ctx, work, world, iters,
                                    checkpoint_name(model, iters)),
         needs=('data-mnist5k', ), skip=skip,
@@ -650,6 +657,7 @@ def build_checks(ctx: Context) -> List[Check]:
     for name in ('resnet32', 'retinanet', 'deeplabv3'):
         checks.append(infer_check(ctx, name))
     checks += [dist_check(ctx, route) for route in ROUTES]
+    checks.append(dist_check(ctx, 'registry', recompute=False))
     checks += [bench_check(ctx, case) for case in BENCH]
     return checks
 

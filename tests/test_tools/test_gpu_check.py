@@ -69,13 +69,13 @@ def test_list_prints_every_check_and_runs_nothing(cli, tmp_path,
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
     assert names == gc.check_names()
-    assert len(names) == len(set(names)) == 31
+    assert len(names) == len(set(names)) == 32
     models = ('resnet32', 'vit-tiny', 'retinanet', 'deeplabv3')
     assert {f'train-{m}-{r}{a}' for m in models
             for r in ('registry', 'hook') for a in ('', '-amp')} <= set(names)
     for name in ('resume-resnet32', 'test-deeplabv3', 'infer-retinanet',
                  'dist-resnet32-registry', 'dist-resnet32-hook',
-                 'bench-resnet50', 'bench-deit-s', 'bench-retinanet-r50'):
+                 'dist-resnet32-registry-norecompute', 'bench-resnet50', 'bench-deit-s', 'bench-retinanet-r50'):
         assert name in names
     assert list(tmp_path.iterdir()) == []
 
@@ -162,7 +162,8 @@ def test_only_adds_what_a_check_needs_in_run_order():
     names = [c.name for c in select(checks, ['resume-*', 'dist-*'])]
     assert names == ['data-mnist5k', 'train-resnet32-registry-amp',
                      'resume-resnet32', 'dist-resnet32-registry',
-                     'dist-resnet32-hook']
+                     'dist-resnet32-hook',
+                     'dist-resnet32-registry-norecompute']
     cpu = build_checks(Context('w', gpus=0, iters=2))
     assert [c.name for c in select(cpu, ['resume-resnet32'])][-2:] == [
         'train-resnet32-registry', 'resume-resnet32']
@@ -180,12 +181,21 @@ def test_what_is_skipped_where(gpus, amp_skip, dist_skip):
     amp = [c for n, c in checks.items() if n.endswith('-amp')]
     assert len(amp) == 8 and all(c.skip == amp_skip for c in amp)
     dist = [c for n, c in checks.items() if n.startswith('dist-')]
-    assert len(dist) == 2
+    assert len(dist) == 3
     assert all((c.skip or None) == dist_skip or c.skip.startswith(dist_skip)
                for c in dist)
     others = [c for n, c in checks.items()
               if not n.endswith('-amp') and not n.startswith('dist-')]
     assert all(c.skip is None for c in others)
+
+
+def test_recompute_cost_run_turns_recompute_off():
+    checks = {c.name: c for c in build_checks(Context('w', 2, 20))}
+    off = checks['dist-resnet32-registry-norecompute']
+    on = checks['dist-resnet32-registry']
+    assert 'model.backbone.replacement.recompute=False' in off.commands()[0]
+    assert not any('recompute' in a for a in on.commands()[0])
+    assert 'recompute=False' in off.description
 
 
 # -- configs and schedules -------------------------------------------------
