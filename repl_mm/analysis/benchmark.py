@@ -93,7 +93,8 @@ DROP_PATH_TWINS = {('mmpretrain', t)
                              'RepLVisionTransformer')}
 TASKS = {'mmpretrain': 'cls', 'mmdet': 'det', 'mmseg': 'seg'}
 DEFAULT_SIZE = {'cls': 224, 'det': 320, 'seg': 256}
-# issue 3's targets of S_mem (activation memory) per backbone family
+# the project's targets of S_mem (activation memory) per backbone family:
+# the share of drop's saving RepL should keep (docs/benchmark.md)
 S_MEM_TARGETS = {'cifar': 0.70, 'bottleneck': 0.65, 'vit': 0.90}
 S_TIME_TARGET = 0.8
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)  # RepLResNet_CIFAR's 3-stage nets
@@ -776,8 +777,9 @@ def _derive(out: Dict[str, dict]):
 
 
 def check_targets(case: dict) -> List[dict]:
-    """Issue 3's targets for one case's results: S_mem (activation memory)
-    and S_time of 'repl', and 'repl+cp' below 'cp' in activation memory."""
+    """The project's targets (:data:`S_MEM_TARGETS`) for one case's
+    results: S_mem (activation memory) and S_time of 'repl', and 'repl+cp'
+    below 'cp' in activation memory."""
     ms, rows = case['methods'], []
     repl = ms.get('repl')
     if repl is not None and repl['S_mem'] is not None:

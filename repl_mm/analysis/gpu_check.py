@@ -925,7 +925,8 @@ def _main(argv=None):
     out = run_inferencer(args.task, args.folder, args.device)
     with open(args.out, 'w') as f:
         json.dump(out, f, indent=1)
-    print(json.dumps(out))
+    from mmengine.logging import print_log
+    print_log(json.dumps(out), logger='current')
 
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Span diagnostic of a trained end-to-end network and the choice of RepL
-sites under a budget (paper A.10 and A.11, issue 8 §1).
+sites under a budget (paper A.10 and A.11).
 
 **Diagnostic (A.10).** Let :math:`h_k(x)` be the output of residual block
 ``k`` for image ``x``, flattened. At every *would-be site* ``i`` (a
