@@ -1,5 +1,5 @@
 """Torch-only core of RepL: no OpenMMLab imports below this package."""
-from .checkpoint import NonReentrantCheckpoint, use_non_reentrant_checkpoint
+from .recompute import NonReentrantCheckpoint, use_non_reentrant_checkpoint
 from .cnn_site import ConvSite
 from .interpolate import InterpolatedBlock
 from .plan import (MODES, NEIGHBORS, ON_INVALID, STATIC_FROM, VIT_WEIGHTS,

@@ -6,11 +6,11 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
-from .checkpoint import (CheckpointedSite, needs_graph,
+from .recompute import (CheckpointedSite, needs_graph,
                          recompute_in_backward)
 from .device import ScaleBuffer, factory_kwargs
-from .synthesis import (apply_chain, at_least_fp32, collapse_kernel,
-                        fold_chain, mix_channels, should_fold)
+from .synthesis import (apply_chain, at_least_fp32, fold_chain,
+                        pointwise_mix, should_fold)
 
 # A position's sources: (neighbour name, the neighbour's conv module).
 Sources = Sequence[Tuple[str, nn.Module]]
@@ -208,11 +208,9 @@ class ConvSite(ScaleBuffer, CheckpointedSite, nn.Module):
             for j, srcs in enumerate(self._sources, 1):
                 if srcs:
                     mats.append(
-                        mix_channels([
-                            (at_least_fp32(getattr(self, f'phi{j}_{name}')),
-                             collapse_kernel(at_least_fp32(conv.weight)))
-                            for name, conv in srcs
-                        ]))
+                        pointwise_mix([(getattr(self, f'phi{j}_{name}'),
+                                        conv.weight)
+                                       for name, conv in srcs]))
                 else:
                     mats.append(at_least_fp32(getattr(self, f'weight{j}')))
             return mats
@@ -232,12 +230,13 @@ class ConvSite(ScaleBuffer, CheckpointedSite, nn.Module):
         x_hat = apply_chain(h, mats, fold=False)
         return self.drop_path(self.scale * self.site_norm(x_hat))
 
-    def _synthesized_update(self, h: Tensor) -> Tensor:
-        # autocast off for the input's device type (synthesize turns it off
-        # for the weights')
+    def weights(self, h: Tensor) -> List[Tensor]:
+        """The synthesized matrices for input ``h``: autocast off for its
+        device type too (:meth:`synthesize` turns it off for the
+        weights'). Kept for backward; recomputation re-runs only
+        :meth:`forward_with`."""
         with autocast_disabled(h.device.type):
-            mats = self.synthesize()
-        return self._update(h, *mats)
+            return self.synthesize()
 
     def trainable_tensors(self) -> List[Tensor]:
         """What the site's graph carries gradients to: its own parameters
@@ -246,16 +245,18 @@ class ConvSite(ScaleBuffer, CheckpointedSite, nn.Module):
             conv.weight for srcs in self._sources for _, conv in srcs
         ]
 
-    def compute(self, h: Tensor) -> Tensor:
-        """The site's function, without ``with_cp`` checkpointing."""
+    def forward_with(self, h: Tensor, *mats: Tensor) -> Tensor:
+        """act(update + h) with the given matrices (``weights(h)``).
+
+        With ``recompute`` (and no ``with_cp``, which checkpoints all of
+        this), only ``h`` and the matrices are stored for backward: the
+        chain, the norm and drop path re-run in backward."""
         if self.recompute and not self.with_cp and needs_graph(
                 h, *self.trainable_tensors()):
-            # Keep only h (the previous block's output, stored anyway):
-            # synthesis, chain and norm re-run in backward.
             update = recompute_in_backward(
-                self._synthesized_update, h, stateful=self.site_norm)
+                self._update, h, *mats, stateful=self.site_norm)
         else:
-            update = self._synthesized_update(h)
+            update = self._update(h, *mats)
         return self.act(update + h if self.residual else update)
 
     def extra_repr(self) -> str:

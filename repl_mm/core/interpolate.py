@@ -5,7 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled
-from .checkpoint import CheckpointedSite
+from .recompute import CheckpointedSite
 from .device import factory_kwargs
 from .synthesis import at_least_fp32
 
@@ -175,7 +175,14 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
             out.append(w.to(twin.dtype))
         return out
 
-    def _run(self, x: Tensor, *weights: Tensor) -> Tensor:
+    def weights(self, x: Tensor) -> List[Tensor]:
+        """The interpolated target weights for input ``x`` (autocast off
+        for its device type too); kept for backward under ``with_cp``."""
+        with autocast_disabled(x.device.type):  # and the twins' (inside)
+            return self.interpolate()
+
+    def forward_with(self, x: Tensor, *weights: Tensor) -> Tensor:
+        """The block with the given target weights."""
         for (mod, _), w in zip(self._targets, weights):
             mod.weight = w
         try:
@@ -184,12 +191,6 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
             # Leave no graph tensor behind (deepcopy, init_weights).
             for mod, _ in self._targets:
                 mod.weight = None
-
-    def compute(self, x: Tensor) -> Tensor:
-        """The block's function, without ``with_cp`` checkpointing."""
-        with autocast_disabled(x.device.type):  # and the twins' (inside)
-            weights = self.interpolate()
-        return self._run(x, *weights)
 
     def trainable_tensors(self) -> List[Tensor]:
         """Its own parameters (block and scalars) and the neighbours'

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .checkpoint import fuse_into_segment, use_non_reentrant_checkpoint
+from .recompute import fuse_into_segment, use_non_reentrant_checkpoint
 from .cnn_site import ConvSite
 from .device import weight_factory
 from .interpolate import InterpolatedBlock

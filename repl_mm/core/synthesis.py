@@ -62,6 +62,70 @@ def mix_channels(terms: Sequence) -> Tensor:
     return out
 
 
+class _PointwiseMix(torch.autograd.Function):
+    """sum_s diag(phi_s) S(W_s) in at least fp32, saving only the inputs.
+
+    Autograd through :func:`collapse_kernel` and :func:`mix_channels`
+    would keep every S(W_s) (and its fp32 copy for a narrower weight), a
+    (Cout, Cin) tensor per neighbour and position, alive for backward;
+    this keeps the inputs (the parameters, alive anyway) and sums the taps
+    again in backward, which costs Cout * Cin * k * k additions.
+    """
+
+    @staticmethod
+    def forward(ctx, *terms: Tensor) -> Tensor:
+        phis, weights = terms[0::2], terms[1::2]
+        ctx.save_for_backward(*terms)
+        return mix_channels([(at_least_fp32(phi),
+                              collapse_kernel(at_least_fp32(w)))
+                             for phi, w in zip(phis, weights)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        terms = ctx.saved_tensors
+        grads = []
+        for i in range(0, len(terms), 2):
+            phi, w = terms[i], terms[i + 1]
+            g_phi = g_w = None
+            if ctx.needs_input_grad[i]:
+                s = collapse_kernel(at_least_fp32(w))
+                g_phi = (grad * s).sum(dim=1) if phi.dim() == 1 else \
+                    (grad * s).sum()
+                g_phi = g_phi.reshape(phi.shape).to(phi.dtype)
+            if ctx.needs_input_grad[i + 1]:
+                p = at_least_fp32(phi)
+                g = grad * (p[:, None] if p.dim() == 1 else p)
+                if w.dim() == 4:  # the same gradient reaches every tap
+                    g = g[:, :, None, None].expand(w.shape)
+                g_w = g.to(w.dtype)
+            grads += [g_phi, g_w]
+        return tuple(grads)
+
+
+def pointwise_mix(terms: Sequence) -> Tensor:
+    """``mix_channels`` of the collapsed neighbour kernels, in at least
+    fp32: What = sum_s diag(phi_s) S(W_s) (spec §3).
+
+    Same value and gradients as
+    ``mix_channels([(at_least_fp32(phi), collapse_kernel(at_least_fp32(w)))
+    ...])``, but backward keeps only the inputs (no (Cout, Cin) copy per
+    neighbour).
+
+    Args:
+        terms (Sequence[tuple[Tensor, Tensor]]): Pairs ``(phi, W)``: phi of
+            shape (Cout,) or a scalar, W a (Cout, Cin, kh, kw) kernel or a
+            (Cout, Cin) matrix.
+
+    Example:
+        >>> w = torch.ones(2, 1, 3, 3)
+        >>> pointwise_mix([(torch.tensor([1., 0.5]), w)]).tolist()
+        [[9.0], [4.5]]
+    """
+    if not terms:
+        raise ValueError('pointwise_mix needs at least one term')
+    return _PointwiseMix.apply(*(t for pair in terms for t in pair))
+
+
 def fold_chain(mats: Sequence[Tensor]) -> Tensor:
     """One matrix for the chain x -> W_J(...(W_1 x)): W_J @ ... @ W_1."""
     out = mats[0]
@@ -146,6 +210,82 @@ def attention_operator(qkv_weight: Tensor, proj_weight: Tensor) -> Tensor:
 def mlp_operator(fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
     """M = W_fc2 @ W_fc1 (spec §4): (d, 4d) @ (4d, d) -> (d, d)."""
     return fc2_weight @ fc1_weight
+
+
+class _ProductMix(torch.autograd.Function):
+    """sum_s c_s W_out,s @ W_in,s in at least fp32, saving only the inputs
+    (the scalars and the parameters); backward forms the products again
+    (for the scalars' gradients) instead of keeping a (d, d) product per
+    neighbour alive."""
+
+    @staticmethod
+    def forward(ctx, value: bool, *terms: Tensor) -> Tensor:
+        ctx.value = value
+        ctx.save_for_backward(*terms)
+        out = None
+        for i in range(0, len(terms), 3):
+            c, w_in, w_out = terms[i:i + 3]
+            t = at_least_fp32(c) * (at_least_fp32(w_out) @ _rows(
+                at_least_fp32(w_in), value))
+            out = t if out is None else out + t
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        terms = ctx.saved_tensors
+        grads = [None]
+        for i in range(0, len(terms), 3):
+            c, w_in, w_out = terms[i:i + 3]
+            c32, w_out32 = at_least_fp32(c), at_least_fp32(w_out)
+            v32 = _rows(at_least_fp32(w_in), ctx.value)
+            g_c = g_in = g_out = None
+            if ctx.needs_input_grad[i + 1]:
+                g_c = (grad * (w_out32 @ v32)).sum().to(c.dtype)
+            if ctx.needs_input_grad[i + 2]:
+                g_v = c32 * (w_out32.t() @ grad)
+                if ctx.value:
+                    g_in = torch.zeros_like(w_in)
+                    g_in[2 * w_in.shape[1]:] = g_v.to(w_in.dtype)
+                else:
+                    g_in = g_v.to(w_in.dtype)
+            if ctx.needs_input_grad[i + 3]:
+                g_out = (c32 * (grad @ v32.t())).to(w_out.dtype)
+            grads += [g_c, g_in, g_out]
+        return tuple(grads)
+
+
+def _rows(w_in: Tensor, value: bool) -> Tensor:
+    return value_weight(w_in) if value else w_in
+
+
+def operator_mix(op: str, terms: Sequence) -> Tensor:
+    """sum_s c_s A_s (``op='attn'``, A = W_proj @ W_v) or sum_s c_s M_s
+    (``op='mlp'``, M = W_fc2 @ W_fc1), in at least fp32 (spec §4).
+
+    Same value and gradients as ``sum(c * attention_operator(qkv, proj))``
+    (or ``mlp_operator``) in at least fp32, but backward keeps only the
+    inputs: no (d, d) product per neighbour.
+
+    Args:
+        op (str): ``'attn'`` or ``'mlp'``.
+        terms (Sequence[tuple[Tensor, Tensor, Tensor]]): ``(c, W_in,
+            W_out)``: a scalar coefficient, then (qkv, proj) or (fc1, fc2)
+            weights.
+
+    Example:
+        >>> fc1, fc2 = torch.eye(2).repeat(2, 1), torch.ones(2, 4)
+        >>> operator_mix('mlp', [(torch.tensor(0.5), fc1, fc2)]).tolist()
+        [[1.0, 1.0], [1.0, 1.0]]
+    """
+    if op not in ('attn', 'mlp'):
+        raise ValueError(f"op must be 'attn' or 'mlp', got {op!r}")
+    if not terms:
+        raise ValueError('operator_mix needs at least one term')
+    if op == 'attn':
+        for _, w_in, _ in terms:
+            value_weight(w_in)  # checks the fused qkv shape
+    return _ProductMix.apply(op == 'attn',
+                             *(t for term in terms for t in term))
 
 
 def batch_norm_affine(running_mean: Tensor,

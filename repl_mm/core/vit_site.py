@@ -7,16 +7,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
-from .checkpoint import (CheckpointedSite, needs_graph,
+from .recompute import (CheckpointedSite, needs_graph,
                          recompute_in_backward)
 from .device import ScaleBuffer, factory_kwargs
-from .synthesis import at_least_fp32, attention_operator, mlp_operator
+from .synthesis import at_least_fp32, operator_mix
 
 # Per operator, its sources: (neighbour name, (linear, linear)) with
 # (qkv, proj) for 'attn' and (fc1, fc2) for 'mlp'.
 OperatorSources = Sequence[Tuple[str, Tuple[nn.Module, nn.Module]]]
 
-_OPERATORS = {'attn': attention_operator, 'mlp': mlp_operator}
+_OPERATORS = ('attn', 'mlp')
 
 
 class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
@@ -175,13 +175,10 @@ class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
             if not srcs:
                 out[op] = at_least_fp32(getattr(self, f'{op}_weight'))
                 continue
-            fn = _OPERATORS[op]
-            total = None
-            for name, (w_in, w_out) in srcs:
-                term = at_least_fp32(self.coefficient(name)) * fn(
-                    at_least_fp32(w_in.weight), at_least_fp32(w_out.weight))
-                total = term if total is None else total + term
-            out[op] = total
+            out[op] = operator_mix(op, [
+                (self.coefficient(name), w_in.weight, w_out.weight)
+                for name, (w_in, w_out) in srcs
+            ])
         return out
 
     def _update(self, h: Tensor, attn: Tensor, mlp: Tensor) -> Tensor:
@@ -190,14 +187,16 @@ class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
         y = self.act(F.linear(h, mlp)) + F.linear(h, attn)
         return self.drop_path(self.scale * self.site_norm(y))
 
-    def _synthesized_update(self, h: Tensor) -> Tensor:
-        # autocast off for the input's device type (synthesize turns it off
-        # for the weights')
+    def weights(self, h: Tensor) -> List[Tensor]:
+        """[Ahat, Mhat] for input ``h``: autocast off for its device type
+        too (:meth:`synthesize` turns it off for the weights'), in ``h``'s
+        dtype unless autocast is on. Kept for backward; recomputation
+        re-runs only :meth:`forward_with`."""
         with autocast_disabled(h.device.type):
             ops = self.synthesize()
         if not is_autocast_enabled(h.device.type):
             ops = {k: v.to(h.dtype) for k, v in ops.items()}
-        return self._update(h, ops['attn'], ops['mlp'])
+        return [ops['attn'], ops['mlp']]
 
     def trainable_tensors(self) -> List[Tensor]:
         """What the site's graph carries gradients to: its own parameters
@@ -207,13 +206,16 @@ class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
             for lin in pair
         ]
 
-    def compute(self, h: Tensor) -> Tensor:
-        """The site's function, without ``with_cp`` checkpointing."""
+    def forward_with(self, h: Tensor, attn: Tensor, mlp: Tensor) -> Tensor:
+        """h + update with the given operators (``weights(h)``).
+
+        With ``recompute`` (and no ``with_cp``, which checkpoints all of
+        this), only ``h`` and the operators are stored for backward: the
+        update re-runs in backward."""
         if self.recompute and not self.with_cp and needs_graph(
                 h, *self.trainable_tensors()):
-            # Keep only h: synthesis and update re-run in backward.
-            return h + recompute_in_backward(self._synthesized_update, h)
-        return h + self._synthesized_update(h)
+            return h + recompute_in_backward(self._update, h, attn, mlp)
+        return h + self._update(h, attn, mlp)
 
     def extra_repr(self) -> str:
         src = ', '.join(f"{op}<-{'+'.join(s)}"

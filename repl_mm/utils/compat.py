@@ -32,6 +32,8 @@ guard                           what differs between torch versions
                                 convolutions) and, once they have it, take
                                 ``including_emulation=False`` for the
                                 native answer.
+:func:`is_compiling`            ``torch.compiler.is_compiling()`` from 2.3;
+                                2.1-2.2: ``torch._dynamo.is_compiling()``.
 :func:`numpy_multiarray`        numpy's ``multiarray`` module (what its
                                 pickles reference): ``numpy._core`` from
                                 numpy 2, ``numpy.core`` in 1.x (1.26 has a
@@ -144,6 +146,14 @@ def cuda_bf16_native() -> bool:
 __all__ = ['TORCH_VERSION', 'torch_version', 'is_autocast_enabled',
            'autocast_disabled', 'safe_globals', 'event_start_ns',
            'cuda_bf16_native', 'numpy_multiarray']
+
+
+def is_compiling() -> bool:
+    """Whether dynamo is tracing the caller (``torch.compile``)."""
+    compiler = getattr(torch, 'compiler', None)
+    if compiler is not None and hasattr(compiler, 'is_compiling'):
+        return compiler.is_compiling()
+    return torch._dynamo.is_compiling()
 
 
 def numpy_multiarray():

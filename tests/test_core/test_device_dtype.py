@@ -346,7 +346,7 @@ def test_synthesis_in_fp32_under_autocast(monkeypatch, kind, mode, dtype):
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('kind', KINDS)
 def test_static_sites_under_autocast(kind, dtype):
-    from repl_mm.converters.static import static_replacement, to_static
+    from repl_mm.converters.to_static import static_replacement, to_static
     options = dict(interval=2, zero_init=False, scale=0.7)
     repl = build(kind, **options).eval()
     ref = build(kind, **static_replacement(options))
@@ -533,7 +533,7 @@ def test_ema_copy_of_a_float64_model(kind):
 @pytest.mark.parametrize('trained', ['synthesize', 'interpolate'])
 @pytest.mark.parametrize('kind', KINDS)
 def test_static_conversion_of_a_float64_model(kind, trained):
-    from repl_mm.converters.static import (relative_error,
+    from repl_mm.converters.to_static import (relative_error,
                                            static_replacement, to_static)
 
     from ..test_converters.test_static import randomize

@@ -186,3 +186,74 @@ def test_conv_site_forward_hand_formula(shapes, residual):
     out = site(h)
     assert out.shape == hand.shape
     assert torch.allclose(out, hand, atol=1e-5)
+
+
+@pytest.mark.parametrize('kernel', [3, None])
+def test_pointwise_mix_equals_autograd_and_gradchecks(kernel):
+    """The lean mix: value and gradients of collapse + mix, float64
+    gradcheck of its hand-written backward, and backward keeps only its
+    inputs."""
+    from repl_mm.analysis import SavedTensorMeter
+    from repl_mm.core.synthesis import pointwise_mix
+    torch.manual_seed(0)
+    shape = (5, 4, kernel, kernel) if kernel else (5, 4)
+    terms = [(torch.rand(5, dtype=torch.float64, requires_grad=True),
+              torch.rand(shape, dtype=torch.float64, requires_grad=True)),
+             (torch.rand((), dtype=torch.float64, requires_grad=True),
+              torch.rand(shape, dtype=torch.float64, requires_grad=True))]
+    flat = [t for pair in terms for t in pair]
+    assert torch.autograd.gradcheck(
+        lambda *t: pointwise_mix(list(zip(t[0::2], t[1::2]))), flat)
+    g = torch.rand(5, 4, dtype=torch.float64)
+    ref = mix_channels([(p, collapse_kernel(w)) for p, w in terms])
+    ref_grads = torch.autograd.grad(ref, flat, g)
+    with SavedTensorMeter(flat) as meter:
+        out = pointwise_mix(terms)
+    assert meter.bytes == 0  # nothing but the inputs
+    assert torch.allclose(out, ref)
+    for a, b in zip(torch.autograd.grad(out, flat, g), ref_grads):
+        assert torch.allclose(a, b)
+
+
+def test_pointwise_mix_of_half_weights_runs_in_fp32():
+    from repl_mm.core.synthesis import pointwise_mix
+    phi = torch.full((3, ), 0.5, requires_grad=True)
+    w = torch.rand(3, 2, 3, 3).half().requires_grad_()
+    out = pointwise_mix([(phi, w)])
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert w.grad.dtype == torch.float16 and phi.grad.dtype == torch.float32
+    assert torch.allclose(phi.grad, w.float().sum((1, 2, 3)))
+
+
+@pytest.mark.parametrize('op', ['attn', 'mlp'])
+def test_operator_mix_equals_autograd_and_gradchecks(op):
+    """The lean ViT operator mix: value and gradients of the products,
+    float64 gradcheck of its backward, only its inputs kept."""
+    from repl_mm.analysis import SavedTensorMeter
+    from repl_mm.core.synthesis import operator_mix
+    torch.manual_seed(0)
+    d = 4
+    fn = attention_operator if op == 'attn' else mlp_operator
+    shapes = ((3 * d, d), (d, d)) if op == 'attn' else ((2 * d, d), (d, 2 * d))
+
+    def rand(*shape):
+        return torch.rand(shape, dtype=torch.float64, requires_grad=True)
+
+    terms = [(rand(), rand(*shapes[0]), rand(*shapes[1])) for _ in range(2)]
+    flat = [t for term in terms for t in term]
+    assert torch.autograd.gradcheck(
+        lambda *t: operator_mix(op, [t[i:i + 3] for i in range(0, 6, 3)]),
+        flat)
+    g = torch.rand(d, d, dtype=torch.float64)
+    ref = sum(c * fn(w_in, w_out) for c, w_in, w_out in terms)
+    ref_grads = torch.autograd.grad(ref, flat, g)
+    with SavedTensorMeter(flat) as meter:
+        out = operator_mix(op, terms)
+    assert meter.bytes == 0
+    assert torch.allclose(out, ref)
+    for a, b in zip(torch.autograd.grad(out, flat, g), ref_grads):
+        assert torch.allclose(a, b)
+    with pytest.raises(ValueError, match="op must be 'attn' or 'mlp', got "
+                       "'ffn'"):
+        operator_mix('ffn', terms)

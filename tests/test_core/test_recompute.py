@@ -1,4 +1,4 @@
-"""Recomputation in backward (repl_mm.core.checkpoint): several backward
+"""Recomputation in backward (repl_mm.core.recompute): several backward
 passes through one graph, and the run-time checkpoint classes pickle."""
 import copy
 import io
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from repl_mm.core import ConvSite, TransformerSite
-from repl_mm.core import checkpoint as cp
-from repl_mm.core.checkpoint import (FrozenBuffers, fuse_into_segment,
+from repl_mm.core import recompute as cp
+from repl_mm.core.recompute import (FrozenBuffers, fuse_into_segment,
                                      use_non_reentrant_checkpoint)
 
 from .test_sites import conv_site, vit_site
@@ -186,7 +186,7 @@ def _roundtrips(net):
 def test_checkpoint_classes_pickle():
     net = segment_net().eval()
     name = type(net[0]).__name__
-    assert name == 'NonReentrant_tests_test_core_test_checkpoint_Block'
+    assert name == 'NonReentrant_tests_test_core_test_recompute_Block'
     assert getattr(cp, name) is type(net[0])
     x = torch.rand(2, 4, 5, 5)
     ref = net(x)

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..utils.compat import is_compiling
+
 
 class NonReentrantCheckpoint:
     """Mixin: checkpoint ``super().forward`` non-reentrantly when
@@ -51,19 +53,33 @@ class NonReentrantCheckpoint:
         if getattr(self, 'with_cp', False) and needs_graph(
                 x, *self.parameters(),
                 *(t for site in self.tail for t in site.trainable_tensors())):
+            # The tail sites' synthesized weights are made here, outside
+            # the segment: backward keeps them instead of synthesizing
+            # again; only the feature-map part is recomputed.
+            weights = [tuple(site.weights(x)) for site in self.tail]
+            counts = tuple(len(w) for w in weights)
             return recompute_in_backward(
-                self._segment, x, stateful=(self, *self.tail))
+                lambda x, *flat: self._segment(x, flat, counts), x,
+                *(t for w in weights for t in w),
+                stateful=(self, *self.tail))
         return self._segment(x)
 
-    def _segment(self, x):
+    def _segment(self, x, flat=(), counts=None):
+        """The block, then its tail sites (with the given weights, in
+        order, ``counts[i]`` for site i; their own when None)."""
         # Also runs when backward recomputes, so the flag is off there too.
         with_cp, self.with_cp = getattr(self, 'with_cp', False), False
         try:
             x = super().forward(x)
         finally:
             self.with_cp = with_cp
-        for site in self.tail:
-            x = site.compute(x)
+        start = 0
+        for i, site in enumerate(self.tail):
+            if counts is None:
+                x = site.compute(x)
+                continue
+            x = site.forward_with(x, *flat[start:start + counts[i]])
+            start += counts[i]
         return x
 
     @property
@@ -92,13 +108,20 @@ class NonReentrantCheckpoint:
 
 class CheckpointedSite:
     """Mixin of the modules that stand in for a replaced block: the
-    forward they share around their own ``compute``.
+    forward they share around their own function.
+
+    A site's function is split in two: ``weights(x)``, the weight-space
+    part (synthesis from the neighbours' live weights: small tensors), and
+    ``forward_with(x, *weights)``, the feature-map part; ``compute(x)`` is
+    ``forward_with(x, *weights(x))``. Every recomputation in backward re-runs
+    ``forward_with`` only: the synthesized weights are kept for backward, so
+    synthesis runs once per step.
 
     A site fused into the previous block's segment (``fuse_into_segment``)
     passes its input through (the segment computed it); with ``with_cp`` it
-    checkpoints itself, its buffers (norm statistics) updated once.
-    Subclasses define ``compute(x)``, ``trainable_tensors()`` and
-    ``with_cp``.
+    checkpoints ``forward_with``, its buffers (norm statistics) updated once.
+    Subclasses define ``weights(x)``, ``forward_with(x, *weights)``,
+    ``trainable_tensors()`` and ``with_cp``.
     """
 
     fused = False
@@ -107,8 +130,13 @@ class CheckpointedSite:
         if self.fused:
             return x
         if self.with_cp and needs_graph(x, *self.trainable_tensors()):
-            return recompute_in_backward(self.compute, x, stateful=self)
+            return recompute_in_backward(
+                self.forward_with, x, *self.weights(x), stateful=self)
         return self.compute(x)
+
+    def compute(self, x):
+        """The site's function, without ``with_cp`` checkpointing."""
+        return self.forward_with(x, *self.weights(x))
 
 
 def fuse_into_segment(block: nn.Module, site: nn.Module):
@@ -218,7 +246,16 @@ def recompute_in_backward(fn, *args,
     checkpoint); the buffers of ``stateful`` (a module or modules) are left
     as the forward set them when backward re-runs ``fn``, however many
     backward passes run through the graph. RNG state (drop path) is
-    replayed, so outputs and gradients equal a plain call's."""
+    replayed, so outputs and gradients equal a plain call's.
+
+    Under ``torch.compile`` the checkpoint is traced as a region that the
+    compiler recomputes in its backward graph; the buffer updates are part
+    of the compiled forward only (functionalized), so they happen once
+    without :class:`FrozenBuffers`, whose ``context_fn`` dynamo cannot
+    trace.
+    """
+    if is_compiling():
+        return checkpoint(fn, *args, use_reentrant=False)
     if isinstance(stateful, nn.Module):
         stateful = (stateful, )
     stateful = tuple(stateful)
