@@ -7,8 +7,10 @@ demo configs (configs/demo/resnet32-{e2e,repl}_1xb64_15e_mnist5k.py,
 ``--epochs`` of the cosine schedule, seed 0); measure parameters, FLOPs
 of a training step, activation memory (bytes saved for backward) and
 step time (median of round-robin trials) of both on a batch of 64
-(``tools/analysis/benchmark.py``'s code); write the benchmark outputs and
-the accuracy-vs-memory chart under ``--out-dir``.
+(``tools/analysis/benchmark.py``'s code; the time ratio is marked
+unreliable when the load average around the timing exceeds the threads
+torch uses); write the benchmark outputs and the accuracy-vs-memory chart
+under ``--out-dir``.
 
 Usage:
     python tools/demo.py [--epochs 4] [--out-dir work_dirs/demo]
@@ -26,10 +28,12 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')
 
 from mmengine.logging import MMLogger, print_log  # noqa: E402
 
-from repl_mm.analysis.benchmark import (finalize, machine_info,  # noqa: E402
-                                        make_case, run_case, write_outputs)
+from repl_mm.analysis.benchmark import finalize, run_case  # noqa: E402
+from repl_mm.analysis.cases import make_case  # noqa: E402
 from repl_mm.analysis.experiments import (Run, cls_budget,  # noqa: E402
                                           train_and_test)
+from repl_mm.analysis.report import (load_note, machine_info,  # noqa: E402
+                                     time_ratio_text, write_outputs)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = {
@@ -79,6 +83,10 @@ def render(bench: dict, acc: dict, epochs: int) -> str:
     ref = ms['e2e']
     mb = 2.0**20
 
+    # a timing on a loaded machine is marked, not given as a bare figure
+    # (E2E's ratio is 1 by construction: never marked)
+    unreliable = ', unreliable' if load_note(bench.get('load')) else ''
+
     def cell(value, ref_value, spec):
         return f'{value:{spec}} ({value / ref_value:.3f})'
 
@@ -97,13 +105,16 @@ def render(bench: dict, acc: dict, epochs: int) -> str:
             f'{cell(flops / 1e9, ref_flops / 1e9, ".3f")} | '
             f'{cell(r["saved_bytes"] / mb, ref["saved_bytes"] / mb, ".1f")}'
             f' | {r["time_ms"]["median"]:.0f} '
-            f'({r["time_ratio"]["median"]:.3f}) |')
+            f'({r["time_ratio"]["median"]:.3f}'
+            f'{unreliable if m != "e2e" else ""}) |')
     b = bench
     lines += [
         '', '(ratio to E2E in brackets; efficiency on a batch of '
         f'{b["batch_size"]} x 3 x {b["input_size"][0]} x '
         f'{b["input_size"][1]}, step time = median of {b["repeats"]} '
-        'round-robin trials, its ratio = median of per-trial ratios)'
+        'round-robin trials, its ratio = median of per-trial ratios)', '',
+        'RepL step time ' +
+        time_ratio_text(ms['repl']['time_ratio']['median'], b.get('load'))
     ]
     return '\n'.join(lines)
 
@@ -138,8 +149,8 @@ def main(argv=None):
     results['meta']['seconds'] = time.perf_counter() - t0
     written = write_outputs(results, args.out_dir, {CASE: acc})
     with open(osp.join(args.out_dir, 'demo.json'), 'w') as f:
-        json.dump(dict(accuracy=acc, runs=runs, meta=results['meta']), f,
-                  indent=1)
+        json.dump(dict(accuracy=acc, runs=runs, meta=results['meta'],
+                       load=bench['load']), f, indent=1)
     table = render(results['cases'][0], acc, args.epochs)
     with open(osp.join(args.out_dir, 'demo.md'), 'w') as f:
         f.write(table + '\n')

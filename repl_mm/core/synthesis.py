@@ -62,6 +62,11 @@ def mix_channels(terms: Sequence) -> Tensor:
     return out
 
 
+def _records_graph(tensors) -> bool:
+    return torch.is_grad_enabled() and not torch.jit.is_tracing() and any(
+        t.requires_grad for t in tensors)
+
+
 class _PointwiseMix(torch.autograd.Function):
     """sum_s diag(phi_s) S(W_s) in at least fp32, saving only the inputs.
 
@@ -75,7 +80,8 @@ class _PointwiseMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *terms: Tensor) -> Tensor:
         phis, weights = terms[0::2], terms[1::2]
-        ctx.save_for_backward(*terms)
+        if ctx is not None:
+            ctx.save_for_backward(*terms)
         return mix_channels([(at_least_fp32(phi),
                               collapse_kernel(at_least_fp32(w)))
                              for phi, w in zip(phis, weights)])
@@ -123,6 +129,10 @@ def pointwise_mix(terms: Sequence) -> Tensor:
     """
     if not terms:
         raise ValueError('pointwise_mix needs at least one term')
+    if not _records_graph(t for pair in terms for t in pair):
+        # Plain ops where nothing is saved anyway: FLOP counters and
+        # tracers see through them.
+        return _PointwiseMix.forward(None, *(t for p in terms for t in p))
     return _PointwiseMix.apply(*(t for pair in terms for t in pair))
 
 
@@ -220,8 +230,9 @@ class _ProductMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value: bool, *terms: Tensor) -> Tensor:
-        ctx.value = value
-        ctx.save_for_backward(*terms)
+        if ctx is not None:
+            ctx.value = value
+            ctx.save_for_backward(*terms)
         out = None
         for i in range(0, len(terms), 3):
             c, w_in, w_out = terms[i:i + 3]
@@ -284,8 +295,11 @@ def operator_mix(op: str, terms: Sequence) -> Tensor:
     if op == 'attn':
         for _, w_in, _ in terms:
             value_weight(w_in)  # checks the fused qkv shape
-    return _ProductMix.apply(op == 'attn',
-                             *(t for term in terms for t in term))
+    flat = [t for term in terms for t in term]
+    if not _records_graph(flat):
+        # Plain ops where nothing is saved anyway (FLOP counters, tracers)
+        return _ProductMix.forward(None, op == 'attn', *flat)
+    return _ProductMix.apply(op == 'attn', *flat)
 
 
 def batch_norm_affine(running_mean: Tensor,

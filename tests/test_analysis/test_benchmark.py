@@ -1,76 +1,24 @@
-"""The efficiency benchmark (issue 3): hand-computed memory figures, the
-derived statistics, method configs, and an end-to-end run on a tiny CIFAR
-ResNet-20. Behaviour only: nothing here asserts a speed."""
+"""The efficiency benchmark: method configs, derived statistics, compiled
+variants, and an end-to-end run on a tiny CIFAR ResNet-20. Behaviour only:
+nothing here asserts a speed. The memory and time primitives are tested in
+test_profiling.py, the rendering in test_report.py."""
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from mmengine.model import BaseModel
-from torch import nn
 
-from repl_mm.analysis.memory import SavedTensorMeter
-from repl_mm.analysis.benchmark import (METHODS, Case, build_model,
-                                        make_batch, make_case, measure_memory,
-                                        method_model_cfg, ratio_stats,
-                                        run_benchmark, saving_efficiency,
-                                        time_round_robin, training_loss)
+from repl_mm.analysis import benchmark
+from repl_mm.analysis.benchmark import (METHODS, method_model_cfg,
+                                        run_benchmark, run_case,
+                                        saving_efficiency)
+from repl_mm.analysis.cases import (Case, build_model, make_batch, make_case,
+                                    training_loss)
 
 ROOT = Path(__file__).resolve().parents[2]
 RETINANET = 'mmdet::retinanet/retinanet_r50_fpn_1x_coco.py'
 DEEPLAB = 'mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-512x1024.py'
-
-
-class Tiny(BaseModel):
-    """A bare network with ``loss`` and ``parse_losses`` like a task
-    model; the loss is a sum, which saves nothing for backward."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, data_samples=None, mode='tensor'):
-        return self.net(x)
-
-    def loss(self, x):
-        return dict(loss=self.net(x).sum())
-
-
-def _loss_parsing_bytes() -> int:
-    """What mmengine's ``parse_losses`` (``loss.mean()``) saves on this
-    torch: nothing from torch 2.2 on, the 0-d loss (4 bytes) on 2.1,
-    whose ``mean`` backward keeps its input."""
-    loss = torch.zeros((), requires_grad=True) * 1
-    with SavedTensorMeter([]) as meter:
-        loss.mean()
-    return meter.bytes
-
-
-def memory_of(net, x):
-    model = Tiny(net)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    return measure_memory(model, opt, (x, ))
-
-
-def test_saved_bytes_conv_relu():
-    # conv saves its input x (2*3*8*8 floats), its weight is a parameter
-    # (excluded); relu saves its output (2*4*6*6 floats)
-    mem = memory_of(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
-                    torch.rand(2, 3, 8, 8))
-    assert mem['saved_bytes'] == (2 * 3 * 8 * 8 + 2 * 4 * 6 * 6) * 4 + \
-        _loss_parsing_bytes()
-    assert mem['synthesis_kept_bytes'] == 0
-    # the step's allocator peak holds at least the saved tensors
-    assert mem['peak_bytes'] >= mem['saved_bytes']
-
-
-def test_saved_bytes_storage_counted_once():
-    # fc1 saves x (3*4); relu saves its output (3*8), which fc2 saves again
-    # as its input: one storage, counted once; weights excluded
-    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    assert memory_of(net, torch.rand(3, 4))['saved_bytes'] == \
-        (12 + 24) * 4 + _loss_parsing_bytes()
 
 
 def test_saving_efficiency():
@@ -78,21 +26,6 @@ def test_saving_efficiency():
     assert saving_efficiency(100, 60, 60) == pytest.approx(1.0)
     assert saving_efficiency(1.0, 1.1, 0.8) == pytest.approx(-0.5)
     assert saving_efficiency(100, 90, 100) is None
-
-
-def test_ratio_stats_per_trial():
-    # per-trial ratios 2, 2, 3, 2 (not the ratio of medians, 5/2)
-    s = ratio_stats([2, 4, 6, 8], [1, 2, 2, 4])
-    assert s == pytest.approx(dict(median=2.0, q1=2.0, q3=2.25))
-
-
-def test_time_round_robin_interleaves():
-    calls = []
-    steps = {n: (lambda n=n: calls.append(n)) for n in 'abc'}
-    times = time_round_robin(steps, repeats=3, warmup=1)
-    assert {n: len(t) for n, t in times.items()} == dict(a=3, b=3, c=3)
-    # every round runs every method once, the start rotated each round
-    assert calls == list('abc' 'bca' 'cab' 'abc')
 
 
 def test_method_configs_of_upstream_detector():
@@ -267,3 +200,77 @@ def test_cli_accepts_suite_and_methods():
     args = load_cli().parse_args(['--suite', 'cifar-r32', '--quick'])
     assert args.suite == ['cifar-r32'] and args.methods == list(METHODS)
     assert isinstance(r20_case(), Case)
+
+
+def test_cli_compile_and_blocks_options(capsys):
+    cli = load_cli()
+    args = cli.parse_args(['--suite', 'cifar-r32', '--compile'])
+    assert args.compile and args.compile_backend == 'inductor'
+    args = cli.parse_args(['--suite', 'cifar-r32', '--compile',
+                           '--compile-backend', 'eager'])
+    assert args.compile_backend == 'eager'
+    assert cli.parse_args(['--suite', 'cifar-r32', '--blocks']).blocks
+    with pytest.raises(SystemExit):
+        cli.parse_args(['--suite', 'cifar-r32', '--blocks', '--compile'])
+    assert '--blocks measures single blocks: it takes no --compile' in \
+        capsys.readouterr().err
+
+
+def test_compiled_variants(monkeypatch):
+    """Every method also runs compiled (here with the 'eager' backend:
+    dynamo's tracing without inductor's code generation, seconds instead
+    of minutes); a compile that fails at its first step, or later during
+    the timing, is recorded as failed with the first line of the error and
+    the other methods are measured."""
+    real = torch.compile
+    calls = {}
+
+    def fake_compile(model, backend):
+        mode = model.backbone.replacement_plan.mode
+        cfg = model.backbone.replacement_plan.config
+        compiled = real(model, backend=backend)
+
+        def run(*args, **kwargs):
+            calls[mode] = calls.get(mode, 0) + 1
+            if mode == 'drop':
+                raise RuntimeError('boom\nsecond line')
+            if not cfg.recompute and calls[mode] > 3:  # after warm-up
+                raise ValueError('late')
+            return compiled(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(benchmark.torch, 'compile', fake_compile)
+    methods = ['e2e', 'drop', 'repl-norecompute']
+    res = run_case(r20_case(), methods, compile_backend='eager')
+    comp = res['compiled']
+    assert comp['backend'] == 'eager' and list(comp['methods']) == methods
+    r = comp['methods']
+    assert r['drop']['failed'] == 'RuntimeError: boom'
+    assert r['repl-norecompute']['failed'] == 'ValueError: late'
+    e2e = r['e2e']
+    assert 'failed' not in e2e and e2e['compile_seconds'] > 0
+    assert e2e['time_ratio'] == dict(median=1.0, q1=1.0, q3=1.0)
+    assert e2e['flops'] == res['methods']['e2e']['flops']
+    # the eager methods are all measured
+    assert all('time_ratio' in m for m in res['methods'].values())
+    results = benchmark.finalize(dict(cases=[res]))
+    assert results['cases'][0]['compiled']['methods']['e2e']['S_time'] \
+        is None  # no compiled drop to compare with
+    md = benchmark.to_markdown(results)
+    assert '| drop | failed: RuntimeError: boom |' in md
+
+
+def test_compiled_eager_backend_end_to_end():
+    """A real torch.compile of E2E, drop and RepL without recompute;
+    derived figures against the compiled E2E and drop."""
+    methods = ['e2e', 'drop', 'repl-norecompute']
+    res = benchmark.finalize(dict(cases=[
+        run_case(r20_case(), methods, compile_backend='eager')]))
+    r = res['cases'][0]['compiled']['methods']
+    assert not any(m.get('failed') for m in r.values()), r
+    assert r['repl-norecompute']['S_time'] == pytest.approx(
+        saving_efficiency(1, r['repl-norecompute']['time_ratio']['median'],
+                          r['drop']['time_ratio']['median']))
+    assert r['drop']['saved_bytes'] < r['e2e']['saved_bytes']
+    assert r['drop']['S_mem'] == pytest.approx(1.0)

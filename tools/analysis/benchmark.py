@@ -1,6 +1,6 @@
 """Efficiency benchmark of RepL against E2E, drop, stochastic depth and
-activation checkpointing (issue 3). What is measured and how:
-docs/benchmark.md.
+activation checkpointing, eager and compiled, and of single sites against
+the blocks they replace. What is measured and how: docs/benchmark.md.
 
 Usage:
     python tools/analysis/benchmark.py --suite                 # all cases
@@ -9,6 +9,10 @@ Usage:
         configs/retinanet/retinanet_repl-r50_fpn_1x_coco.py \
         --input-size 320 --batch-size 1 --repeats 3
     python tools/analysis/benchmark.py --suite --accuracies acc.json
+    # every method also compiled (torch.compile, inductor)
+    python tools/analysis/benchmark.py --suite cifar-r32 --quick --compile
+    # each site against the block it replaces (recompute on and off)
+    python tools/analysis/benchmark.py --suite resnet50 --blocks
     # on a GPU (models and batch on cuda:0, synchronized timing, CUDA peak)
     python tools/analysis/benchmark.py --suite resnet50 deit-s \
         --methods e2e repl drop --batch-size 64 --device cuda
@@ -31,11 +35,15 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')
 
 from mmengine.logging import MMLogger, print_log  # noqa: E402
 
-from repl_mm.analysis.benchmark import (METHODS, SUITE,  # noqa: E402
-                                        finalize, load_accuracies, make_case,
-                                        run_benchmark, suite_cases,
-                                        write_outputs)
+from repl_mm.analysis.benchmark import (METHODS, finalize,  # noqa: E402
+                                        run_benchmark)
+from repl_mm.analysis.blocks import measure_blocks  # noqa: E402
+from repl_mm.analysis.cases import SUITE, make_case, suite_cases  # noqa: E402
 from repl_mm.analysis.device import resolve_device  # noqa: E402
+from repl_mm.analysis.report import (blocks_markdown,  # noqa: E402
+                                     load_accuracies, write_outputs)
+
+BLOCKS_REPEATS = 10  # --blocks trials unless --repeats says otherwise
 
 
 def parse_args(argv=None):
@@ -79,6 +87,21 @@ def parse_args(argv=None):
         help="configs: the k=4 methods (repl, drop, ...) keep the config's "
         'own sites (e.g. indices=[3, 7, 11]) instead of interval=4')
     parser.add_argument(
+        '--compile', action='store_true',
+        help='also measure every method as torch.compile(model) (ratios '
+        'and S against compiled E2E and drop); compilation runs in the '
+        'untimed warm-up; a method that fails to compile is reported as '
+        'failed with the error\'s first line')
+    parser.add_argument(
+        '--compile-backend', default='inductor', metavar='BACKEND',
+        help='torch.compile backend of --compile (default inductor)')
+    parser.add_argument(
+        '--blocks', action='store_true',
+        help='instead of the step benchmark: each site of the RepL model '
+        'against the E2E block it replaces (fwd+bwd time, FLOPs, saved '
+        f'bytes; recompute on and off, zero_init=False; --repeats trials, '
+        f'default {BLOCKS_REPEATS})')
+    parser.add_argument(
         '--accuracies', default=None,
         help='JSON {case: {method: accuracy}} for the accuracy-memory plot')
     parser.add_argument(
@@ -110,6 +133,12 @@ def parse_args(argv=None):
             fail(f'--from-json: file {args.from_json!r} does not exist')
     elif args.suite is None and not args.configs:
         fail('give config files or --suite (or --from-json)')
+    if args.blocks:
+        for opt, given in (('--compile', args.compile),
+                           ('--from-json', args.from_json is not None),
+                           ('--accuracies', args.accuracies is not None)):
+            if given:
+                fail(f'--blocks measures single blocks: it takes no {opt}')
     if args.suite:
         unknown = [n for n in args.suite if n not in SUITE]
         if unknown:
@@ -179,8 +208,28 @@ def main(argv=None):
                       repeats=args.repeats or 3))
         cases[-1].indices = indices
         cases[-1].config_plan = args.config_plan
+    if args.blocks:
+        run_blocks(cases, args)
+        return
+    backend = args.compile_backend if args.compile else None
     run_benchmark(cases, args.out_dir, args.methods, args.warmup, accuracies,
-                  device=args.device)
+                  device=args.device, compile_backend=backend)
+
+
+def run_blocks(cases, args):
+    """``--blocks``: the single-block table of every case, printed and
+    written to ``blocks.md`` and ``blocks.json``."""
+    results, tables = [], []
+    for case in cases:
+        results.append(
+            measure_blocks(case, args.repeats or BLOCKS_REPEATS,
+                           warmup=max(args.warmup, 1), device=args.device))
+        tables.append(blocks_markdown(results[-1]))
+    with open(os.path.join(args.out_dir, 'blocks.json'), 'w') as f:
+        json.dump(dict(cases=results), f, indent=1)
+    with open(os.path.join(args.out_dir, 'blocks.md'), 'w') as f:
+        f.write('\n'.join(tables))
+    print_log('\n' + '\n'.join(tables), logger='current')
 
 
 if __name__ == '__main__':

@@ -1,0 +1,193 @@
+"""Memory and time of a training step, and how far the timing can be
+trusted.
+
+- :func:`train_step`: the step every figure is of (zero grad, forward,
+  loss, backward, SGD step).
+- :func:`measure_memory`: bytes saved for backward (counted by
+  :class:`~repl_mm.analysis.memory.SavedTensorMeter`, deterministic) and
+  the allocator's peak of one step (:func:`~repl_mm.analysis.device.
+  peak_memory`); :func:`synthesis_kept_bytes`: the part of the saved bytes
+  that is weight-space synthesis.
+- :func:`time_round_robin`: seconds per call of several steps, trials
+  interleaved round robin; :func:`ratio_stats`: median and quartiles of the
+  per-trial ratios.
+- :func:`watch_load`: the load average before and after a timing, against
+  the threads torch computes with; a timing taken with more runnable
+  processes than threads is marked unreliable (:func:`load_record`).
+
+Torch only.
+"""
+import gc
+import os
+from contextlib import contextmanager
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cases import training_loss
+from .device import device_timer, peak_memory
+from .flops import SynthesisCall, find_sites
+from .memory import SavedTensorMeter
+
+
+def weights_of(model: nn.Module) -> list:
+    """``model``'s parameters and buffers: what the meters exclude."""
+    return list(model.parameters()) + list(model.buffers())
+
+
+# -- memory ----------------------------------------------------------------
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
+               batch: tuple, meter: Optional[SavedTensorMeter] = None,
+               forward: Optional[Callable] = None):
+    """Zero grad, forward (inside ``meter`` if given), backward, SGD step;
+    gradients are freed again afterwards. ``forward`` replaces
+    ``model.loss`` (:func:`~repl_mm.analysis.cases.training_loss`), e.g.
+    by the model's ``torch.compile``."""
+    optimizer.zero_grad(set_to_none=True)
+    if meter is None:
+        loss = training_loss(model, batch, forward)
+    else:
+        with meter:
+            loss = training_loss(model, batch, forward)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer,
+                   batch: tuple, device='cpu',
+                   forward: Optional[Callable] = None) -> dict:
+    """``saved_bytes`` (saved for backward by the forward, weights
+    excluded) and ``peak_bytes`` (:func:`~repl_mm.analysis.device.
+    peak_memory` on ``device``, where model and batch are) of one step,
+    and, for an eager step, the part of ``saved_bytes`` that is
+    weight-space synthesis (:func:`synthesis_kept_bytes`).
+
+    ``forward`` runs the step's forward instead of ``model.loss``
+    (:func:`train_step`): for ``torch.compile(model)``, ``saved_bytes`` is
+    what the compiled graph saves as autograd sees it, and
+    ``synthesis_kept_bytes`` (an eager figure) is left out.
+    """
+    meter = SavedTensorMeter(weights_of(model))
+    torch.manual_seed(0)
+    peak = peak_memory(
+        lambda: train_step(model, optimizer, batch, meter, forward), device)
+    out = dict(saved_bytes=meter.bytes, peak_bytes=peak)
+    if forward is None:
+        out['synthesis_kept_bytes'] = synthesis_kept_bytes(model)
+    return out
+
+
+def synthesis_kept_bytes(model: nn.Module) -> int:
+    """Bytes of weight-space tensors that the sites' synthesis keeps for
+    backward in a training forward: what autograd saves inside
+    ``synthesize()`` and the synthesized matrices themselves (the site's
+    chain keeps them). They do not grow with the batch. Sites that
+    recompute (``recompute=True``, the default: the synthesis re-runs in
+    backward) or checkpoint (``with_cp``) keep none."""
+    meter = SavedTensorMeter(weights_of(model))
+    sites = [
+        s for s in find_sites(model).values()
+        if not s.with_cp and not getattr(s, 'recompute', False)
+    ]
+    with torch.enable_grad(), meter:
+        mats = [t for s in sites for t in SynthesisCall(s)()]
+    for t in mats:
+        if t.requires_grad:
+            meter._record(t)
+    return meter.bytes
+
+
+# -- time ------------------------------------------------------------------
+def time_round_robin(steps: Dict[str, Callable[[], None]], repeats: int,
+                     warmup: int = 1,
+                     device='cpu') -> Dict[str, List[float]]:
+    """Seconds per call of each step: ``warmup`` untimed rounds, then
+    ``repeats`` trials in which every step runs once, the order rotated by
+    one each trial; Python's GC collects once before and is off inside
+    a trial. Each call is timed by :func:`~repl_mm.analysis.device.
+    device_timer` of ``device`` (on CUDA: synchronized before and after)."""
+    names = list(steps)
+    times = {n: [] for n in names}
+    timed = device_timer(device)
+    gc.collect()
+    for r in range(warmup + repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        gc.disable()
+        try:
+            for n in order:
+                t = timed(steps[n])
+                if r >= warmup:
+                    times[n].append(t)
+        finally:
+            gc.enable()
+    return times
+
+
+def ratio_stats(times: Sequence[float], ref: Sequence[float]) -> dict:
+    """Median and quartiles of per-trial ratios ``times[i] / ref[i]``."""
+    r = np.asarray(times, dtype=float) / np.asarray(ref, dtype=float)
+    q1, med, q3 = np.percentile(r, [25, 50, 75])
+    return dict(median=float(med), q1=float(q1), q3=float(q3))
+
+
+def time_stats(times: Sequence[float]) -> dict:
+    """Median and quartiles of ``times`` (seconds), in ms."""
+    t = np.asarray(times, dtype=float) * 1e3
+    q1, med, q3 = np.percentile(t, [25, 50, 75])
+    return dict(median=float(med), q1=float(q1), q3=float(q3))
+
+
+# -- machine load ----------------------------------------------------------
+def sample_load() -> Optional[float]:
+    """The 1-minute load average (runnable processes, the caller's
+    included), or None where the platform has none."""
+    try:
+        return float(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        return None
+
+
+def load_record(before: Optional[float], after: Optional[float],
+                threads: Optional[int] = None) -> dict:
+    """The load around a timing and whether the timing is reliable.
+
+    A timing is unreliable when the larger of the two load averages
+    exceeds ``threads``: then more processes wanted a core than torch had
+    threads, and the measured methods shared the cores with something
+    else. The timing's own threads count towards the load, so on an idle
+    machine it approaches ``threads`` and stays at or below it.
+
+    Args:
+        before (float, optional): Load average before the timing.
+        after (float, optional): Load average after it.
+        threads (int, optional): Threads torch computes with. Defaults to
+            ``torch.get_num_threads()``.
+
+    Returns:
+        dict: ``before``, ``after``, ``max``, ``threads`` and ``reliable``
+        (None when the platform gives no load average).
+
+    Example:
+        >>> load_record(1.2, 3.1, threads=2)['reliable']
+        False
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    known = [x for x in (before, after) if x is not None]
+    peak = max(known) if known else None
+    return dict(before=before, after=after, max=peak, threads=threads,
+                reliable=None if peak is None else peak <= threads)
+
+
+@contextmanager
+def watch_load(threads: Optional[int] = None):
+    """Yield a dict that is filled with :func:`load_record` of the load
+    before and after the block when the block ends."""
+    record: dict = {}
+    before = sample_load()
+    try:
+        yield record
+    finally:
+        record.update(load_record(before, sample_load(), threads))

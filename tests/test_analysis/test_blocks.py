@@ -1,0 +1,51 @@
+"""Single sites against the blocks they replace
+(repl_mm/analysis/blocks.py) on a CIFAR ResNet-20 at batch 2: the sites,
+their input shapes, and how the options order the counted figures.
+Nothing here asserts a speed."""
+import pytest
+
+from repl_mm.analysis import profiling
+from repl_mm.analysis.blocks import OPTIONS, measure_blocks
+from repl_mm.analysis.cases import make_case
+
+
+def r20_case():
+    return make_case(
+        dict(default_scope='mmpretrain',
+             model=dict(type='ImageClassifier',
+                        backbone=dict(type='ResNet_CIFAR', depth=20),
+                        neck=dict(type='GlobalAveragePooling'),
+                        head=dict(type='LinearClsHead', num_classes=10,
+                                  in_channels=64))),
+        name='r20', batch_size=2)
+
+
+def test_blocks_of_resnet20(monkeypatch):
+    loads = iter([(1.0, 0, 0), (5.0, 0, 0)])
+    monkeypatch.setattr(profiling.os, 'getloadavg', lambda: next(loads))
+    res = measure_blocks(r20_case(), repeats=2)
+    assert res['options'] == list(OPTIONS) == ['recompute', 'no recompute']
+    assert res['load']['reliable'] is False and res['load']['max'] == 5.0
+    rows = res['rows']
+    assert [r['index'] for r in rows] == [5, 8]
+    assert [r['name'] for r in rows] == ['layer2.1', 'layer3.1']
+    assert [r['shape'] for r in rows] == [[2, 32, 16, 16], [2, 64, 8, 8]]
+    for r in rows:
+        rc, no = r['sites']['recompute'], r['sites']['no recompute']
+        # a site's 1x1 chain costs less than the block's 3x3 convs; its
+        # recompute re-runs the chain in backward
+        assert 0 < no['flops'] < rc['flops'] < r['block']['flops']
+        # recompute keeps less than no recompute, both less than the block
+        assert 0 < rc['bytes'] < no['bytes'] < r['block']['bytes']
+        for s in (rc, no):
+            assert s['bytes_ratio'] == pytest.approx(
+                s['bytes'] / r['block']['bytes'])
+            assert s['flops_ratio'] == pytest.approx(
+                s['flops'] / r['block']['flops'])
+            assert set(s['time_ratio']) == {'median', 'q1', 'q3'}
+            assert s['time_ms']['median'] > 0
+
+
+def test_unknown_option_raises():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['fast'\]"):
+        measure_blocks(r20_case(), options=['fast'])
