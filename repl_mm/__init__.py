@@ -11,5 +11,6 @@ from . import models  # noqa: F401  (registers the backbones)
 from .core import ReplacementConfig, ReplacementPlan, replace_blocks
 
 __version__ = '0.1.0'
-__all__ = ['ReplacementConfig', 'ReplacementPlan', 'replace_blocks',
-           '__version__']
+__all__ = [
+    'ReplacementConfig', 'ReplacementPlan', 'replace_blocks', '__version__'
+]

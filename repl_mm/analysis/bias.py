@@ -40,7 +40,6 @@ Conventions (the paper leaves them open):
 Only torch and mmengine are imported here; the task codebase comes in
 through the config's ``default_scope`` and matplotlib when plotting.
 """
-import copy
 import json
 import os
 import os.path as osp
@@ -52,13 +51,15 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
+from ..apis import SCOPES, build_dataloader, init_model
 from ..core import InterpolatedBlock
 
 # what ``F(x)`` is, per codebase (see the module docstring)
 OUTPUT_NAMES = {
-    'mmpretrain': 'class logits',
-    'mmdet': "raw head outputs (mode='tensor')",
-    'mmseg': "raw head outputs (mode='tensor')",
+    scope:
+    'class logits'
+    if scope == 'mmpretrain' else "raw head outputs (mode='tensor')"
+    for scope in SCOPES
 }
 
 # -- the math -----------------------------------------------------------------
@@ -201,8 +202,7 @@ def enable_first(sites: Sequence[Tuple[int, nn.Module]], r: int):
 
 
 @contextmanager
-def preserved_state(model: nn.Module, sites: Sequence[Tuple[int,
-                                                             nn.Module]]):
+def preserved_state(model: nn.Module, sites: Sequence[Tuple[int, nn.Module]]):
     """Restore the sites' scales and the train/eval mode of ``model`` on
     exit, whatever happens inside. (Gradients need no restoring: they are
     taken with ``torch.autograd.grad``, which leaves every ``.grad`` as it
@@ -219,9 +219,10 @@ def preserved_state(model: nn.Module, sites: Sequence[Tuple[int,
             m.training = t
 
 
-def shared_parameters(model: nn.Module,
-                      sites: Sequence[Tuple[int, nn.Module]]
-                      ) -> List[Tuple[str, nn.Parameter]]:
+def shared_parameters(
+        model: nn.Module,
+        sites: Sequence[Tuple[int,
+                              nn.Module]]) -> List[Tuple[str, nn.Parameter]]:
     """theta: the trainable parameters outside the computing layers."""
     own = {id(p) for _, site in sites for p in site.parameters()}
     return [(n, p) for n, p in model.named_parameters()
@@ -251,8 +252,10 @@ def _mean_loss_gradient(model, batches: Sequence[dict],
         loss, _ = model.parse_losses(losses)
         weight = _num_samples(data) / total
         grads = torch.autograd.grad(loss * weight, tensors, allow_unused=True)
-        grad += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(
-            -1).double() for p, g in zip(tensors, grads)])
+        grad += torch.cat([
+            (torch.zeros_like(p) if g is None else g).reshape(-1).double()
+            for p, g in zip(tensors, grads)
+        ])
         loss_sum += loss.item() * weight
     return grad, loss_sum
 
@@ -315,11 +318,17 @@ def measure_bias(model: nn.Module,
             grad, loss = _mean_loss_gradient(model, grad_batches, params)
             d_grad, rho = gradient_deviation(grad, ref_grad)
             rows.append(
-                dict(r=r, enabled_sites=[i for i, _ in sites[:r]],
-                     d_fwd=d_fwd[r], d_grad=d_grad, rho=rho, loss=loss))
-            print_log(f'bias diagnostic: r={r} d_fwd={d_fwd[r]:.6f} '
-                      f'd_grad={d_grad:.6f} rho={rho:.4f}',
-                      logger='current')
+                dict(
+                    r=r,
+                    enabled_sites=[i for i, _ in sites[:r]],
+                    d_fwd=d_fwd[r],
+                    d_grad=d_grad,
+                    rho=rho,
+                    loss=loss))
+            print_log(
+                f'bias diagnostic: r={r} d_fwd={d_fwd[r]:.6f} '
+                f'd_grad={d_grad:.6f} rho={rho:.4f}',
+                logger='current')
     return dict(
         sites=[i for i, _ in sites],
         num_images=num,
@@ -331,43 +340,6 @@ def measure_bias(model: nn.Module,
 
 
 # -- from a config and a checkpoint -------------------------------------------
-
-
-def build_model(cfg: Config, checkpoint: str) -> nn.Module:
-    """The config's model (or, for a ``ReplacementHook`` run, the RepL
-    model the checkpoint records in ``meta['repl_model']``) with the
-    checkpoint's weights, loaded strictly, on the CPU.
-
-    Raises:
-        ValueError: If the checkpoint does not match the model (keys or
-            RepL plan).
-    """
-    from mmengine.registry import MODELS, init_default_scope
-    from mmengine.runner.checkpoint import _load_checkpoint_to_model
-
-    from ..engine import load_mmengine_checkpoint
-    from ..engine.hooks.replacement_hook import META_KEY
-
-    if not osp.isfile(checkpoint):
-        raise FileNotFoundError(f'no checkpoint at {checkpoint!r}')
-    scope = cfg.get('default_scope', None)
-    if scope not in OUTPUT_NAMES:
-        raise ValueError(f'default_scope must be one of {list(OUTPUT_NAMES)}'
-                         f', but the config has {scope!r}')
-    init_default_scope(scope)
-    ckpt = load_mmengine_checkpoint(checkpoint)
-    meta = ckpt.get('meta', {}) if isinstance(ckpt, dict) else {}
-    model_cfg = copy.deepcopy(meta.get(META_KEY) or cfg.model)
-    if cfg.get('data_preprocessor', None) is not None:
-        # what mmengine's Runner does with a top-level data_preprocessor
-        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
-    model = MODELS.build(model_cfg)
-    try:
-        _load_checkpoint_to_model(model, ckpt, strict=True)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f'checkpoint {checkpoint!r} does not match the '
-                         f'model of the config: {e}') from e
-    return model.eval()
 
 
 def _take(batch: dict, n: int) -> dict:
@@ -395,9 +367,11 @@ def preprocessed_batches(model: nn.Module, dataloader: Iterable,
             if seen >= num_images:
                 break
     if seen < num_images:
-        print_log(f'the dataset has {seen} images, fewer than the '
-                  f'{num_images} asked for: using all of them',
-                  logger='current', level=30)
+        print_log(
+            f'the dataset has {seen} images, fewer than the '
+            f'{num_images} asked for: using all of them',
+            logger='current',
+            level=30)
     return out
 
 
@@ -408,6 +382,10 @@ def run_bias_diagnostic(cfg: Config,
                         batch_size: Optional[int] = None) -> dict:
     """Build the model of ``cfg`` from ``checkpoint`` and measure its bias
     (:func:`measure_bias`) on the first images of its test set.
+
+    The model is :func:`repl_mm.apis.init_model`'s: the checkpoint loaded
+    strictly, and for a ``ReplacementHook`` run the RepL model its
+    ``meta['repl_model']`` records.
 
     Args:
         cfg (Config): The training config (its ``test_dataloader``).
@@ -421,31 +399,25 @@ def run_bias_diagnostic(cfg: Config,
         dict: :func:`measure_bias`'s result plus ``checkpoint`` and
         ``output`` (what F(x) is).
     """
-    from mmengine.runner import Runner
-
     for name, v in (('num_images', num_images),
-                    ('num_grad_images', num_grad_images),
-                    ('batch_size', batch_size)):
+                    ('num_grad_images', num_grad_images), ('batch_size',
+                                                           batch_size)):
         if v is not None and (not isinstance(v, int) or v < 1):
             raise ValueError(f'{name} must be a positive int, but got {v!r}')
     if num_grad_images is None:
         num_grad_images = num_images
-    model = build_model(cfg, checkpoint)
-    loader_cfg = cfg.get('test_dataloader', None)
-    if not loader_cfg:
-        raise ValueError('the config has no test_dataloader: the bias '
-                         'diagnostic reads its images from the test set')
-    loader_cfg = copy.deepcopy(loader_cfg)
-    if batch_size is not None:
-        loader_cfg['batch_size'] = batch_size
-    loader = Runner.build_dataloader(loader_cfg)
+    model = init_model(cfg, checkpoint)
+    loader = build_dataloader(
+        cfg, 'test',
+        **({} if batch_size is None else dict(batch_size=batch_size)))
     batches = preprocessed_batches(model, loader,
                                    max(num_images, num_grad_images))
-    result = measure_bias(
-        model, _first(batches, num_images),
-        _first(batches, num_grad_images))
-    return dict(checkpoint=checkpoint,
-                output=OUTPUT_NAMES[cfg.default_scope], **result)
+    result = measure_bias(model, _first(batches, num_images),
+                          _first(batches, num_grad_images))
+    return dict(
+        checkpoint=checkpoint,
+        output=OUTPUT_NAMES[cfg.default_scope],
+        **result)
 
 
 def _first(batches: List[dict], n: int) -> List[dict]:
@@ -491,8 +463,8 @@ def plot_bias(result: dict, path: str) -> str:
 
     rs = [row['r'] for row in result['rows']]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ('d_fwd', 'd_grad', 'rho'), (
-            '$d_{fwd}(r)$', '$d_{grad}(r)$', r'$\rho(r)$')):
+    for ax, key, label in zip(axes, ('d_fwd', 'd_grad', 'rho'),
+                              ('$d_{fwd}(r)$', '$d_{grad}(r)$', r'$\rho(r)$')):
         ax.plot(rs, [row[key] for row in result['rows']], 'o-')
         ax.set_xlabel('enabled sites r')
         ax.set_title(label)

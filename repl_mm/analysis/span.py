@@ -45,7 +45,7 @@ not modelled: the cost of the E2E backbone minus that of the same
 backbone with ``replacement=dict(indices=[i])`` (:func:`measure_savings`):
 
 - FLOPs of a training step at the config's training batch size, the
-  benchmark's convention (:func:`repl_mm.analysis.benchmark.step_flops`:
+  benchmark's convention (:func:`repl_mm.analysis.flops.step_flops`:
   3 x forward + recompute + 3 x the sites' weight-space synthesis);
 - activation memory: bytes the backbone's training forward saves for
   backward (:class:`~repl_mm.analysis.memory.SavedTensorMeter`).
@@ -53,8 +53,9 @@ backbone with ``replacement=dict(indices=[i])`` (:func:`measure_savings`):
 Savings of non-adjacent sites add up (each site changes only its own
 block); :func:`measure_savings` on the chosen set checks it.
 
-The tensor math and the chooser import torch only; the task codebases are
-imported when a config needs them.
+The tensor math and the chooser are plain torch functions; the task
+codebases are imported when a config needs them, and models, checkpoints
+and dataloaders come from :mod:`repl_mm.apis`.
 """
 import copy
 import json
@@ -67,6 +68,12 @@ import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
 from torch import Tensor, nn
+
+from ..apis import build_dataloader, build_model, init_model
+from .cases import load_config, prepare_model_cfg, quiet
+from .flops import step_flops, track_recompute
+from .memory import SavedTensorMeter
+from .profiling import synthesis_kept_bytes, weights_of
 
 # -- the tensor math -------------------------------------------------------
 
@@ -146,11 +153,11 @@ def fit_span(gram: Tensor, cross: Tensor, sq: Tensor) -> dict:
     g, c, s = g.double(), c.double(), s.double()
     coef = torch.linalg.pinv(g) @ c
     res = (s - 2 * coef @ c + coef @ g @ coef).clamp_min(0)
-    out = dict(coef=coef.tolist(),
-               error=float((res / s).sqrt()) if s > 0 else math.nan,
-               angle=float(
-                   torch.rad2deg(
-                       torch.arccos(_cosine(coef, g, c, s).clamp(-1, 1)))))
+    out = dict(
+        coef=coef.tolist(),
+        error=float((res / s).sqrt()) if s > 0 else math.nan,
+        angle=float(
+            torch.rad2deg(torch.arccos(_cosine(coef, g, c, s).clamp(-1, 1)))))
     if per_image:
         gram, cross, sq = gram.double(), cross.double(), sq.double()
         res_i = (sq - 2 * cross @ coef +
@@ -188,8 +195,9 @@ class SpanAccumulator:
     def update(self, h: Tensor, prev: Tensor, nxt: Optional[Tensor] = None):
         """Add a batch: (B, ...) features, flattened per image here."""
         self._moments.append(
-            span_moments(h.flatten(1), prev.flatten(1),
-                         None if nxt is None else nxt.flatten(1)))
+            span_moments(
+                h.flatten(1), prev.flatten(1),
+                None if nxt is None else nxt.flatten(1)))
 
     def result(self) -> dict:
         """:func:`fit_span` over every image added so far."""
@@ -301,11 +309,12 @@ def residual_blocks(backbone: nn.Module) -> List[dict]:
             layer = getattr(backbone, name)
             for b in range(len(layer)):
                 out.append(
-                    dict(name=f'{name}.{b}',
-                         stage=stage,
-                         block=b + 1,
-                         replaceable=getattr(layer[b], 'downsample', None)
-                         is None))
+                    dict(
+                        name=f'{name}.{b}',
+                        stage=stage,
+                        block=b + 1,
+                        replaceable=getattr(layer[b], 'downsample', None)
+                        is None))
     elif isinstance(getattr(backbone, 'layers', None), nn.ModuleList):
         out = [
             dict(name=f'layers.{b}', stage=1, block=b + 1, replaceable=True)
@@ -422,12 +431,13 @@ def collect_span_stats(
     for i in sites:
         r = acc[i].result()
         a, *b = r['coef']
-        stats[i] = dict(r,
-                        a=a,
-                        b=b[0] if b else None,
-                        span='prev+next' if b else 'prev',
-                        num_images=acc[i].num_images,
-                        shape=list(shapes[i]))
+        stats[i] = dict(
+            r,
+            a=a,
+            b=b[0] if b else None,
+            span='prev+next' if b else 'prev',
+            num_images=acc[i].num_images,
+            shape=list(shapes[i]))
     return stats, blocks
 
 
@@ -459,9 +469,6 @@ def backbone_costs(backbone: nn.Module, inputs: Tensor,
         dict: ``flops`` (benchmark convention, synthesis included) and
         ``bytes`` (saved for backward by one training forward).
     """
-    from .benchmark import (_weights, step_flops, synthesis_kept_bytes,
-                            track_recompute)
-    from .memory import SavedTensorMeter
     net = _BackboneNet(backbone).train()
     # a copy: the meter counts whole storages, and a slice of a larger
     # batch would count that batch as the stem's saved input
@@ -469,14 +476,15 @@ def backbone_costs(backbone: nn.Module, inputs: Tensor,
     b = len(inputs)
     with torch.enable_grad():
         with track_recompute(net) as recomputed, SavedTensorMeter(
-                _weights(net)) as meter:
+                weights_of(net)) as meter:
             out = net(inputs)
         del out
     kept = synthesis_kept_bytes(net)
     f = step_flops(net, inputs, recomputed)
     scale = train_batch / b
-    return dict(flops=f['step'] * scale + f['synthesis_step'],
-                bytes=(meter.bytes - kept) * scale + kept)
+    return dict(
+        flops=f['step'] * scale + f['synthesis_step'],
+        bytes=(meter.bytes - kept) * scale + kept)
 
 
 def measure_savings(scope: str,
@@ -502,7 +510,6 @@ def measure_savings(scope: str,
         dict: ``e2e`` (:func:`backbone_costs` of the E2E backbone) and
         ``sets``: per set, ``flops`` and ``memory`` (fractions saved).
     """
-    from .benchmark import build_model
     repl = dict(model_cfg['backbone'].get('replacement') or {})
     for k in ('mode', 'interval', 'offset', 'indices', 'on_invalid'):
         repl.pop(k, None)
@@ -510,10 +517,10 @@ def measure_savings(scope: str,
     def costs(options):
         cfg = copy.deepcopy(model_cfg)
         cfg['backbone']['replacement'] = dict(repl, **options)
-        with torch.random.fork_rng():  # same init each time, caller's
-            torch.manual_seed(0)        # RNG left as it was
+        with torch.random.fork_rng(), quiet():  # same init each time,
+            torch.manual_seed(0)  # the caller's RNG left as it was
             return backbone_costs(
-                build_model(scope, cfg).backbone, inputs, train_batch)
+                build_model(cfg, scope).backbone, inputs, train_batch)
 
     e2e = e2e or costs(dict(mode='none'))
     out = []
@@ -521,29 +528,23 @@ def measure_savings(scope: str,
         c = costs(
             dict(mode='synthesize', indices=list(sites), on_invalid='error'))
         out.append(
-            dict(sites=list(sites),
-                 flops=1 - c['flops'] / e2e['flops'],
-                 memory=1 - c['bytes'] / e2e['bytes']))
+            dict(
+                sites=list(sites),
+                flops=1 - c['flops'] / e2e['flops'],
+                memory=1 - c['bytes'] / e2e['bytes']))
     return dict(e2e=e2e, sets=out)
 
 
 # -- the whole diagnostic --------------------------------------------------
 
 
-def load_e2e_model(cfg: Config, checkpoint: Optional[str]) -> nn.Module:
-    """Build the config's model with its backbone's ``mode='none'`` (an
-    upstream backbone becomes its RepL twin) and load ``checkpoint``
-    strictly.
-
-    Raises:
-        ValueError: If the checkpoint does not match the model (e.g. a RepL
-            checkpoint for the E2E twin), naming the file.
-    """
-    from mmengine.runner.checkpoint import load_checkpoint
-
-    from ..engine.checkpoint_globals import allow_mmengine_checkpoints
-    from .benchmark import _quiet as quiet
-    from .benchmark import build_model, prepare_model_cfg
+def e2e_twin_config(cfg: Config) -> Config:
+    """``cfg`` with its model the E2E twin the diagnostic runs: the model
+    config offline with the RepL twin of a stock backbone
+    (:func:`repl_mm.analysis.cases.prepare_model_cfg`), its
+    replacement ``mode='none'``, and no ``ReplacementHook`` (the twin is
+    the model, so a checkpoint's ``meta['repl_model']`` is not used).
+    Build it with :func:`repl_mm.apis.init_model`."""
     model_cfg = prepare_model_cfg(cfg)
     repl = dict(model_cfg['backbone'].get('replacement') or {})
     if repl.get('mode', 'synthesize') != 'none':
@@ -553,35 +554,14 @@ def load_e2e_model(cfg: Config, checkpoint: Optional[str]) -> nn.Module:
             logger='current',
             level=logging.WARNING)
     model_cfg['backbone']['replacement'] = dict(repl, mode='none')
-    model = build_model(cfg.default_scope, model_cfg)
-    if checkpoint is not None:
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f'checkpoint {checkpoint!r} does not '
-                                    'exist')
-        try:
-            with allow_mmengine_checkpoints(), quiet():
-                load_checkpoint(model,
-                                checkpoint,
-                                map_location='cpu',
-                                strict=True)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f'checkpoint {checkpoint!r} does not fit the '
-                             f'E2E model of the config: {e}') from e
-    return model.eval()
-
-
-def build_test_loader(cfg: Config, batch_size: Optional[int] = None):
-    """The config's ``test_dataloader`` (mmengine's Runner builder), with
-    ``num_workers=0`` and optionally another batch size."""
-    from mmengine.registry import DefaultScope
-    from mmengine.runner import Runner
-    loader = copy.deepcopy(cfg.test_dataloader)
-    loader = loader.to_dict() if hasattr(loader, 'to_dict') else dict(loader)
-    loader.update(num_workers=0, persistent_workers=False)
-    if batch_size is not None:
-        loader['batch_size'] = batch_size
-    with DefaultScope.overwrite_default_scope(cfg.default_scope):
-        return Runner.build_dataloader(loader)
+    out = copy.deepcopy(cfg)
+    out.model = model_cfg
+    hooks = out.get('custom_hooks', None) or []
+    out.custom_hooks = [
+        h for h in hooks
+        if str(h.get('type', '')).split('.')[-1] != 'ReplacementHook'
+    ]
+    return out
 
 
 BUDGETS = ('num_sites', 'flops_saving', 'memory_saving')
@@ -614,7 +594,6 @@ def run_span_diagnostic(config,
         predicted and measured savings, total error.
     """
     import repl_mm  # noqa: F401  (registers the RepL backbones, datasets)
-    from .benchmark import load_config, prepare_model_cfg
     cfg = config if isinstance(config, Config) else load_config(config)
     if num_images < 1:
         raise ValueError(f'num_images must be >= 1, got {num_images}')
@@ -629,8 +608,17 @@ def run_span_diagnostic(config,
                              f'{value}')
         if kind != 'num_sites' and not costs:
             raise ValueError(f'{kind} needs the per-block costs (costs=True)')
-    model = load_e2e_model(cfg, checkpoint)
-    loader = build_test_loader(cfg, batch_size)
+    twin = e2e_twin_config(cfg)
+    with quiet():  # the plan table and init report of the build
+        model = init_model(twin, checkpoint)
+        if checkpoint is None:
+            model.init_weights()  # the config's initialisation
+    loader = build_dataloader(
+        cfg,
+        'test',
+        num_workers=0,
+        persistent_workers=False,
+        **({} if batch_size is None else dict(batch_size=batch_size)))
     stats, blocks = collect_span_stats(model, loader, num_images)
     plan = list(model.backbone.replacement_plan.indices)
     result = dict(
@@ -650,10 +638,11 @@ def run_span_diagnostic(config,
                                    train_batch, [[i] for i in stats])
         e2e_costs = measured['e2e']
         savings = {s['sites'][0]: s for s in measured['sets']}
-        result['costs'] = dict(train_batch=train_batch,
-                               input_shape=list(inputs.shape[1:]),
-                               e2e_backbone_flops=measured['e2e']['flops'],
-                               e2e_backbone_bytes=measured['e2e']['bytes'])
+        result['costs'] = dict(
+            train_batch=train_batch,
+            input_shape=list(inputs.shape[1:]),
+            e2e_backbone_flops=measured['e2e']['flops'],
+            e2e_backbone_bytes=measured['e2e']['bytes'])
     for b in blocks:
         row = dict(b)
         if b['index'] in stats:
@@ -679,16 +668,18 @@ def run_span_diagnostic(config,
             for i in errors
         }
         chosen = choose_sites(errors, per, value, kind)
-        choice = dict(budget={kind: value},
-                      indices=chosen,
-                      **_summary(chosen, errors, savings))
+        choice = dict(
+            budget={kind: value},
+            indices=chosen,
+            **_summary(chosen, errors, savings))
         if costs:  # savings of the whole sets, measured
             check, ref = measure_savings(cfg.default_scope, model_cfg, inputs,
                                          train_batch, [chosen, plan],
                                          e2e_costs)['sets']
             for d, m in ((choice, check), (result['config_plan'], ref)):
-                d.update(measured_flops_saving=m['flops'],
-                         measured_memory_saving=m['memory'])
+                d.update(
+                    measured_flops_saving=m['flops'],
+                    measured_memory_saving=m['memory'])
         result['choice'] = choice
     return result
 
@@ -778,7 +769,7 @@ def write_outputs(result: dict, out_dir: str) -> List[str]:
 __all__ = [
     'span_moments', 'fit_span', 'SpanAccumulator', 'choose_sites',
     'residual_blocks', 'would_be_sites', 'collect_span_stats',
-    'backbone_costs', 'measure_savings', 'load_e2e_model', 'build_test_loader',
+    'backbone_costs', 'measure_savings', 'e2e_twin_config',
     'run_span_diagnostic', 'indices_line', 'to_markdown', 'write_outputs',
     'BUDGETS'
 ]

@@ -13,6 +13,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import (_load_checkpoint,
                                         _load_checkpoint_to_model)
 
+from ..apis import scope_of
 from .checkpoint_globals import allow_mmengine_checkpoints
 
 #: Where each launcher's processes find their local rank (the GPU they
@@ -191,9 +192,6 @@ class RepLRunner(Runner):
         return checkpoint
 
 
-SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
-
-
 def build_runner(cfg, train: bool) -> Runner:
     """The config's ``runner_type`` if it names one, else ``RepLRunner``.
 
@@ -206,10 +204,7 @@ def build_runner(cfg, train: bool) -> Runner:
     continues the random stream) and ``RepLLoggerHook`` (per-site mixing
     weights in the log) unless the config lists them.
     """
-    scope = cfg.get('default_scope', None)
-    if scope not in SCOPES:
-        raise ValueError(f'default_scope must be one of {SCOPES}, but the '
-                         f'config has {scope!r}')
+    scope_of(cfg)  # raises unless the scope is one of repl_mm.apis.SCOPES
     if train:
         hooks = list(cfg.get('custom_hooks', None) or [])
         for name in ('RNGStateHook', 'RepLLoggerHook'):

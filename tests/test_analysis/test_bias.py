@@ -1,4 +1,4 @@
-"""The bias diagnostic of paper A.12 (issue 8 §3): known answers on tiny
+"""The bias diagnostic of paper A.12: known answers on tiny
 classifiers (a CIFAR ResNet and a ViT with RepL sites), the scales left as
 they were, clear errors, and the CLI end to end on a synthetic set."""
 import importlib.util
@@ -20,26 +20,25 @@ DEMO = ROOT / 'configs/demo/resnet32-repl_1xb64_15e_mnist5k.py'
 
 # CIFAR ResNet-20 at width 8 (8/16/32 channels): k = 4 -> sites 5, 8
 # (block 4 down-samples: the plan shifts it to 5)
-TINY_R20 = dict(type='RepLResNet_CIFAR', depth=20, stem_channels=8,
-                base_channels=8)
+TINY_R20 = dict(
+    type='RepLResNet_CIFAR', depth=20, stem_channels=8, base_channels=8)
 # 5-layer ViT, d = 16, on 8x8 images: k = 2 -> sites 2, 4
 TINY_VIT = dict(
     type='RepLVisionTransformer',
-    arch=dict(embed_dims=16, num_layers=5, num_heads=2,
-              feedforward_channels=32),
-    img_size=8, patch_size=4)
+    arch=dict(
+        embed_dims=16, num_layers=5, num_heads=2, feedforward_channels=32),
+    img_size=8,
+    patch_size=4)
 
 
 def classifier(kind='cnn', **replacement):
     init_default_scope('mmpretrain')
     if kind == 'cnn':
-        backbone = dict(TINY_R20, replacement=dict(interval=4,
-                                                   **replacement))
+        backbone = dict(TINY_R20, replacement=dict(interval=4, **replacement))
         neck, head = dict(type='GlobalAveragePooling'), dict(
             type='LinearClsHead', num_classes=3, in_channels=32)
     else:
-        backbone = dict(TINY_VIT, replacement=dict(interval=2,
-                                                   **replacement))
+        backbone = dict(TINY_VIT, replacement=dict(interval=2, **replacement))
         neck, head = None, dict(
             type='VisionTransformerClsHead', num_classes=3, in_channels=16)
     model = MODELS.build(
@@ -77,9 +76,9 @@ def sites_of(model):
 
 
 def test_flatten_outputs_nested_per_sample():
-    out = flatten_outputs(
-        (torch.ones(2, 3), [torch.full((2, 1, 2, 2), 2.)], {'a': torch.zeros(
-            2, 1)}))
+    out = flatten_outputs((torch.ones(2, 3), [torch.full((2, 1, 2, 2), 2.)], {
+        'a': torch.zeros(2, 1)
+    }))
     assert out.shape == (2, 8)
     assert out[0].tolist() == [1, 1, 1, 2, 2, 2, 2, 0]
     with pytest.raises(ValueError, match='batch as its first dim'):
@@ -87,8 +86,8 @@ def test_flatten_outputs_nested_per_sample():
 
 
 def test_sample_and_gradient_deviation_by_hand():
-    d = sample_deviations(torch.tensor([[3., 4.], [1., 1.]]),
-                          torch.tensor([[0., 0.], [1., 1.]]))
+    d = sample_deviations(
+        torch.tensor([[3., 4.], [1., 1.]]), torch.tensor([[0., 0.], [1., 1.]]))
     assert d.tolist() == [5.0, 0.0]
     # |(1,2,2) - (1,0,0)| = sqrt(8); |(1,0,0)| = 1
     d_grad, rho = gradient_deviation(
@@ -122,8 +121,8 @@ def test_deviation_grows_when_a_site_with_an_update_is_enabled(kind):
     assert (rows[0]['d_fwd'], rows[0]['d_grad']) == (0.0, 0.0)
     assert rows[1]['d_fwd'] > 1e-4 and rows[1]['d_grad'] > 1e-4
     assert rows[2]['d_fwd'] > 1e-4 and rows[2]['rho'] > 1e-4
-    assert [r['enabled_sites'] for r in rows] == (
-        [[], [5], [5, 8]] if kind == 'cnn' else [[], [2], [2, 4]])
+    assert [r['enabled_sites'] for r in rows
+            ] == ([[], [5], [5, 8]] if kind == 'cnn' else [[], [2], [2, 4]])
 
 
 def test_a_zero_update_site_adds_nothing():
@@ -152,8 +151,10 @@ def test_values_match_a_direct_computation():
             logits = model(**data, mode='tensor')
         loss = model.parse_losses(model(**data, mode='loss'))[0]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p))
-                          .reshape(-1) for g, p in zip(grads, params)])
+        flat = torch.cat([
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(grads, params)
+        ])
         return logits, flat, loss.item()
 
     logits_f, grad_f, _ = run(0.)
@@ -178,8 +179,13 @@ def test_batches_weighted_by_images():
     # over the 6 images (one batch of 6)
     model = classifier(zero_init=False)
     whole = batch(n=6, seed=1)
-    parts = [{k: v[:4] for k, v in whole.items()},
-             {k: v[4:] for k, v in whole.items()}]
+    parts = [{
+        k: v[:4]
+        for k, v in whole.items()
+    }, {
+        k: v[4:]
+        for k, v in whole.items()
+    }]
     a = measure_bias(model, [whole])
     b = measure_bias(model, parts)
     assert b['num_images'] == 6 and b['num_grad_images'] == 6
@@ -277,16 +283,19 @@ def tiny_run(tmp_path_factory):
         torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
         return str(path)
 
-    return dict(cfg=str(cfg_path), ckpt=save('repl.pth'),
-                k2=save('k2.pth', interval=2),
-                e2e=save('e2e.pth', mode='none'))
+    return dict(
+        cfg=str(cfg_path),
+        ckpt=save('repl.pth'),
+        k2=save('k2.pth', interval=2),
+        e2e=save('e2e.pth', mode='none'))
 
 
 def test_cli_writes_table_json_and_plot(tiny_run, tmp_path):
     out = tmp_path / 'out'
     result = load_tool().main([
         tiny_run['cfg'], tiny_run['ckpt'], '--num-images', '13',
-        '--grad-images', '6', '--batch-size', '4', '--out-dir', str(out)
+        '--grad-images', '6', '--batch-size', '4', '--out-dir',
+        str(out)
     ])
     data = json.loads((out / 'bias.json').read_text())
     assert data['sites'] == [5, 8] and data['output'] == 'class logits'
@@ -297,21 +306,23 @@ def test_cli_writes_table_json_and_plot(tiny_run, tmp_path):
     table = (out / 'bias.md').read_text()
     assert '| 2 | 5, 8 |' in table
     assert (out / 'bias.png').read_bytes()[:4] == b'\x89PNG'
-    assert np.isclose(result['rows'][2]['d_grad'],
-                      data['rows'][2]['d_grad'])
+    assert np.isclose(result['rows'][2]['d_grad'], data['rows'][2]['d_grad'])
 
 
-def test_cli_refuses_mismatched_checkpoint_and_e2e_config(tiny_run,
-                                                          tmp_path):
+def test_cli_refuses_mismatched_checkpoint_and_e2e_config(tiny_run, tmp_path):
     tool = load_tool()
     with pytest.raises(ValueError, match='does not match.*another RepL plan'):
-        tool.main([tiny_run['cfg'], tiny_run['k2'], '--num-images', '2',
-                   '--out-dir', str(tmp_path)])
+        tool.main([
+            tiny_run['cfg'], tiny_run['k2'], '--num-images', '2', '--out-dir',
+            str(tmp_path)
+        ])
     # the E2E twin of the config (same plan, blocks kept): nothing to enable
     with pytest.raises(ValueError, match="mode='none'.*no computing layer"):
-        tool.main([tiny_run['cfg'], tiny_run['e2e'], '--num-images', '2',
-                   '--out-dir', str(tmp_path), '--cfg-options',
-                   'model.backbone.replacement.mode=none'])
+        tool.main([
+            tiny_run['cfg'], tiny_run['e2e'], '--num-images', '2', '--out-dir',
+            str(tmp_path), '--cfg-options',
+            'model.backbone.replacement.mode=none'
+        ])
     with pytest.raises(SystemExit):
         tool.main([tiny_run['cfg'], tiny_run['ckpt'], '--num-images', '0'])
 
@@ -333,24 +344,28 @@ def test_cli_on_detector_and_segmentor(scope, tmp_path):
     nothing."""
     from mmengine.config import Config
 
-    from repl_mm.converters.static import build_model
+    from repl_mm.apis import init_model
     from repl_mm.datasets import det_seg_writers
     config, writer = SHAPES[scope]
     data_root = tmp_path / 'data'
     getattr(det_seg_writers, writer)(str(data_root), num_train=1, num_val=3)
-    opts = {'test_dataloader.dataset.data_root': f'{data_root}/',
-            # a trained site: its norm's gamma is not zero
-            'model.backbone.replacement.zero_init': False}
+    opts = {
+        'test_dataloader.dataset.data_root': f'{data_root}/',
+        # a trained site: its norm's gamma is not zero
+        'model.backbone.replacement.zero_init': False
+    }
     cfg = Config.fromfile(str(ROOT / config))
     cfg.merge_from_dict(opts)
-    model = build_model(cfg)
+    model = init_model(cfg)
     model.init_weights()
     ckpt = tmp_path / 'repl.pth'
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, ckpt)
     result = load_tool().main([
-        str(ROOT / config), str(ckpt), '--num-images', '3', '--batch-size',
-        '2', '--out-dir', str(tmp_path / 'out'), '--cfg-options',
-        *[f'{k}={v}' for k, v in opts.items()]])
+        str(ROOT / config),
+        str(ckpt), '--num-images', '3', '--batch-size', '2', '--out-dir',
+        str(tmp_path / 'out'), '--cfg-options',
+        *[f'{k}={v}' for k, v in opts.items()]
+    ])
     assert result['output'] == "raw head outputs (mode='tensor')"
     assert result['sites'] == [4] and result['num_images'] == 3
     r0, r1 = result['rows']

@@ -1,4 +1,4 @@
-"""Span diagnostic and site choice (paper A.10/A.11, issue 8 §1): the fit
+"""Span diagnostic and site choice (paper A.10/A.11): the fit
 on features with known answers, the budget chooser against brute force,
 the hooks on a toy backbone, the CLI end to end on a tiny CIFAR ResNet-20,
 and the benchmark's ``repl_idx`` method."""
@@ -16,10 +16,11 @@ from torch import nn
 
 from repl_mm.analysis.benchmark import make_case, method_model_cfg
 from repl_mm.analysis.span import (SpanAccumulator, backbone_costs,
-                                   choose_sites, collect_span_stats, fit_span,
-                                   load_e2e_model, residual_blocks,
-                                   run_span_diagnostic,
-                                   span_moments, would_be_sites)
+                                   choose_sites, collect_span_stats,
+                                   e2e_twin_config, fit_span, residual_blocks,
+                                   run_span_diagnostic, span_moments,
+                                   would_be_sites)
+from repl_mm.apis import init_model
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_E2E = ROOT / 'configs/demo/resnet32-e2e_1xb64_15e_digits.py'
@@ -146,12 +147,12 @@ def test_choose_sites_meets_a_saving_budget():
 
 def test_choose_sites_unreachable_budget():
     errors = {2: 0.1, 3: 0.2, 4: 0.3}
-    with pytest.raises(ValueError,
-                       match=r'num_sites=3 is unreachable.*at most 2'):
+    with pytest.raises(
+            ValueError, match=r'num_sites=3 is unreachable.*at most 2'):
         choose_sites(errors, None, 3)
-    with pytest.raises(ValueError,
-                       match=r'flops_saving=0.6 is unreachable'
-                       r'.*at most 0.5'):
+    with pytest.raises(
+            ValueError, match=r'flops_saving=0.6 is unreachable'
+            r'.*at most 0.5'):
         choose_sites(errors, {2: .2, 3: .4, 4: .3}, 0.6, 'flops_saving')
 
 
@@ -244,16 +245,17 @@ def test_dead_block_left_out_of_a_saving_budget(tmp_path, test_root):
     cfg = Config.fromfile(DIGITS_E2E)
     cfg.merge_from_dict({
         'model.backbone.depth': 20,
-        'test_dataloader.dataset.data_root': test_root})
+        'test_dataloader.dataset.data_root': test_root
+    })
     torch.manual_seed(0)
-    model = load_e2e_model(cfg, None)
+    model = init_model(e2e_twin_config(cfg))
     with torch.no_grad():  # block 2's output: relu(-1e6 + x) = 0; the
         model.backbone.layer1[1].bn2.bias.fill_(-1e6)  # blocks after it
         model.backbone.layer1[2].bn2.bias.normal_()  # are not zero again
     path = tmp_path / 'dead.pth'
     torch.save(dict(state_dict=model.state_dict()), path)
-    res = run_span_diagnostic(cfg, str(path), num_images=8,
-                              budget=('flops_saving', 0.1))
+    res = run_span_diagnostic(
+        cfg, str(path), num_images=8, budget=('flops_saving', 0.1))
     fits = {b['index']: b['fit'] for b in res['blocks'] if 'fit' in b}
     assert math.isnan(fits[2]['error'])
     assert 2 not in res['choice']['indices']
@@ -270,13 +272,12 @@ def test_residual_blocks_mirror_the_plan():
     assert would_be_sites(blocks) == [2, 3, 5, 6, 8]
     assert (blocks[4]['name'], blocks[4]['stage'], blocks[4]['block']) == \
         ('layer2.1', 2, 2)
-    vit = RepLVisionTransformer(arch=dict(embed_dims=16,
-                                          num_layers=4,
-                                          num_heads=2,
-                                          feedforward_channels=32),
-                                img_size=16,
-                                patch_size=8,
-                                replacement=dict(mode='none', interval=2))
+    vit = RepLVisionTransformer(
+        arch=dict(
+            embed_dims=16, num_layers=4, num_heads=2, feedforward_channels=32),
+        img_size=16,
+        patch_size=8,
+        replacement=dict(mode='none', interval=2))
     assert would_be_sites(residual_blocks(vit)) == [2, 3]
 
 
@@ -291,8 +292,11 @@ def test_root(tmp_path_factory):
     subprocess.run([
         sys.executable,
         str(ROOT / 'tools/dataset_converters/make_datasets.py'),
-        'synthetic-cifar', '--out', str(root), '--num-per-class', '20'
-    ], check=True, capture_output=True)
+        'synthetic-cifar', '--out',
+        str(root), '--num-per-class', '20'
+    ],
+                   check=True,
+                   capture_output=True)
     return str(root)
 
 
@@ -302,7 +306,7 @@ def r20_checkpoint(tmp_path_factory):
     cfg = Config.fromfile(DIGITS_E2E)
     cfg.merge_from_dict({'model.backbone.depth': 20})
     torch.manual_seed(0)
-    model = load_e2e_model(cfg, None)
+    model = init_model(e2e_twin_config(cfg))
     path = tmp_path_factory.mktemp('span') / 'r20.pth'
     torch.save(dict(state_dict=model.state_dict()), path)
     return str(path)
@@ -346,7 +350,8 @@ def test_cli_end_to_end(r20_checkpoint, test_root, tmp_path, capsys):
     cfg = Config.fromfile(DIGITS_E2E)
     cfg.merge_from_dict({'model.backbone.depth': 20})
     e2e = backbone_costs(
-        load_e2e_model(cfg, None).backbone, torch.randn(2, 3, 32, 32), 64)
+        init_model(e2e_twin_config(cfg)).backbone, torch.randn(2, 3, 32, 32),
+        64)
     assert res['costs']['train_batch'] == 64
     assert res['costs']['e2e_backbone_bytes'] == e2e['bytes']
     assert res['costs']['e2e_backbone_flops'] == e2e['flops']
@@ -374,7 +379,7 @@ def test_cli_unreachable_budget_names_the_option(r20_checkpoint, test_root,
 def test_mismatched_checkpoint_raises(r20_checkpoint):
     cfg = Config.fromfile(DIGITS_E2E)  # ResNet-32: the R20 file is wrong
     with pytest.raises(ValueError, match=r'r20\.pth.*does not fit'):
-        load_e2e_model(cfg, r20_checkpoint)
+        init_model(e2e_twin_config(cfg), r20_checkpoint)
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -394,12 +399,14 @@ def test_cli_rejects_bad_arguments(argv, message, r20_checkpoint, capsys):
 # -- the benchmark's repl_idx ----------------------------------------------
 def test_benchmark_method_repl_idx():
     case = make_case(
-        dict(default_scope='mmpretrain',
-             model=dict(type='ImageClassifier',
-                        backbone=dict(type='ResNet_CIFAR',
-                                      depth=20,
-                                      replacement=dict(interval=4,
-                                                       recompute=False)))))
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=dict(
+                    type='ResNet_CIFAR',
+                    depth=20,
+                    replacement=dict(interval=4, recompute=False)))))
     assert method_model_cfg(case, 'repl_idx') is None  # no indices
     case.indices = (2, 5)
     rep = method_model_cfg(case, 'repl_idx')['backbone']['replacement']

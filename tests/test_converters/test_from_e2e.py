@@ -1,4 +1,4 @@
-"""Starting RepL from an E2E checkpoint (issue 8 §2): the fits recover
+"""Starting RepL from an E2E checkpoint: the fits recover
 sites that lie in the site's family, kept weights are copied bit-exactly,
 the result loads strictly, and bad inputs fail by name."""
 import textwrap
@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from repl_mm.converters.from_e2e import (build_model, calibrate_norms,
-                                         convert, fit_chain, fit_site,
-                                         load_state, relative_error,
-                                         site_error, to_pixels)
+from repl_mm.apis import init_model, load_checkpoint_state
+from repl_mm.converters.from_e2e import convert
+from repl_mm.converters.site_fit import (calibrate_norms, fit_chain, fit_site,
+                                         relative_error, site_error, to_pixels)
 from repl_mm.core.cnn_site import ConvSite
-from repl_mm.core.vit_site import TransformerSite
 from repl_mm.core.synthesis import collapse_kernel
+from repl_mm.core.vit_site import TransformerSite
 
 ROOT = __import__('pathlib').Path(__file__).resolve().parents[2]
 DEMO = ROOT / 'configs/demo/resnet32-repl_1xb64_15e_mnist5k.py'
@@ -25,14 +25,18 @@ def test_fit_chain_recovers_a_chain_in_its_family():
     x = torch.randn(4000, c)
     srcs = [[torch.randn(c, c), torch.randn(c, c)] for _ in range(2)]
     true = [[torch.rand(c) + 0.2, torch.rand(c) - 0.5] for _ in range(2)]
-    mats = [sum(p[:, None] * s for p, s in zip(ps, ss))
-            for ps, ss in zip(true, srcs)]
+    mats = [
+        sum(p[:, None] * s for p, s in zip(ps, ss))
+        for ps, ss in zip(true, srcs)
+    ]
     d = torch.randn(c)
     target = x @ mats[0].T @ mats[1].T + d
     start = [[torch.full((c, ), 0.5)] * 2 for _ in range(2)]
     coefs, off = fit_chain(x, target, srcs, start)
-    fit = [sum(p[:, None].float() * s for p, s in zip(ps, ss))
-           for ps, ss in zip(coefs, srcs)]
+    fit = [
+        sum(p[:, None].float() * s for p, s in zip(ps, ss))
+        for ps, ss in zip(coefs, srcs)
+    ]
     pred = x @ fit[0].T @ fit[1].T + off.float()
     assert relative_error(pred, target) < 1e-4
 
@@ -46,8 +50,10 @@ def test_transformer_site_fit_recovers_alpha_beta_and_ln():
     d = 8
     (qp, pp), (f1p, f2p) = _linears(d)
     (qn, pn), (f1n, f2n) = _linears(d)
-    srcs = {'attn': [('prev', (qp, pp)), ('next', (qn, pn))],
-            'mlp': [('prev', (f1p, f2p)), ('next', (f1n, f2n))]}
+    srcs = {
+        'attn': [('prev', (qp, pp)), ('next', (qn, pn))],
+        'mlp': [('prev', (f1p, f2p)), ('next', (f1n, f2n))]
+    }
 
     def site():
         return TransformerSite(d, srcs, nn.LayerNorm(d), nn.GELU()).eval()
@@ -76,7 +82,8 @@ def configs(tmp_path_factory):
     root = tmp_path_factory.mktemp('e2e_to_repl')
     imgs, labels, classes = synthetic_images(2, img_size=8)
     write_cifar(str(root / 'data'), (imgs, labels), (imgs, labels), classes)
-    (root / 'repl.py').write_text(textwrap.dedent(f"""
+    (root / 'repl.py').write_text(
+        textwrap.dedent(f"""
         _base_ = '{DEMO}'
         model = dict(
             backbone=dict(depth=20, stem_channels=4, base_channels=4),
@@ -89,7 +96,8 @@ def configs(tmp_path_factory):
         test_dataloader = val_dataloader
         """))
     for name, extra in dict(
-            e2e="mode='none'", drop="mode='drop'",
+            e2e="mode='none'",
+            drop="mode='drop'",
             interp="mode='interpolate'",
             e2e_k2="mode='none', interval=2").items():
         (root / f'{name}.py').write_text(
@@ -108,8 +116,9 @@ def _in_family(e2e_model):
     with torch.no_grad():
         # conv1: block 4 down-samples (16 -> 8 channels), only 6 serves.
         w1 = 0.7 * collapse_kernel(b6.conv1.weight)
-        w2 = (torch.rand(8, 1) * collapse_kernel(b4.conv2.weight) +
-              torch.rand(8, 1) * collapse_kernel(b6.conv2.weight))
+        w2 = (
+            torch.rand(8, 1) * collapse_kernel(b4.conv2.weight) +
+            torch.rand(8, 1) * collapse_kernel(b6.conv2.weight))
         for conv, w in ((b5.conv1, w1), (b5.conv2, w2)):
             conv.weight.zero_()
             conv.weight[:, :, 1, 1] = w
@@ -126,15 +135,19 @@ def _in_family(e2e_model):
 
 @pytest.fixture(scope='module')
 def converted(configs, tmp_path_factory):
-    from mmengine.config import Config
     root = tmp_path_factory.mktemp('ckpt')
-    e2e = build_model(Config.fromfile(configs['e2e']))
+    e2e = init_model(configs['e2e'])
     b5 = _in_family(e2e)
     ckpt = str(root / 'e2e.pth')
     torch.save(dict(state_dict=e2e.state_dict(), meta={}), ckpt)
     out = str(root / 'repl.pth')
-    report = convert(configs['e2e'], ckpt, configs['repl'], out,
-                     num_batches=2, evaluate_metrics=False)
+    report = convert(
+        configs['e2e'],
+        ckpt,
+        configs['repl'],
+        out,
+        num_batches=2,
+        evaluate_metrics=False)
     return dict(report=report, e2e=ckpt, out=out, block5=b5)
 
 
@@ -151,20 +164,21 @@ def test_fit_lowers_the_error_of_a_random_block(converted):
 
 
 def test_kept_weights_bit_exact_and_strict_load(converted, configs):
-    from mmengine.config import Config
-    e2e = load_state(converted['e2e'])
+    e2e = load_checkpoint_state(converted['e2e'])
     out = torch.load(converted['out'], map_location='cpu', weights_only=True)
     assert set(out) == {'state_dict', 'meta'}
     sd = out['state_dict']
-    site_keys = [k for k in sd if k.startswith(
-        ('backbone.layer2.1.', 'backbone.layer3.1.'))]
+    site_keys = [
+        k for k in sd
+        if k.startswith(('backbone.layer2.1.', 'backbone.layer3.1.'))
+    ]
     assert 'backbone.layer2.1.phi2_prev' in site_keys
     for k, v in sd.items():
         if k in e2e:
             assert torch.equal(v, e2e[k]), k
-    assert sorted(set(sd) - set(e2e)) == sorted(
-        site_keys + ['backbone.replacement_plan'])
-    repl = build_model(Config.fromfile(configs['repl']))
+    assert sorted(set(sd) - set(e2e)) == sorted(site_keys +
+                                                ['backbone.replacement_plan'])
+    repl = init_model(configs['repl'])
     repl.load_state_dict(sd, strict=True)
     # The fitted site, evaluated in the loaded model, matches E2E block 5.
     x = torch.rand(3, 8, 4, 4)
@@ -175,8 +189,7 @@ def test_kept_weights_bit_exact_and_strict_load(converted, configs):
 
 
 def test_interpolated_block_fit_recovers_alpha_beta(configs):
-    from mmengine.config import Config
-    model = build_model(Config.fromfile(configs['interp']))
+    model = init_model(configs['interp'])
     site = model.backbone.site_modules()[8]
     x = torch.relu(torch.randn(12, 16, 2, 2))
     with torch.no_grad():
@@ -200,8 +213,7 @@ def test_conv_site_fit_without_branch_still_improves():
     site = ConvSite([(c, c)], [[('prev', prev), ('next', nxt)]],
                     nn.BatchNorm2d(c), nn.ReLU()).eval()
     x = torch.relu(torch.randn(8, c, 5, 5))
-    y = torch.relu(x + torch.randn(8, c, 5, 5).mul(0.3) + 0.5 *
-                   x.flip(1))
+    y = torch.relu(x + torch.randn(8, c, 5, 5).mul(0.3) + 0.5 * x.flip(1))
     before, after = fit_site(site, x, y, branch=None, steps=30)
     assert after < before
     assert to_pixels(x).shape == (8 * 25, c)
@@ -262,8 +274,8 @@ def test_max_points_below_two_is_rejected(max_points):
                     nn.BatchNorm2d(c), nn.ReLU()).eval()
     fresh = {k: v.clone() for k, v in site.state_dict().items()}
     x = torch.relu(torch.randn(4, c, 5, 5))
-    with pytest.raises(ValueError,
-                       match=f'max_points must be .*got {max_points}'):
+    with pytest.raises(
+            ValueError, match=f'max_points must be .*got {max_points}'):
         fit_site(site, x, x, x * 0.5, steps=3, max_points=max_points)
     for k, v in site.state_dict().items():
         assert torch.equal(v, fresh[k]), k
@@ -275,39 +287,51 @@ def test_errors_name_the_problem(configs, converted, tmp_path):
     kw = dict(num_batches=1, evaluate_metrics=False)
     with pytest.raises(ValueError, match="mode='drop'.*nothing to fit"):
         convert(configs['e2e'], converted['e2e'], configs['drop'], out, **kw)
-    with pytest.raises(ValueError, match=r'plans sites \[2, 5, 6, 8\].*'
-                       r'sites \[5, 8\]'):
+    with pytest.raises(
+            ValueError, match=r'plans sites \[2, 5, 6, 8\].*'
+            r'sites \[5, 8\]'):
         convert(configs['e2e_k2'], converted['e2e'], configs['repl'], out,
                 **kw)
     with pytest.raises(ValueError, match="must be the mode='none' twin"):
-        convert(configs['repl'], converted['e2e'], configs['repl'], out,
-                **kw)
+        convert(configs['repl'], converted['e2e'], configs['repl'], out, **kw)
     with pytest.raises(ValueError, match='is a RepL checkpoint'):
         convert(configs['e2e'], converted['out'], configs['repl'], out, **kw)
-    state = load_state(converted['e2e'])
+    state = load_checkpoint_state(converted['e2e'])
     state.pop('head.fc.bias')
     state['backbone.extra.weight'] = torch.zeros(1)
     bad = str(tmp_path / 'bad.pth')
     torch.save(dict(state_dict=state), bad)
-    with pytest.raises(ValueError, match=r'missing keys \[head\.fc\.bias\]'
-                       r'.*unexpected keys \[backbone\.extra\.weight\]'):
+    with pytest.raises(
+            ValueError,
+            match=r'missing keys \[head\.fc\.bias\]'
+            r'.*unexpected keys \[backbone\.extra\.weight\]'):
         convert(configs['e2e'], bad, configs['repl'], out, **kw)
     with pytest.raises(ValueError, match="split must be 'train' or 'test'"):
-        convert(configs['e2e'], converted['e2e'], configs['repl'], out,
-                split='val', **kw)
+        convert(
+            configs['e2e'],
+            converted['e2e'],
+            configs['repl'],
+            out,
+            split='val',
+            **kw)
     with pytest.raises(ValueError, match='max_points must be .*got 1'):
-        convert(configs['e2e'], converted['e2e'], configs['repl'], out,
-                max_points=1, **kw)
+        convert(
+            configs['e2e'],
+            converted['e2e'],
+            configs['repl'],
+            out,
+            max_points=1,
+            **kw)
 
 
 def _no_work(monkeypatch):
     """Make any model build fail: the checks must come before it."""
     import repl_mm.converters.from_e2e as from_e2e
 
-    def build_model(cfg):
+    def init_model(*args, **kwargs):
         raise AssertionError('work started before the output check')
 
-    monkeypatch.setattr(from_e2e, 'build_model', build_model)
+    monkeypatch.setattr(from_e2e, 'init_model', init_model)
 
 
 def test_output_never_overwrites_an_input(configs, converted, monkeypatch):
@@ -316,14 +340,23 @@ def test_output_never_overwrites_an_input(configs, converted, monkeypatch):
     e2e = converted['e2e']
     data = open(e2e, 'rb').read()
     for force in (False, True):
-        with pytest.raises(ValueError, match=r"out_file '.*e2e\.pth' is "
-                           r'the input e2e_checkpoint'):
-            convert(configs['e2e'], e2e, configs['repl'], e2e, force=force,
-                    **kw)
-        with pytest.raises(ValueError, match=r"out_file '.*repl\.py' is "
-                           'the input repl_config'):
-            convert(configs['e2e'], e2e, configs['repl'], configs['repl'],
-                    force=force, **kw)
+        with pytest.raises(
+                ValueError,
+                match=r"out_file '.*e2e\.pth' is "
+                r'the input e2e_checkpoint'):
+            convert(
+                configs['e2e'], e2e, configs['repl'], e2e, force=force, **kw)
+        with pytest.raises(
+                ValueError,
+                match=r"out_file '.*repl\.py' is "
+                'the input repl_config'):
+            convert(
+                configs['e2e'],
+                e2e,
+                configs['repl'],
+                configs['repl'],
+                force=force,
+                **kw)
     assert open(e2e, 'rb').read() == data
 
 
@@ -334,13 +367,20 @@ def test_existing_output_needs_force(configs, converted, tmp_path,
     kw = dict(num_batches=1, steps=1, evaluate_metrics=False)
     with monkeypatch.context() as m:
         _no_work(m)
-        with pytest.raises(FileExistsError, match=r"out_file '.*exists\.pth'"
-                           r' already exists.*--force'):
+        with pytest.raises(
+                FileExistsError,
+                match=r"out_file '.*exists\.pth'"
+                r' already exists.*--force'):
             convert(configs['e2e'], converted['e2e'], configs['repl'],
                     str(out), **kw)
     assert out.read_bytes() == b'keep me'
-    convert(configs['e2e'], converted['e2e'], configs['repl'], str(out),
-            force=True, **kw)
+    convert(
+        configs['e2e'],
+        converted['e2e'],
+        configs['repl'],
+        str(out),
+        force=True,
+        **kw)
     assert torch.load(out, weights_only=True)['meta']['site_fit']
 
 

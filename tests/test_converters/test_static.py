@@ -1,4 +1,4 @@
-"""Static models for deployment (issue 8 §5, paper A.5.3): the folding
+"""Static models for deployment (paper A.5.3): the folding
 math, static twins equal to trained RepL models (backbones of every kind,
 RetinaNet, DeepLabV3), the checkpoint + config tool and an upstream
 inferencer on its output, and the errors of mismatched modes."""
@@ -11,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
+from mmpretrain.models.backbones import vision_transformer
 from mmpretrain.models.backbones.resnet import BasicBlock, Bottleneck
-from mmpretrain.models.backbones.vision_transformer import \
-    TransformerEncoderLayer
 from torch import nn
 
-from repl_mm.converters.static import (build_model, check_equal,
-                                       convert_checkpoint, relative_error,
-                                       static_config, static_replacement,
-                                       to_static)
+from repl_mm.apis import init_model
+from repl_mm.converters.to_static import (check_equal, convert_checkpoint,
+                                          relative_error, static_config,
+                                          static_replacement, to_static)
 from repl_mm.core import (ConvSite, ReplacementConfig, StaticConvSite,
                           StaticTransformerSite)
 from repl_mm.core.static import should_fold_static
@@ -28,7 +27,8 @@ from repl_mm.models.cls_resnet import RepLResNet, RepLResNet_CIFAR
 from repl_mm.models.cls_vit import RepLVisionTransformer
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAIN_BLOCKS = (BasicBlock, Bottleneck, TransformerEncoderLayer)
+PLAIN_BLOCKS = (BasicBlock, Bottleneck,
+                vision_transformer.TransformerEncoderLayer)
 TOL = 1e-5
 TINY_VIT = dict(
     arch=dict(
@@ -90,12 +90,15 @@ def test_batch_norm_affine_matches_eval_bn():
     a, b = batch_norm_affine(bn.running_mean, bn.running_var, bn.weight,
                              bn.bias, bn.eps)
     expect = bn(x)
-    assert torch.allclose(a[:, None, None] * x + b[:, None, None], expect,
-                          atol=1e-6)
+    assert torch.allclose(
+        a[:, None, None] * x + b[:, None, None], expect, atol=1e-6)
     # by hand: gamma 2, var 3, eps 1 -> a = 1; mean 4, beta 5 -> b = 1
     a, b = batch_norm_affine(
-        torch.tensor([4.]), torch.tensor([3.]), torch.tensor([2.]),
-        torch.tensor([5.]), eps=1.)
+        torch.tensor([4.]),
+        torch.tensor([3.]),
+        torch.tensor([2.]),
+        torch.tensor([5.]),
+        eps=1.)
     assert a.item() == 1. and b.item() == 1.
 
 
@@ -117,14 +120,16 @@ def test_fold_choice():
 BACKBONES = {
     'cls-r50': (RepLResNet, dict(depth=50, stem_channels=8,
                                  base_channels=8), (2, 3, 32, 32)),
-    'cls-r18-own': (RepLResNet, dict(depth=18, stem_channels=8,
-                                     base_channels=8), (2, 3, 32, 32)),
+    'cls-r18-own':
+    (RepLResNet, dict(depth=18, stem_channels=8,
+                      base_channels=8), (2, 3, 32, 32)),
     'cifar-r20': (RepLResNet_CIFAR, dict(depth=20), (2, 3, 16, 16)),
-    'cifar-r20-cp': (RepLResNet_CIFAR, dict(depth=20, with_cp=True),
-                     (2, 3, 16, 16)),
-    'cifar-r20-gn': (RepLResNet_CIFAR,
-                     dict(depth=20, norm_cfg=dict(type='GN', num_groups=4)),
-                     (2, 3, 16, 16)),
+    'cifar-r20-cp': (RepLResNet_CIFAR, dict(depth=20,
+                                            with_cp=True), (2, 3, 16, 16)),
+    'cifar-r20-gn':
+    (RepLResNet_CIFAR, dict(depth=20,
+                            norm_cfg=dict(type='GN',
+                                          num_groups=4)), (2, 3, 16, 16)),
     'vit': (RepLVisionTransformer, TINY_VIT, (2, 3, 32, 32)),
 }
 
@@ -145,17 +150,20 @@ def test_static_backbone_equals_repl(name, mode):
     if mode == 'interpolate':  # the original block type, a plain block
         assert all(isinstance(s, PLAIN_BLOCKS) for s in sites)
     else:
-        assert all(isinstance(s, (StaticConvSite, StaticTransformerSite))
-                   for s in sites)
+        assert all(
+            isinstance(s, (StaticConvSite, StaticTransformerSite))
+            for s in sites)
     keys = static.state_dict().keys()
-    assert not any(k.split('.')[-1].startswith(('phi', 'alpha', 'beta'))
-                   for k in keys)
+    assert not any(
+        k.split('.')[-1].startswith(('phi', 'alpha', 'beta')) for k in keys)
 
 
-@pytest.mark.parametrize('opts', [
-    dict(residual=False, neighbors='prev'),
-    dict(scale=0.0),
-], ids=['no-residual', 'scale0'])
+@pytest.mark.parametrize(
+    'opts', [
+        dict(residual=False, neighbors='prev'),
+        dict(scale=0.0),
+    ],
+    ids=['no-residual', 'scale0'])
 def test_static_conv_options(opts):
     repl = randomize(RepLResNet_CIFAR(depth=20, replacement=opts), scale=0.3)
     static = RepLResNet_CIFAR(depth=20, replacement=static_replacement(opts))
@@ -163,14 +171,16 @@ def test_static_conv_options(opts):
     check_equal(repl, static, torch.randn(2, 3, 16, 16), tol=TOL)
     site = static.site_modules()[5]
     assert site.folded and site.norm_folded
-    assert list(site.state_dict()) == ['pointwise.0.weight',
-                                       'pointwise.0.bias']
+    assert list(
+        site.state_dict()) == ['pointwise.0.weight', 'pointwise.0.bias']
 
 
-@pytest.mark.parametrize('opts', [
-    dict(vit_weights='attn', num_scalars=1),
-    dict(indices=[1, 3], neighbors='next'),
-], ids=['own-mlp-tied', 'first-site'])
+@pytest.mark.parametrize(
+    'opts', [
+        dict(vit_weights='attn', num_scalars=1),
+        dict(indices=[1, 3], neighbors='next'),
+    ],
+    ids=['own-mlp-tied', 'first-site'])
 def test_static_vit_options(opts):
     repl = randomize(RepLVisionTransformer(**TINY_VIT, replacement=opts))
     static = RepLVisionTransformer(
@@ -218,8 +228,8 @@ def test_static_inside_det_seg_models(name, mode):
     assert backbone.replacement.static_from == mode
     assert backbone.get('init_cfg') is None  # no E2E weights into static
     assert scfg.model.get('pretrained') is None
-    repl = randomize(build_model(cfg))
-    static = build_model(scfg)
+    repl = randomize(init_model(cfg))
+    static = init_model(scfg)
     assert static.backbone.replacement_plan.indices == (4, )
     check_twin(repl, static, torch.randn(1, 3, 64, 64))
 
@@ -234,12 +244,13 @@ def tiny_repl(tmp_path_factory):
     cfg_path.write_text(
         f"_base_ = '{ROOT}/configs/demo/resnet32-repl_1xb64_15e_digits.py'\n"
         'model = dict(backbone=dict(depth=20))\n')
-    model = randomize(build_model(Config.fromfile(str(cfg_path))))
+    model = randomize(init_model(str(cfg_path)))
     ckpt = folder / 'epoch_1.pth'
     classes = [f'class_{i}' for i in range(10)]
     torch.save(
-        dict(state_dict=model.state_dict(),
-             meta=dict(epoch=1, dataset_meta=dict(classes=classes))), ckpt)
+        dict(
+            state_dict=model.state_dict(),
+            meta=dict(epoch=1, dataset_meta=dict(classes=classes))), ckpt)
     return cfg_path, ckpt
 
 
@@ -247,8 +258,11 @@ def test_tool_writes_loadable_checkpoint_and_config(tiny_repl, tmp_path,
                                                     monkeypatch, capsys):
     cfg_path, ckpt = tiny_repl
     monkeypatch.setattr(sys, 'argv', [
-        'repl_to_static.py', str(cfg_path), str(ckpt), str(tmp_path),
-        '--batch-size', '2', '--input-size', '16', '--repeats', '2'
+        'repl_to_static.py',
+        str(cfg_path),
+        str(ckpt),
+        str(tmp_path), '--batch-size', '2', '--input-size', '16', '--repeats',
+        '2'
     ])
     runpy.run_path(
         str(ROOT / 'tools/model_converters/repl_to_static.py'),
@@ -290,8 +304,10 @@ def test_static_checkpoint_in_upstream_inferencer(tiny_repl, tmp_path):
     assert results['static']['pred_label'] == results['repl']['pred_label']
     assert results['static']['pred_class'] == \
         f"class_{results['static']['pred_label']}"
-    np.testing.assert_allclose(results['static']['pred_scores'],
-                               results['repl']['pred_scores'], atol=1e-5)
+    np.testing.assert_allclose(
+        results['static']['pred_scores'],
+        results['repl']['pred_scores'],
+        atol=1e-5)
 
 
 def _copy(tiny_repl, folder):
@@ -302,31 +318,43 @@ def _copy(tiny_repl, folder):
 
 def _no_work(monkeypatch):
     """Make any model build fail: the checks must come before it."""
-    import repl_mm.converters.static as static
+    import repl_mm.converters.to_static as to_static
 
-    def build_model(cfg):
+    def init_model(*args, **kwargs):
         raise AssertionError('work started before the output check')
 
-    monkeypatch.setattr(static, 'build_model', build_model)
+    monkeypatch.setattr(to_static, 'init_model', init_model)
 
 
-def test_outputs_never_overwrite_the_sources(tiny_repl, tmp_path,
-                                             monkeypatch):
+def test_outputs_never_overwrite_the_sources(tiny_repl, tmp_path, monkeypatch):
     cfg_path, ckpt = _copy(tiny_repl, tmp_path)
     data = ckpt.read_bytes(), cfg_path.read_bytes()
     _no_work(monkeypatch)
     for force in (False, True):
-        with pytest.raises(ValueError, match=r"output checkpoint .*"
-                           r"'.*epoch_1\.pth' is the input checkpoint"):
-            convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path),
-                               name='epoch_1', force=force)
-        with pytest.raises(ValueError, match=r"output config .*"
-                           r"'.*r20-repl_tiny\.py' is the input config"):
-            convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path),
-                               name='r20-repl_tiny', force=force)
+        with pytest.raises(
+                ValueError,
+                match=r"output checkpoint .*"
+                r"'.*epoch_1\.pth' is the input checkpoint"):
+            convert_checkpoint(
+                str(cfg_path),
+                str(ckpt),
+                str(tmp_path),
+                name='epoch_1',
+                force=force)
+        with pytest.raises(
+                ValueError,
+                match=r"output config .*"
+                r"'.*r20-repl_tiny\.py' is the input config"):
+            convert_checkpoint(
+                str(cfg_path),
+                str(ckpt),
+                str(tmp_path),
+                name='r20-repl_tiny',
+                force=force)
     assert (ckpt.read_bytes(), cfg_path.read_bytes()) == data
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'epoch_1.pth', 'r20-repl_tiny.py']
+        'epoch_1.pth', 'r20-repl_tiny.py'
+    ]
 
 
 def test_existing_outputs_need_force(tiny_repl, tmp_path, monkeypatch):
@@ -336,14 +364,16 @@ def test_existing_outputs_need_force(tiny_repl, tmp_path, monkeypatch):
         out.write_text('keep me')
         with monkeypatch.context() as m:
             _no_work(m)
-            with pytest.raises(FileExistsError, match=r'r20-static_tiny'
-                               rf'\{suffix}\' already exists.*--force'):
+            with pytest.raises(
+                    FileExistsError,
+                    match=r'r20-static_tiny'
+                    rf'\{suffix}\' already exists.*--force'):
                 convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path))
         assert out.read_text() == 'keep me'
         out.unlink()
     out = convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path))
-    again = convert_checkpoint(str(cfg_path), str(ckpt), str(tmp_path),
-                               force=True)
+    again = convert_checkpoint(
+        str(cfg_path), str(ckpt), str(tmp_path), force=True)
     assert again['checkpoint'] == out['checkpoint']
     assert torch.load(out['checkpoint'], weights_only=True)['meta']['static']
 
@@ -353,8 +383,12 @@ def test_tool_refuses_existing_outputs_without_force(tiny_repl, tmp_path,
     cfg_path, ckpt = tiny_repl
     out = tmp_path / 'r20-static_tiny.pth'
     out.write_text('keep me')
-    argv = ['repl_to_static.py', str(cfg_path), str(ckpt), str(tmp_path),
-            '--no-benchmark']
+    argv = [
+        'repl_to_static.py',
+        str(cfg_path),
+        str(ckpt),
+        str(tmp_path), '--no-benchmark'
+    ]
     tool = str(ROOT / 'tools/model_converters/repl_to_static.py')
     monkeypatch.setattr(sys, 'argv', argv)
     with pytest.raises(FileExistsError, match='--force'):
@@ -376,8 +410,10 @@ def twins(mode='synthesize'):
 def test_mode_mismatch_errors_name_the_mode():
     repl, static = twins()
     to_static(repl, static)
-    with pytest.raises(ValueError, match="mode 'static'.*mode 'synthesize'"
-                       "(.|\\n)*repl_to_static"):
+    with pytest.raises(
+            ValueError,
+            match="mode 'static'.*mode 'synthesize'"
+            "(.|\\n)*repl_to_static"):
         RepLResNet_CIFAR(depth=20).load_state_dict(static.state_dict())
     with pytest.raises(ValueError, match="mode 'synthesize'.*mode 'static'"):
         static.load_state_dict(repl.state_dict())
@@ -385,27 +421,36 @@ def test_mode_mismatch_errors_name_the_mode():
     with pytest.raises(ValueError, match="mode='static' model loads only"):
         static.load_state_dict(e2e.state_dict(), strict=False)
     _, from_interp = twins('interpolate')
-    with pytest.raises(ValueError, match="static_from: checkpoint "
-                       "'synthesize', model 'interpolate'"):
+    with pytest.raises(
+            ValueError,
+            match="static_from: checkpoint "
+            "'synthesize', model 'interpolate'"):
         from_interp.load_state_dict(static.state_dict())
-    with pytest.raises(ValueError, match="mode='synthesize'.*static_from="
-                       "'interpolate'"):
+    with pytest.raises(
+            ValueError, match="mode='synthesize'.*static_from="
+            "'interpolate'"):
         to_static(repl, from_interp)
-    with pytest.raises(ValueError, match="has mode='synthesize', expected "
-                       "'static'"):
+    with pytest.raises(
+            ValueError, match="has mode='synthesize', expected "
+            "'static'"):
         to_static(repl, RepLResNet_CIFAR(depth=20))
 
 
 def test_option_errors():
     with pytest.raises(ValueError, match="mode 'drop' cannot be made"):
         static_replacement(dict(mode='drop'))
-    with pytest.raises(ValueError, match="static_from='interpolate' with "
-                       "mode='synthesize'"):
+    with pytest.raises(
+            ValueError,
+            match="static_from='interpolate' with "
+            "mode='synthesize'"):
         ReplacementConfig(static_from='interpolate')
     with pytest.raises(ValueError, match="static_from must be one of.*'x'"):
         ReplacementConfig(mode='static', static_from='x')
-    cfg = Config(dict(model=dict(type='ImageClassifier', backbone=dict(
-        type='ResNet', depth=18))))
+    cfg = Config(
+        dict(
+            model=dict(
+                type='ImageClassifier', backbone=dict(type='ResNet',
+                                                      depth=18))))
     with pytest.raises(ValueError, match='names no RepL backbone'):
         static_config(cfg)
 
@@ -428,10 +473,13 @@ def test_static_config_drops_pretrained_init_cfg():
     const = dict(type='Constant', layer='Conv2d', val=1)
 
     def backbone_init(init_cfg):
-        cfg = Config(dict(model=dict(
-            type='ImageClassifier',
-            backbone=dict(type='RepLResNet_CIFAR', depth=20,
-                          init_cfg=init_cfg))))
+        cfg = Config(
+            dict(
+                model=dict(
+                    type='ImageClassifier',
+                    backbone=dict(
+                        type='RepLResNet_CIFAR', depth=20,
+                        init_cfg=init_cfg))))
         return static_config(cfg).model.backbone.init_cfg
 
     assert backbone_init(pretrained) is None

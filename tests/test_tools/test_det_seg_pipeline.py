@@ -255,7 +255,7 @@ def test_publish_loads_in_upstream_inferencer(trained, data, tmp_path):
         assert np.asarray(pred).shape == (64, 128)  # the input's H x W
         assert set(np.unique(pred)) <= set(range(19))
     # its static model (issue 8 §5) in the same inferencer: same prediction
-    from repl_mm.converters.static import convert_checkpoint
+    from repl_mm.converters.to_static import convert_checkpoint
     static = convert_checkpoint(cfg, str(published), str(tmp_path / 'static'))
     static_pred = infer(name, static['config'], static['checkpoint'], img)
     # (an untrained net's outputs nearly tie: compare what a 1e-6 change

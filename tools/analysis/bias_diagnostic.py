@@ -14,10 +14,10 @@ Usage:
 import argparse
 import os
 
-import repl_mm  # noqa: F401  (registers the RepL backbones and datasets)
 from mmengine.config import Config, DictAction
 from mmengine.logging import MMLogger, print_log
 
+import repl_mm  # noqa: F401  (registers the RepL backbones and datasets)
 from repl_mm.analysis.bias import (format_table, run_bias_diagnostic,
                                    write_outputs)
 
@@ -29,20 +29,29 @@ def parse_args(argv=None):
     parser.add_argument('config', help='the training config')
     parser.add_argument('checkpoint', help='a RepL checkpoint of it')
     parser.add_argument(
-        '--num-images', type=int, default=512,
+        '--num-images',
+        type=int,
+        default=512,
         help='test images for d_fwd (default 512; all if fewer)')
     parser.add_argument(
-        '--grad-images', type=int, default=None,
+        '--grad-images',
+        type=int,
+        default=None,
         help='test images (the first ones) for d_grad and rho '
         '(default: --num-images)')
     parser.add_argument(
-        '--batch-size', type=int, default=None,
+        '--batch-size',
+        type=int,
+        default=None,
         help="images per batch (default: the config's test_dataloader)")
     parser.add_argument(
-        '--out-dir', default='work_dirs/bias_diagnostic',
+        '--out-dir',
+        default='work_dirs/bias_diagnostic',
         help='folder for bias.md, bias.json, bias.png')
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
         help='override settings in the config, key=value')
     args = parser.parse_args(argv)
     for name in ('num_images', 'grad_images', 'batch_size'):
@@ -67,8 +76,11 @@ def main(argv=None):
         log_file=os.path.join(args.out_dir, 'bias.log'),
         log_level='INFO')
     result = run_bias_diagnostic(
-        cfg, args.checkpoint, num_images=args.num_images,
-        num_grad_images=args.grad_images, batch_size=args.batch_size)
+        cfg,
+        args.checkpoint,
+        num_images=args.num_images,
+        num_grad_images=args.grad_images,
+        batch_size=args.batch_size)
     result['config'] = args.config
     print_log('\n' + format_table(result), logger='current')
     for path in write_outputs(result, args.out_dir).values():

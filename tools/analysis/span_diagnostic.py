@@ -1,5 +1,5 @@
 """Span diagnostic of a trained E2E model and the choice of RepL sites
-under a budget (paper A.10/A.11, issue 8 §1). What is fitted, measured and
+under a budget (paper A.10/A.11). What is fitted, measured and
 chosen: ``repl_mm/analysis/span.py``.
 
 Usage:
@@ -31,19 +31,19 @@ def parse_args(argv=None):
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config', help='E2E config (mode none) file')
     parser.add_argument('checkpoint', help='its trained checkpoint')
-    parser.add_argument('--num-images',
-                        type=int,
-                        default=512,
-                        help='test images for the fit (default 512)')
-    parser.add_argument('--batch-size',
-                        type=int,
-                        default=None,
-                        help="test batch size (default: the config's)")
+    parser.add_argument(
+        '--num-images',
+        type=int,
+        default=512,
+        help='test images for the fit (default 512)')
+    parser.add_argument(
+        '--batch-size',
+        type=int,
+        default=None,
+        help="test batch size (default: the config's)")
     budget = parser.add_mutually_exclusive_group()
-    budget.add_argument('--num-sites',
-                        type=int,
-                        default=None,
-                        help='choose N sites')
+    budget.add_argument(
+        '--num-sites', type=int, default=None, help='choose N sites')
     budget.add_argument(
         '--flops-saving',
         type=float,
@@ -65,10 +65,11 @@ def parse_args(argv=None):
         '--out-dir',
         default=None,
         help='output folder (default work_dirs/span_diagnostic/<config>)')
-    parser.add_argument('--cfg-options',
-                        nargs='+',
-                        action=DictAction,
-                        help='override settings in the config, key=value')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override settings in the config, key=value')
     args = parser.parse_args(argv)
 
     if not os.path.isfile(args.config):
@@ -101,20 +102,22 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     # one logger (and log file) per output folder
-    MMLogger.get_instance('span_diagnostic:' + os.path.abspath(args.out_dir),
-                          log_file=os.path.join(args.out_dir, 'span.log'),
-                          log_level='INFO')
+    MMLogger.get_instance(
+        'span_diagnostic:' + os.path.abspath(args.out_dir),
+        log_file=os.path.join(args.out_dir, 'span.log'),
+        log_level='INFO')
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     option = args.budget and '--' + args.budget[0].replace('_', '-')
     try:
-        result = run_span_diagnostic(cfg,
-                                     args.checkpoint,
-                                     args.num_images,
-                                     args.batch_size,
-                                     args.budget,
-                                     costs=not args.skip_costs)
+        result = run_span_diagnostic(
+            cfg,
+            args.checkpoint,
+            args.num_images,
+            args.batch_size,
+            args.budget,
+            costs=not args.skip_costs)
     except ValueError as e:  # an unreachable budget names the option
         msg = str(e)
         if option and msg.startswith(args.budget[0]):
@@ -122,8 +125,8 @@ def main(argv=None):
         print_log(msg, logger='current', level=logging.ERROR)
         return 1
     paths = write_outputs(result, args.out_dir)
-    print_log(to_markdown(result) + '\nwrote ' + ', '.join(paths),
-              logger='current')
+    print_log(
+        to_markdown(result) + '\nwrote ' + ', '.join(paths), logger='current')
     if 'choice' in result:
         print(indices_line(result['choice']['indices']))
     return 0

@@ -1,10 +1,11 @@
-"""Start RepL from a trained end-to-end checkpoint (issue 8 §2).
+"""Start RepL from a trained end-to-end checkpoint.
 
 Copies the E2E weights into the RepL model of the same backbone and plan
 (kept blocks, stem, neck, head unchanged) and fits every site to the block
 it replaces on a few recorded batches (see
-``repl_mm/converters/from_e2e.py``). Prints the per-site relative fit
-error before and after, and the test metric of the E2E model, of RepL with
+``repl_mm/converters/from_e2e.py`` and ``site_fit.py``). Prints the
+per-site relative fit error before and after, and the test metric of the
+E2E model, of RepL with
 fresh sites and of RepL with fitted sites (``--no-eval`` skips these).
 The output loads with ``tools/train.py --cfg-options load_from=OUT`` and
 ``tools/test.py REPL_CONFIG OUT``. OUT_FILE is never one of the inputs,
@@ -32,29 +33,42 @@ def parse_args(argv=None):
     parser.add_argument('repl_config', help='RepL config (same plan)')
     parser.add_argument('out_file', help='output RepL checkpoint (.pth)')
     parser.add_argument(
-        '--num-batches', type=int, default=4,
+        '--num-batches',
+        type=int,
+        default=4,
         help='batches recorded from the E2E model (default 4)')
     parser.add_argument(
-        '--split', choices=['train', 'test'], default='train',
+        '--split',
+        choices=['train', 'test'],
+        default='train',
         help='dataloader to record from (default train)')
     parser.add_argument(
-        '--steps', type=int, default=30,
+        '--steps',
+        type=int,
+        default=30,
         help='L-BFGS iterations per site (default 30)')
     parser.add_argument(
-        '--max-points', type=int, default=32768,
+        '--max-points',
+        type=int,
+        default=32768,
         help='pixels/tokens per site the L-BFGS run sees (default 32768)')
     parser.add_argument(
-        '--no-eval', action='store_true',
+        '--no-eval',
+        action='store_true',
         help='skip the three test evaluations')
     parser.add_argument(
-        '--work-dir', help='keep the evaluation logs here (default: a '
+        '--work-dir',
+        help='keep the evaluation logs here (default: a '
         'temporary folder, removed)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument(
-        '--force', action='store_true',
+        '--force',
+        action='store_true',
         help='overwrite OUT_FILE if it exists (never an input)')
     parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
         help='override settings in both configs, key=value')
     args = parser.parse_args(argv)
     if args.max_points < 2:

@@ -23,7 +23,7 @@ import os
 import torch
 from mmengine.config import Config
 
-from repl_mm.engine import load_mmengine_checkpoint
+from repl_mm.apis import read_checkpoint
 from repl_mm.engine.hooks.replacement_hook import META_KEY
 from repl_mm.models.base import PLAN_KEY, decode_plan
 
@@ -52,9 +52,10 @@ def publish(in_file: str, out_file: str) -> str:
         raise FileNotFoundError(f'IN_FILE: no checkpoint at {in_file!r}')
     if not out_file.endswith('.pth'):
         raise ValueError(f'OUT_FILE must end with .pth, but got {out_file!r}')
-    ckpt = load_mmengine_checkpoint(in_file)
+    ckpt = read_checkpoint(in_file)
     state = ckpt.get('state_dict', ckpt)
-    if not all(torch.is_tensor(v) for v in state.values()):
+    if not isinstance(state, dict) or not all(
+            torch.is_tensor(v) for v in state.values()):
         raise ValueError(f'{in_file}: state_dict holds non-tensor values')
     meta = plain(ckpt.get('meta', {})) or {}
     plans = {

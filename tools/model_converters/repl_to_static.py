@@ -22,9 +22,9 @@ Usage:
 import argparse
 
 from repl_mm.analysis.device import resolve_device
-from repl_mm.converters.static import (benchmark_inference,
-                                       convert_checkpoint, random_inputs,
-                                       ratios)
+from repl_mm.converters.to_static import (benchmark_inference,
+                                          convert_checkpoint, random_inputs,
+                                          ratios)
 
 
 def parse_args(argv=None):
@@ -33,30 +33,43 @@ def parse_args(argv=None):
     parser.add_argument('checkpoint', help='its checkpoint')
     parser.add_argument('out_dir', help='where the static .pth and .py go')
     parser.add_argument(
-        '--name', help='output file stem (default: the config name with '
+        '--name',
+        help='output file stem (default: the config name with '
         "'repl' -> 'static')")
     parser.add_argument(
-        '--batch-size', type=int, default=32,
+        '--batch-size',
+        type=int,
+        default=32,
         help='batch of the speed / memory measurement (default 32)')
     parser.add_argument(
-        '--input-size', type=int, nargs='+', metavar='N',
+        '--input-size',
+        type=int,
+        nargs='+',
+        metavar='N',
         help='input H [W] (default: 32 for CIFAR ResNets, a ViT\'s '
         'img_size, else 224 / 320 / 256 for cls / det / seg)')
     parser.add_argument(
-        '--repeats', type=int, default=20,
+        '--repeats',
+        type=int,
+        default=20,
         help='timed forwards per model, round-robin (default 20)')
     parser.add_argument(
-        '--tol', type=float, default=1e-4,
+        '--tol',
+        type=float,
+        default=1e-4,
         help='largest relative output difference allowed (default 1e-4)')
     parser.add_argument(
-        '--device', default='cpu',
+        '--device',
+        default='cpu',
         help="device of the speed / memory measurement: 'cpu' (default), "
         "'cuda' or 'cuda:N' (conversion and output check run on the CPU)")
     parser.add_argument(
-        '--no-benchmark', action='store_true',
+        '--no-benchmark',
+        action='store_true',
         help='convert and check only, skip the speed / memory report')
     parser.add_argument(
-        '--force', action='store_true',
+        '--force',
+        action='store_true',
         help='overwrite existing outputs (never the source config or '
         'checkpoint)')
     args = parser.parse_args(argv)
@@ -83,8 +96,13 @@ def main():
     size = args.input_size
     size = None if size is None else (size[0], size[-1])
     out = convert_checkpoint(
-        args.config, args.checkpoint, args.out_dir, name=args.name,
-        input_size=size, tol=args.tol, force=args.force)
+        args.config,
+        args.checkpoint,
+        args.out_dir,
+        name=args.name,
+        input_size=size,
+        tol=args.tol,
+        force=args.force)
     print(f"checkpoint: {out['checkpoint']}")
     print(f"config:     {out['config']}")
     print(f"outputs equal up to {out['error']:.2e} (relative)")
@@ -92,7 +110,9 @@ def main():
         return
     inputs = random_inputs(out['cfg'], args.batch_size, size)
     res = benchmark_inference(
-        dict(repl=out['repl'], static=out['static']), inputs, args.repeats,
+        dict(repl=out['repl'], static=out['static']),
+        inputs,
+        args.repeats,
         device=args.device)
     r = ratios(res)
     shape = 'x'.join(str(s) for s in inputs.shape)

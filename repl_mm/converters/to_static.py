@@ -1,5 +1,5 @@
-"""Export a trained RepL model as a static one for deployment (paper A.5.3,
-issue 8 §5).
+"""Export a trained RepL model as a static one for deployment (paper
+A.5.3).
 
 A static model is the RepL model's own config with
 ``replacement=dict(mode='static', static_from=<trained mode>, ...)``: the
@@ -7,7 +7,7 @@ same plan, with every site an ordinary weight computed once here (see
 :mod:`repl_mm.core.static`). The conversion
 
 1. builds the RepL model from the config and loads its checkpoint
-   (strict);
+   (strict; :func:`repl_mm.apis.init_model`);
 2. builds the static twin from the same config with ``mode='static'``;
 3. computes every site's static weights under ``torch.no_grad`` in eval
    mode (:func:`to_static`) and copies every other weight unchanged;
@@ -20,7 +20,6 @@ same plan, with every site an ordinary weight computed once here (see
 :func:`benchmark_inference` measures both models' eval forward.
 """
 import copy
-import importlib
 import os
 import os.path as osp
 from typing import Dict, List, Optional, Sequence, Union
@@ -31,13 +30,12 @@ from mmengine.config import Config
 from mmengine.logging import print_log
 from torch import Tensor, nn
 
-from ..analysis.benchmark import default_input_size, time_round_robin
+from ..analysis.cases import default_input_size
 from ..analysis.device import peak_memory, resolve_device
+from ..analysis.profiling import time_round_robin
+from ..apis import check_output, init_model, read_checkpoint, repl_backbones
 from ..core import STATIC_FROM, load_static_site
 from ..models.base import PLAN_KEY, RepLBackboneMixin, repl_classes
-from .from_e2e import check_output, repl_backbones
-
-SCOPES = ('mmpretrain', 'mmdet', 'mmseg')
 
 
 # -- configs ---------------------------------------------------------------
@@ -87,8 +85,8 @@ def drop_pretrained(init_cfg):
     """
     if _is_pretrained(init_cfg):
         return None
-    if isinstance(init_cfg, (list, tuple)) and any(
-            _is_pretrained(c) for c in init_cfg):
+    if isinstance(init_cfg,
+                  (list, tuple)) and any(_is_pretrained(c) for c in init_cfg):
         kept = [c for c in init_cfg if not _is_pretrained(c)]
         return kept or None
     return init_cfg
@@ -133,9 +131,8 @@ def static_config(cfg: Config) -> Config:
                'config that publish_model.py writes beside the published '
                'checkpoint, which names the RepL backbone)'
                if 'ReplacementHook' in hooks else '')
-        raise ValueError(
-            f'model config names no RepL backbone (one of '
-            f'{sorted(_repl_names())}){why}')
+        raise ValueError(f'model config names no RepL backbone (one of '
+                         f'{sorted(_repl_names())}){why}')
     if model.get('pretrained') is not None:
         model['pretrained'] = None
     out.model = model
@@ -147,21 +144,6 @@ def static_config(cfg: Config) -> Config:
 
 
 # -- models ----------------------------------------------------------------
-def build_model(cfg: Config) -> nn.Module:
-    """Build ``cfg.model`` with the registry of ``cfg.default_scope``, in
-    eval mode, weights not initialised (a checkpoint fills them)."""
-    import repl_mm  # noqa: F401  (registers the RepL backbones)
-    from mmengine.registry import DefaultScope
-    scope = cfg.get('default_scope')
-    if scope not in SCOPES:
-        raise ValueError(f'default_scope must be one of {SCOPES}, but got '
-                         f'{scope!r}')
-    registry = importlib.import_module(f'{scope}.registry').MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        model = registry.build(copy.deepcopy(cfg.model))
-    return model.eval()
-
-
 def _site_pairs(model: nn.Module, static_model: nn.Module):
     """[(full key prefix, trained site, static stand-in)], after checking
     that the two models are a trained RepL model and its static twin."""
@@ -171,6 +153,7 @@ def _site_pairs(model: nn.Module, static_model: nn.Module):
     if set(src) != set(dst):
         raise ValueError(f'RepL backbones differ: model {sorted(src)}, '
                          f'static model {sorted(dst)}')
+    names = {id(m): n for n, m in model.named_modules()}
     pairs = []
     for name, bb in src.items():
         plan, splan = bb.replacement_plan, dst[name].replacement_plan
@@ -189,10 +172,9 @@ def _site_pairs(model: nn.Module, static_model: nn.Module):
                 f'{where}: plans differ: sites {plan.indices} of '
                 f'{plan.num_blocks} blocks in the trained model, '
                 f'{splan.indices} of {splan.num_blocks} in the static one')
-        base = f'{name}.' if name else ''
         static_sites = dst[name].site_modules()
         for i, site in bb.site_modules().items():
-            pairs.append((base + bb._site_prefixes[i], site, static_sites[i]))
+            pairs.append((names[id(site)] + '.', site, static_sites[i]))
     return pairs
 
 
@@ -308,7 +290,7 @@ def random_inputs(cfg: Config,
                   seed: int = 0) -> Tensor:
     """A (B, 3, H, W) batch of standard normal noise (the scale of
     normalised images). ``input_size`` defaults to
-    :func:`~repl_mm.analysis.benchmark.default_input_size`."""
+    :func:`~repl_mm.analysis.cases.default_input_size`."""
     if input_size is None:
         input_size = default_input_size(cfg.default_scope, cfg.model.backbone)
     if isinstance(input_size, int):
@@ -322,26 +304,14 @@ def random_inputs(cfg: Config,
 
 
 # -- checkpoints -----------------------------------------------------------
-def load_repl_checkpoint(model: nn.Module, path: str) -> dict:
-    """Load a training (or published) RepL checkpoint into ``model``,
-    strictly; return the checkpoint."""
-    from ..engine import load_mmengine_checkpoint
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'CHECKPOINT: no checkpoint at {path!r}')
-    ckpt = load_mmengine_checkpoint(path)
-    state = ckpt.get('state_dict', ckpt)
-    model.load_state_dict(state, strict=True)
-    return ckpt
-
-
 def _is_plain(value) -> bool:
     if isinstance(value, (str, int, float, bool, type(None))):
         return True
     if isinstance(value, (list, tuple)):
         return all(_is_plain(v) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v)
-                   for k, v in value.items())
+        return all(
+            isinstance(k, str) and _is_plain(v) for k, v in value.items())
     return False
 
 
@@ -398,17 +368,19 @@ def convert_checkpoint(config: str,
         check_output(f'output {what} (out_dir, name)', path, sources, force)
     cfg = Config.fromfile(config)
     scfg = static_config(cfg)
-    model = build_model(cfg)
-    ckpt = load_repl_checkpoint(model, checkpoint)
-    static = to_static(model, build_model(scfg))
+    model = init_model(cfg, checkpoint)
+    static = to_static(model, init_model(scfg))
     inputs = random_inputs(cfg, batch_size, input_size, seed)
     err = check_equal(model, static, inputs, tol)
-    print_log(f'static model: outputs equal to the RepL model up to '
-              f'{err:.2e} (relative, tolerance {tol:g})', logger='current')
+    print_log(
+        f'static model: outputs equal to the RepL model up to '
+        f'{err:.2e} (relative, tolerance {tol:g})',
+        logger='current')
 
     os.makedirs(out_dir, exist_ok=True)
-    src_meta = ckpt.get('meta', {}) if isinstance(ckpt.get('meta'),
-                                                  dict) else {}
+    # the provenance init_model does not keep: read the file's meta again
+    src_meta = read_checkpoint(checkpoint).get('meta')
+    src_meta = src_meta if isinstance(src_meta, dict) else {}
     meta = {
         k: src_meta[k]
         for k in ('dataset_meta', 'epoch', 'iter', 'seed')
@@ -428,8 +400,13 @@ def convert_checkpoint(config: str,
     state = {k: v.detach().cpu() for k, v in static.state_dict().items()}
     torch.save(dict(state_dict=state, meta=meta), out_ckpt)
     scfg.dump(out_cfg)
-    return dict(checkpoint=out_ckpt, config=out_cfg, error=err, cfg=cfg,
-                repl=model, static=static)
+    return dict(
+        checkpoint=out_ckpt,
+        config=out_cfg,
+        error=err,
+        cfg=cfg,
+        repl=model,
+        static=static)
 
 
 # -- inference speed and memory --------------------------------------------
@@ -449,7 +426,7 @@ def benchmark_inference(models: Dict[str, nn.Module],
     ``device``.
 
     Times are per forward, taken round-robin between the models in one run
-    (:func:`~repl_mm.analysis.benchmark.time_round_robin`; on CUDA each
+    (:func:`~repl_mm.analysis.profiling.time_round_robin`; on CUDA each
     forward is synchronized before and after): ``median_s`` over
     ``repeats`` trials after ``warmup`` untimed rounds. ``peak_bytes`` is
     the allocator's high-water mark during one forward, above its level at
@@ -479,7 +456,8 @@ def benchmark_inference(models: Dict[str, nn.Module],
     steps = {n: (lambda m=m: _forward(m, inputs)) for n, m in models.items()}
     times = time_round_robin(steps, repeats, warmup, device)
     return {
-        n: dict(
+        n:
+        dict(
             median_s=float(np.median(times[n])),
             times_s=times[n],
             peak_bytes=peak_memory(steps[n], device),
@@ -488,7 +466,8 @@ def benchmark_inference(models: Dict[str, nn.Module],
     }
 
 
-def ratios(results: Dict[str, dict], num: str = 'static',
+def ratios(results: Dict[str, dict],
+           num: str = 'static',
            den: str = 'repl') -> Dict[str, float]:
     """``num / den`` of median time, peak and parameter bytes."""
     return {
@@ -498,9 +477,8 @@ def ratios(results: Dict[str, dict], num: str = 'static',
 
 
 __all__ = [
-    'benchmark_inference', 'build_model', 'check_equal', 'convert_checkpoint',
-    'drop_pretrained', 'load_repl_checkpoint', 'output_tensors',
-    'param_bytes', 'random_inputs', 'ratios', 'relative_error',
-    'repl_backbones', 'static_config', 'static_name', 'static_replacement',
-    'to_static'
+    'benchmark_inference', 'check_equal', 'convert_checkpoint',
+    'drop_pretrained', 'output_tensors', 'param_bytes', 'random_inputs',
+    'ratios', 'relative_error', 'static_config', 'static_name',
+    'static_replacement', 'to_static'
 ]
