@@ -5,8 +5,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
+LINT_PATHS := repl_mm tools tests configs
 
-.PHONY: setup setup-compat demo test test-compat
+.PHONY: setup setup-compat demo test test-compat lint doctest
 
 setup:
 	REPL_MM_VENV=$(VENV) bash tools/setup_env.sh
@@ -23,3 +24,16 @@ test: setup
 # The whole suite again, on the users' stack.
 test-compat: setup-compat
 	$(COMPAT_VENV)/bin/python -m pytest tests -q
+
+# flake8 + isort + yapf (setup.cfg; the checks of .pre-commit-config.yaml),
+# all three run, non-zero exit if any reports something.
+lint: setup
+	@rc=0; \
+	$(VENV)/bin/flake8 $(LINT_PATHS) || rc=1; \
+	$(VENV)/bin/isort --check-only --diff $(LINT_PATHS) || rc=1; \
+	$(VENV)/bin/yapf --diff --recursive $(LINT_PATHS) || rc=1; \
+	exit $$rc
+
+# The docstrings' Example: blocks, run as doctests.
+doctest: setup
+	$(PY) -m pytest -q --doctest-modules repl_mm

@@ -5,14 +5,15 @@ import argparse
 import os
 import os.path as osp
 
-import repl_mm  # noqa: F401  (RepLRunner, RNGStateHook, the backbones)
 from mmengine.config import Config, DictAction
 
+import repl_mm  # noqa: F401  (RepLRunner, RNGStateHook, the backbones)
 from repl_mm.engine.runner import (build_runner, destroy_distributed,
                                    infer_local_rank)
 
-__all__ = ['add_common_args', 'load_config', 'build_runner',
-           'destroy_distributed']
+__all__ = [
+    'add_common_args', 'load_config', 'build_runner', 'destroy_distributed'
+]
 
 
 def add_common_args(parser: argparse.ArgumentParser):

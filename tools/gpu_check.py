@@ -31,10 +31,10 @@ import time
 
 import torch
 
-from repl_mm.analysis.gpu_check import (Context, benchmark_rows,
-                                        build_checks, exit_code,
-                                        format_benchmark, format_table,
-                                        run_checks, select, write_result)
+from repl_mm.analysis.gpu_check import (Context, benchmark_rows, build_checks,
+                                        exit_code, format_benchmark,
+                                        format_table, run_checks, select,
+                                        write_result)
 
 GPU_ITERS, CPU_ITERS = 20, 2
 
@@ -44,26 +44,36 @@ def parse_args(argv=None):
         description=__doc__.split('\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        '--work-dir', default='work_dirs/gpu_check',
+        '--work-dir',
+        default='work_dirs/gpu_check',
         help='data, configs, runs and logs (default work_dirs/gpu_check)')
     parser.add_argument(
-        '--out', default=None,
+        '--out',
+        default=None,
         help='result JSON (default: <work-dir>/result.json)')
     parser.add_argument(
-        '--only', nargs='+', default=None, metavar='CHECK',
+        '--only',
+        nargs='+',
+        default=None,
+        metavar='CHECK',
         help="run these checks (names or patterns such as 'train-*-hook') "
         'and the ones they need')
     parser.add_argument(
         '--list', action='store_true', help='print the checks and exit')
     parser.add_argument(
-        '--iters', type=int, default=None,
+        '--iters',
+        type=int,
+        default=None,
         help=f'training iterations of a run (default {GPU_ITERS} on a GPU, '
         f'{CPU_ITERS} with --allow-cpu on the CPU)')
     parser.add_argument(
-        '--timeout', type=float, default=1800,
+        '--timeout',
+        type=float,
+        default=1800,
         help='seconds one command of a check may take (default 1800)')
     parser.add_argument(
-        '--allow-cpu', action='store_true',
+        '--allow-cpu',
+        action='store_true',
         help='without CUDA, run the checks on the CPU (tiny runs, no fp16 '
         'AMP, no distributed run) instead of exiting')
     args = parser.parse_args(argv)
@@ -95,8 +105,10 @@ def meta(ctx: Context) -> dict:
     from repl_mm.analysis.benchmark import machine_info
     info = machine_info()
     info.update(
-        device=ctx.device, iters=ctx.iters, work_dir=osp.abspath(
-            ctx.work_dir), cuda=torch.version.cuda,
+        device=ctx.device,
+        iters=ctx.iters,
+        work_dir=osp.abspath(ctx.work_dir),
+        cuda=torch.version.cuda,
         gpus=[torch.cuda.get_device_name(i) for i in range(ctx.gpus)])
     return info
 
@@ -114,8 +126,7 @@ def main(argv=None) -> int:
               'pass --allow-cpu to run the checks on the CPU.')
         return 0
     iters = args.iters or (GPU_ITERS if gpus else CPU_ITERS)
-    ctx = Context(args.work_dir, gpus=gpus, iters=iters,
-                  timeout=args.timeout)
+    ctx = Context(args.work_dir, gpus=gpus, iters=iters, timeout=args.timeout)
     checks = select(build_checks(ctx), args.only or ())
     where = f'{gpus} CUDA device(s)' if gpus else 'the CPU (--allow-cpu)'
     print(f'gpu_check: {len(checks)} checks on {where}, {iters} '

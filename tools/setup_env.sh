@@ -79,6 +79,8 @@ fi
 # mmcv's own runtime dependencies (not installed by --no-deps).
 "${PIP[@]}" install -q "${CONSTRAINTS[@]}" -r "$ROOT/requirements/mm.txt"
 "${PIP[@]}" install -q "${CONSTRAINTS[@]}" -e "$ROOT[all,tests]"
+# flake8, isort, yapf for `make lint` (pinned; no effect on the stack).
+"${PIP[@]}" install -q "${CONSTRAINTS[@]}" -r "$ROOT/requirements/lint.txt"
 "$VENV/bin/python" -c "import mmcv.ops, mmdet, mmseg, mmpretrain, repl_mm"
 want_stamp > "$STAMP"
 log "ready: $VENV (torch $TORCH_VERSION)"

@@ -56,6 +56,7 @@ train_pipeline = [
 ]
 train_dataloader = dict(batch_size=16, dataset=dict(pipeline=train_pipeline))
 optim_wrapper = dict(
+    constructor='RepLOptimWrapperConstructor',
     optimizer=dict(lr=0.1),
     paramwise_cfg=dict(custom_keys={{_base_.repl_no_decay_keys}}))
 param_scheduler = [

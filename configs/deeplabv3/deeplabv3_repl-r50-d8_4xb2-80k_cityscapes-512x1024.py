@@ -16,7 +16,7 @@ _base_ = [
     '../_base_/repl_paramwise.py',
 ]
 custom_imports = dict(imports=['repl_mm'], allow_failed_imports=False)
-model = dict(
-    backbone=dict(type='RepLResNetV1c', replacement=dict(interval=4)))
+model = dict(backbone=dict(type='RepLResNetV1c', replacement=dict(interval=4)))
 optim_wrapper = dict(
+    constructor='RepLOptimWrapperConstructor',
     paramwise_cfg=dict(custom_keys={{_base_.repl_no_decay_keys}}))

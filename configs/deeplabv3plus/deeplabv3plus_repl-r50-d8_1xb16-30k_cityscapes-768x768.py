@@ -11,6 +11,5 @@
 _base_ = '../deeplabv3/deeplabv3_repl-r50-d8_1xb16-30k_cityscapes-768x768.py'
 model = dict(
     decode_head=dict(
-        type='DepthwiseSeparableASPPHead', c1_in_channels=256,
-        c1_channels=48))
+        type='DepthwiseSeparableASPPHead', c1_in_channels=256, c1_channels=48))
 load_from = None  # your ImageNet-1k RepL ResNetV1c-50 checkpoint

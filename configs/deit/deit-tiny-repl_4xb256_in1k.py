@@ -17,6 +17,7 @@
 _base_ = [
     'mmpretrain::deit/deit-tiny_4xb256_in1k.py',
     '../_base_/repl_paramwise.py',
+    '../_base_/datasets/imagenet_crop-flip_224.py',
 ]
 custom_imports = dict(imports=['repl_mm'], allow_failed_imports=False)
 
@@ -28,18 +29,10 @@ model = dict(
     # the paper's augmentation: no Mixup / CutMix batch augments
     train_cfg=None)
 
-train_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(
-        type='RandomResizedCrop',
-        scale=224,
-        backend='pillow',
-        interpolation='bicubic'),
-    dict(type='RandomFlip', prob=0.5, direction='horizontal'),
-    dict(type='PackInputs'),
-]
+train_pipeline = {{_base_.crop_flip_train_pipeline}}
 train_dataloader = dict(batch_size=256, dataset=dict(pipeline=train_pipeline))
 
 optim_wrapper = dict(
+    constructor='RepLOptimWrapperConstructor',
     optimizer=dict(lr=7.5e-4),
     paramwise_cfg=dict(custom_keys={{_base_.repl_no_decay_keys}}))

@@ -46,6 +46,7 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 
 optim_wrapper = dict(
+    constructor='RepLOptimWrapperConstructor',
     optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=5e-4),
     paramwise_cfg=dict(custom_keys={{_base_.repl_no_decay_keys}}))
 param_scheduler = dict(
@@ -56,7 +57,6 @@ param_scheduler = dict(
     convert_to_iter_based=True)
 train_cfg = dict(by_epoch=True, max_epochs=15, val_interval=5)
 default_hooks = dict(
-    logger=dict(interval=20),
-    checkpoint=dict(interval=5, max_keep_ckpts=2))
+    logger=dict(interval=20), checkpoint=dict(interval=5, max_keep_ckpts=2))
 auto_scale_lr = dict(base_batch_size=64)
 randomness = dict(seed=0, deterministic=False)

@@ -20,8 +20,7 @@ model = dict(
         in_channels=192,
         loss=dict(type='CrossEntropyLoss', loss_weight=1.0)))
 optim_wrapper = dict(
-    optimizer=dict(
-        _delete_=True, type='AdamW', lr=1e-3, weight_decay=0.05),
+    optimizer=dict(_delete_=True, type='AdamW', lr=1e-3, weight_decay=0.05),
     paramwise_cfg=dict(
         norm_decay_mult=0.0,
         bias_decay_mult=0.0,

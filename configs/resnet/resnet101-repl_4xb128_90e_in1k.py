@@ -18,12 +18,12 @@ _base_ = [
 ]
 custom_imports = dict(imports=['repl_mm'], allow_failed_imports=False)
 
-model = dict(
-    backbone=dict(type='RepLResNet', replacement=dict(interval=4)))
+model = dict(backbone=dict(type='RepLResNet', replacement=dict(interval=4)))
 
 train_dataloader = dict(batch_size=128)
 
 optim_wrapper = dict(
+    constructor='RepLOptimWrapperConstructor',
     optimizer=dict(type='SGD', lr=0.2, momentum=0.9, weight_decay=1e-4),
     paramwise_cfg=dict(custom_keys={{_base_.repl_no_decay_keys}}))
 param_scheduler = dict(

@@ -32,6 +32,7 @@ model = dict(
         init_cfg=None))
 train_dataloader = dict(batch_size=2)
 optim_wrapper = dict(
+    constructor='RepLOptimWrapperConstructor',
     optimizer=dict(_delete_=True, type='Adam', lr=4e-5, weight_decay=1e-4),
     paramwise_cfg=dict(custom_keys={{_base_.repl_no_decay_keys}}))
 param_scheduler = [

@@ -54,14 +54,12 @@ train_dataloader = dict(
     num_workers=1,
     dataset=dict(data_root=data_root, pipeline=train_pipeline))
 val_dataloader = dict(
-    num_workers=1,
-    dataset=dict(data_root=data_root, pipeline=test_pipeline))
+    num_workers=1, dataset=dict(data_root=data_root, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='Adam', lr=1e-3, weight_decay=1e-4))
 param_scheduler = [
-    dict(
-        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=50),
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=50),
     dict(
         type='PolyLR',
         eta_min=1e-5,

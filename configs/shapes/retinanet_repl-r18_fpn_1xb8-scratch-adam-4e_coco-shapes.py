@@ -59,8 +59,7 @@ val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 optim_wrapper = dict(optimizer=dict(lr=1e-3))
 param_scheduler = [
-    dict(
-        type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=50),
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=50),
     dict(
         type='MultiStepLR',
         begin=0,

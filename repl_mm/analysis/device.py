@@ -111,8 +111,7 @@ def peak_allocated(fn: Callable[[], None]) -> int:
     return peak
 
 
-def cuda_peak_allocated(fn: Callable[[], None],
-                        device: torch.device) -> int:
+def cuda_peak_allocated(fn: Callable[[], None], device: torch.device) -> int:
     """High-water mark (bytes) of the CUDA caching allocator's allocated
     memory on ``device`` while ``fn`` runs, above its level at the start
     (tensors the allocator holds, not the memory it has reserved)."""

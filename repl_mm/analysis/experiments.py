@@ -1,5 +1,5 @@
 """Accuracy tables: train and test many short runs of our configs, in one
-process, and summarise them (issue 7).
+process, and summarise them (the tables of docs/results.md).
 
 A :class:`Table` is a list of :class:`Run` s (a config, a seed and
 ``--cfg-options``-style overrides) laid out as rows x columns. Each run is
@@ -109,7 +109,8 @@ def cls_budget(epochs: int, fraction: float = 1.0) -> dict:
     }
 
 
-def load_run_config(run: Run, work_dir: str,
+def load_run_config(run: Run,
+                    work_dir: str,
                     extra: Optional[dict] = None) -> Config:
     """The run's config: file, overrides, seed, work dir, and a unique
     experiment name (several runners live in one process)."""
@@ -138,7 +139,8 @@ def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_and_test(run: Run, work_dir: str,
+def train_and_test(run: Run,
+                   work_dir: str,
                    extra: Optional[dict] = None,
                    keep_checkpoint: bool = True) -> dict:
     """Train ``run`` with the runner of ``tools/train.py``, then test the
@@ -168,10 +170,18 @@ def train_and_test(run: Run, work_dir: str,
             if name.endswith('.pth'):
                 os.remove(osp.join(work_dir, name))
     return dict(
-        row=run.row, column=run.column, config=run.config, seed=run.seed,
-        options=run.options, metrics={k: float(v) for k, v in
-                                      metrics.items()},
-        params=params, train_seconds=train_seconds, seconds=seconds,
+        row=run.row,
+        column=run.column,
+        config=run.config,
+        seed=run.seed,
+        options=run.options,
+        metrics={
+            k: float(v)
+            for k, v in metrics.items()
+        },
+        params=params,
+        train_seconds=train_seconds,
+        seconds=seconds,
         load=os.getloadavg())
 
 
@@ -206,12 +216,16 @@ def run_table(table: Table,
                 continue
             stale = f'{path}.stale-{time.strftime("%Y%m%d_%H%M%S")}'
             os.replace(path, stale)
-            print_log(f'[{table.name}] {run.slug}: the result on file was '
-                      'measured with other settings; kept as '
-                      f'{osp.basename(stale)}, running again',
-                      logger='current', level=logging.WARNING)
-        print_log(f'[{table.name}] ({i}/{len(table.runs)}) {run.row} | '
-                  f'{run.column} | seed {run.seed}', logger='current')
+            print_log(
+                f'[{table.name}] {run.slug}: the result on file was '
+                'measured with other settings; kept as '
+                f'{osp.basename(stale)}, running again',
+                logger='current',
+                level=logging.WARNING)
+        print_log(
+            f'[{table.name}] ({i}/{len(table.runs)}) {run.row} | '
+            f'{run.column} | seed {run.seed}',
+            logger='current')
         work_dir = osp.join(out_dir, 'work', run.slug)
         if osp.isdir(work_dir):
             shutil.rmtree(work_dir)  # a run killed half way starts over
@@ -220,9 +234,11 @@ def run_table(table: Table,
         with open(path + '.tmp', 'w') as f:
             json.dump(res, f, indent=1)
         os.replace(path + '.tmp', path)
-        print_log(f'[{table.name}] {run.slug}: {table.metric} = '
-                  f'{res["metrics"].get(table.metric)} '
-                  f'({res["seconds"]:.0f} s)', logger='current')
+        print_log(
+            f'[{table.name}] {run.slug}: {table.metric} = '
+            f'{res["metrics"].get(table.metric)} '
+            f'({res["seconds"]:.0f} s)',
+            logger='current')
         results.append(res)
     return results
 
@@ -246,8 +262,7 @@ def summarize(table: Table, results: Sequence[dict]) -> Dict[str, dict]:
                            f'{res["column"]} has no metric {table.metric!r} '
                            f'(it has {sorted(res["metrics"])})')
         cell = out.setdefault(res['row'], {}).setdefault(
-            res['column'], dict(values=[], params=res['params'],
-                                seconds=[]))
+            res['column'], dict(values=[], params=res['params'], seconds=[]))
         cell['values'].append(value)
         cell['seconds'].append(res['seconds'])
     for row in out.values():
@@ -264,12 +279,14 @@ def _grid(table: Table, summary: Dict[str, dict], fmt) -> List[str]:
     lines = ['| | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
     for row in table.rows:
         cells = [summary.get(row, {}).get(c) for c in cols]
-        lines.append(f'| {row} | ' + ' | '.join(
-            '' if cell is None else fmt(cell) for cell in cells) + ' |')
+        lines.append(f'| {row} | ' +
+                     ' | '.join('' if cell is None else fmt(cell)
+                                for cell in cells) + ' |')
     return lines
 
 
-def to_markdown(table: Table, summary: Dict[str, dict],
+def to_markdown(table: Table,
+                summary: Dict[str, dict],
                 digits: int = 2) -> str:
     """The rows x columns grid as ``mean ± std (n)``, then parameters and
     mean run time per cell."""
@@ -280,11 +297,13 @@ def to_markdown(table: Table, summary: Dict[str, dict],
         return (f'{cell["mean"]:.{digits}f} ± {cell["std"]:.{digits}f} '
                 f'(n={cell["n"]})')
 
-    lines = [f'### {table.title}', '', *_grid(table, summary, metric), '',
-             f'{table.metric}; mean ± sample std over seeds. '
-             'Parameters / mean wall time per run:', '',
-             *_grid(table, summary, lambda c: f'{c["params"] / 1e6:.3f} M / '
-                    f'{c["seconds"]:.0f} s')]
+    lines = [
+        f'### {table.title}', '', *_grid(table, summary, metric), '',
+        f'{table.metric}; mean ± sample std over seeds. '
+        'Parameters / mean wall time per run:', '', *_grid(
+            table, summary, lambda c: f'{c["params"] / 1e6:.3f} M / '
+            f'{c["seconds"]:.0f} s')
+    ]
     if table.notes:
         lines += ['', table.notes]
     return '\n'.join(lines) + '\n'
@@ -292,7 +311,6 @@ def to_markdown(table: Table, summary: Dict[str, dict],
 
 __all__ = [
     'NO_VAL', 'cls_budget', 'Run', 'Table', 'load_run_config',
-    'run_fingerprint',
-    'train_and_test', 'run_table',
-    'mean_std', 'summarize', 'to_markdown', 'count_params'
+    'run_fingerprint', 'train_and_test', 'run_table', 'mean_std', 'summarize',
+    'to_markdown', 'count_params'
 ]

@@ -89,21 +89,23 @@ class Model:
 
 
 MODELS: Dict[str, Model] = {
-    'resnet32': Model(
-        'configs/demo/resnet32-repl_1xb64_15e_mnist5k.py',
-        'configs/demo/resnet32-e2e_1xb64_15e_mnist5k.py', 'cls', 'mnist5k',
-        'epoch', 64, 8, 'accuracy/top1', 'CIFAR ResNet-32'),
-    'vit-tiny': Model(
-        'configs/demo/vit-tiny-p8-repl_1xb64_15e_mnist5k.py',
-        'configs/demo/vit-tiny-p8-e2e_1xb64_15e_mnist5k.py', 'cls',
-        'mnist5k', 'epoch', 64, 8, 'accuracy/top1', 'ViT-Tiny/8'),
-    'retinanet': Model(
+    'resnet32':
+    Model('configs/demo/resnet32-repl_1xb64_15e_mnist5k.py',
+          'configs/demo/resnet32-e2e_1xb64_15e_mnist5k.py', 'cls', 'mnist5k',
+          'epoch', 64, 8, 'accuracy/top1', 'CIFAR ResNet-32'),
+    'vit-tiny':
+    Model('configs/demo/vit-tiny-p8-repl_1xb64_15e_mnist5k.py',
+          'configs/demo/vit-tiny-p8-e2e_1xb64_15e_mnist5k.py', 'cls',
+          'mnist5k', 'epoch', 64, 8, 'accuracy/top1', 'ViT-Tiny/8'),
+    'retinanet':
+    Model(
         'configs/shapes/retinanet_repl-r18_fpn_1xb8-scratch-adam-4e_coco-'
         'shapes.py',
         'configs/shapes/retinanet_e2e-r18_fpn_1xb8-scratch-adam-4e_coco-'
         'shapes.py', 'det', 'coco-shapes', 'epoch', 8, 2, 'coco/bbox_mAP',
         'RetinaNet-R18'),
-    'deeplabv3': Model(
+    'deeplabv3':
+    Model(
         'configs/shapes/deeplabv3_repl-r18-d8_1xb8-scratch-adam-200it_'
         'cityscapes-shapes.py',
         'configs/shapes/deeplabv3_e2e-r18-d8_1xb8-scratch-adam-200it_'
@@ -122,12 +124,19 @@ DIST_BATCH = 16  # samples per GPU of the distributed checks
 # upstream has no ResNet_CIFAR of He et al.'s depths (20, 32, 44, 56, 110):
 # the hook route of a CIFAR ResNet-32 trains the stock ResNet_CIFAR-18 (as
 # tests/test_tools/test_distributed.py does)
-CIFAR_HOOK_BACKBONE = dict(type='ResNet_CIFAR', depth=18, num_stages=4,
-                           out_indices=(3, ), style='pytorch')
+CIFAR_HOOK_BACKBONE = dict(
+    type='ResNet_CIFAR',
+    depth=18,
+    num_stages=4,
+    out_indices=(3, ),
+    style='pytorch')
 HE_DEPTHS = (20, 32, 44, 56, 110)
-STOCK = {'RepLResNet': 'ResNet', 'RepLResNetV1c': 'ResNetV1c',
-         'RepLResNet_CIFAR': 'ResNet_CIFAR',
-         'RepLVisionTransformer': 'VisionTransformer'}
+STOCK = {
+    'RepLResNet': 'ResNet',
+    'RepLResNetV1c': 'ResNetV1c',
+    'RepLResNet_CIFAR': 'ResNet_CIFAR',
+    'RepLVisionTransformer': 'VisionTransformer'
+}
 # benchmark suite case -> (batch on a GPU, batch on the CPU)
 BENCH = {'resnet50': (64, 2), 'deit-s': (64, 2), 'retinanet-r50': (4, 1)}
 BENCH_METHODS = ('e2e', 'repl', 'drop')
@@ -298,8 +307,12 @@ def write_config(ctx: Context, name: str, route: str) -> str:
     return path
 
 
-def schedule(ctx: Context, model: Model, iters: int, length: int = 1,
-             world: int = 1, batch: Optional[int] = None) -> List[str]:
+def schedule(ctx: Context,
+             model: Model,
+             iters: int,
+             length: int = 1,
+             world: int = 1,
+             batch: Optional[int] = None) -> List[str]:
     """``--cfg-options`` for ``length`` runs of ``iters`` iterations each
     (an epoch-based config: ``length`` epochs of ``iters`` batches, the
     training set cut to ``iters x batch x world`` samples; an
@@ -312,10 +325,11 @@ def schedule(ctx: Context, model: Model, iters: int, length: int = 1,
     batch = batch or ctx.batch(model)
     if model.loop == 'iter':
         total = iters * length
-        return [f'train_cfg.max_iters={total}',
-                f'train_cfg.val_interval={total}',
-                f'default_hooks.checkpoint.interval={total}',
-                'default_hooks.logger.interval=1']
+        return [
+            f'train_cfg.max_iters={total}', f'train_cfg.val_interval={total}',
+            f'default_hooks.checkpoint.interval={total}',
+            'default_hooks.logger.interval=1'
+        ]
     samples = iters * batch * world
     size = train_size(ctx, model)
     if samples > size:
@@ -323,11 +337,12 @@ def schedule(ctx: Context, model: Model, iters: int, length: int = 1,
             f'--iters {iters}: {iters} x batch {batch} x {world} '
             f'process(es) = {samples} samples, but the {model.data} '
             f'training set has {size}')
-    return [f'train_dataloader.dataset.indices={samples}',
-            f'train_cfg.max_epochs={length}',
-            f'train_cfg.val_interval={length}',
-            'default_hooks.checkpoint.interval=1',
-            'default_hooks.logger.interval=1']
+    return [
+        f'train_dataloader.dataset.indices={samples}',
+        f'train_cfg.max_epochs={length}', f'train_cfg.val_interval={length}',
+        'default_hooks.checkpoint.interval=1',
+        'default_hooks.logger.interval=1'
+    ]
 
 
 def shapes_sizes(ctx: Context, data: str) -> tuple:
@@ -362,8 +377,12 @@ def _probe(work: str, phase: str = 'train', rank: int = 0) -> dict:
         raise CheckFailed(str(e)) from None
 
 
-def verify_train(ctx: Context, work: str, iters: int, ckpt: str,
-                 amp: bool = False, probe: Optional[dict] = None) -> str:
+def verify_train(ctx: Context,
+                 work: str,
+                 iters: int,
+                 ckpt: str,
+                 amp: bool = False,
+                 probe: Optional[dict] = None) -> str:
     """A training run ended where it should, on the right device, with
     RepL on, finite weights that training changed, and a checkpoint."""
     p = probe if probe is not None else _probe(work)
@@ -371,9 +390,10 @@ def verify_train(ctx: Context, work: str, iters: int, ckpt: str,
            f"parameters on {p['device']}, expected {ctx.device}")
     expect(p['iter'] == iters, f"ended at iteration {p['iter']}, expected "
            f'{iters}')
-    expect(p['backbone'].startswith('RepL') and p['sites'],
-           f"backbone {p['backbone']} with sites {p['sites']}: RepL is not "
-           'on')
+    expect(
+        p['backbone'].startswith('RepL') and p['sites'],
+        f"backbone {p['backbone']} with sites {p['sites']}: RepL is not "
+        'on')
     expect(p['finite'], 'non-finite parameters')
     expect(p['loss'] is None or math.isfinite(p['loss']),
            f"last training loss {p['loss']}")
@@ -382,23 +402,25 @@ def verify_train(ctx: Context, work: str, iters: int, ckpt: str,
     wrapper = 'AmpOptimWrapper' if amp and not ctx.cpu else None
     expect(wrapper is None or p['optim_wrapper'] == wrapper,
            f"optim wrapper {p['optim_wrapper']}, expected {wrapper}")
-    expect(osp.isfile(osp.join(work, ckpt)), f'no checkpoint {ckpt} in '
-           f'{work}')
+    expect(
+        osp.isfile(osp.join(work, ckpt)), f'no checkpoint {ckpt} in '
+        f'{work}')
     loss = '-' if p['loss'] is None else f"{p['loss']:.4g}"
     return (f"iter {p['iter']} on {p['device']}, {p['optim_wrapper']}, "
             f"{p['backbone']} sites {p['sites']}, loss {loss}")
 
 
-def verify_resume(ctx: Context, work: str, source: str, iters: int,
-                  ckpt: str, log: str, amp: bool) -> str:
+def verify_resume(ctx: Context, work: str, source: str, iters: int, ckpt: str,
+                  log: str, amp: bool) -> str:
     """The resumed run started from the source run's last weights and its
     iteration count, and went on to the end."""
     first, p = _probe(source), _probe(work)
     with open(log, errors='replace') as f:
         text = f.read()
-    expect(f"resumed epoch: {first['epoch']}, iter: {first['iter']}" in text,
-           f"the log does not say 'resumed epoch: {first['epoch']}, iter: "
-           f"{first['iter']}'")
+    expect(
+        f"resumed epoch: {first['epoch']}, iter: {first['iter']}" in text,
+        f"the log does not say 'resumed epoch: {first['epoch']}, iter: "
+        f"{first['iter']}'")
     expect(p['params_start'] == first['params_end'],
            "the resumed run did not start from the source run's weights")
     return verify_train(ctx, work, iters, ckpt, amp, probe=p)
@@ -412,11 +434,13 @@ def verify_metric(ctx: Context, work: str, metric: str) -> str:
         metrics = json.load(f)
     expect(metric in metrics, f'{metric} not in the metrics {metrics}')
     value = metrics[metric]
-    expect(isinstance(value, (int, float)) and math.isfinite(value)
-           and 0 <= value <= 100, f'{metric} = {value!r}')
+    expect(
+        isinstance(value, (int, float)) and math.isfinite(value)
+        and 0 <= value <= 100, f'{metric} = {value!r}')
     device = _probe(work, 'test')['device']
-    expect(device.split(':')[0] == ctx.device,
-           f'tested on {device}, expected {ctx.device}')
+    expect(
+        device.split(':')[0] == ctx.device,
+        f'tested on {device}, expected {ctx.device}')
     return f'{metric} {value:.2f} on {device}'
 
 
@@ -444,8 +468,9 @@ def verify_dist(ctx: Context, work: str, world: int, iters: int,
     devices = [p['device'] for p in probes]
     expect(len(set(devices)) == world, f'ranks share devices: {devices}')
     digests = {p['params_end'] for p in probes}
-    expect(len(digests) == 1, f'ranks end with different parameters: '
-           f"{[p['params_end'][:12] for p in probes]}")
+    expect(
+        len(digests) == 1, f'ranks end with different parameters: '
+        f"{[p['params_end'][:12] for p in probes]}")
     return (f'{world} ranks on {", ".join(devices)}, '
             f"{probes[0]['syncbn']} SyncBN layers, equal parameters "
             f"(sha256 {probes[0]['params_end'][:12]})")
@@ -457,9 +482,10 @@ def verify_bench(ctx: Context, work: str) -> str:
     with open(path) as f:
         res = json.load(f)
     (case, ) = res['cases']
-    expect(case.get('device', 'cpu').split(':')[0] == ctx.device,
-           f"measured on {case.get('device', 'cpu')}, expected "
-           f'{ctx.device}')
+    expect(
+        case.get('device', 'cpu').split(':')[0] == ctx.device,
+        f"measured on {case.get('device', 'cpu')}, expected "
+        f'{ctx.device}')
     ms = case['methods']
     expect(set(BENCH_METHODS) <= set(ms), f'methods {sorted(ms)}')
     for m in BENCH_METHODS:
@@ -479,17 +505,20 @@ def data_checks(ctx: Context) -> List[Check]:
     out = []
     for data in ('mnist5k', 'coco-shapes', 'cityscapes-shapes'):
         cmd = _tool(ctx, 'dataset_converters', 'make_datasets.py') + [
-            data, '--out', ctx.data_dir(data)]
+            data, '--out', ctx.data_dir(data)
+        ]
         if data != 'mnist5k':
             train, val = shapes_sizes(ctx, data)
             cmd += ['--num-train', str(train), '--num-val', str(val)]
             if data == 'coco-shapes':  # configs/shapes/README.md's size
                 cmd += ['--height', '72', '--width', '96']
         folder = ctx.data_dir(data)
-        out.append(Check(
-            f'data-{data}', f'write {data} with make_datasets.py',
-            [cmd], prepare=lambda d=folder: _fresh(ctx, d),
-            verify=lambda d=folder: _verify_data(d)))
+        out.append(
+            Check(
+                f'data-{data}',
+                f'write {data} with make_datasets.py', [cmd],
+                prepare=lambda d=folder: _fresh(ctx, d),
+                verify=lambda d=folder: _verify_data(d)))
     return out
 
 
@@ -518,8 +547,10 @@ def train_check(ctx: Context, name: str, route: str, amp: bool) -> Check:
         ]
 
     return Check(
-        check, f'{model.label}, {what}, {ctx.iters} iterations' +
-        (', --amp (fp16)' if amp else ''), commands,
+        check,
+        f'{model.label}, {what}, {ctx.iters} iterations' +
+        (', --amp (fp16)' if amp else ''),
+        commands,
         verify=lambda: verify_train(ctx, work, ctx.iters, ckpt, amp),
         needs=(f'data-{model.data}', ),
         skip='fp16 AMP needs CUDA' if amp and ctx.cpu else None,
@@ -537,17 +568,19 @@ def resume_check(ctx: Context) -> Check:
         return [
             _tool(ctx, 'train.py') + [
                 ctx.config_path('resnet32', 'registry'), '--work-dir', work,
-                '--resume', osp.join(src, checkpoint_name(model, ctx.iters))
+                '--resume',
+                osp.join(src, checkpoint_name(model, ctx.iters))
             ] + (['--amp'] if amp else []) + ['--cfg-options'] +
             schedule(ctx, model, ctx.iters, length=2)
         ]
 
     return Check(
         'resume-resnet32', f'--resume {source} for one more epoch '
-        f'({ctx.iters} iterations)', commands,
-        verify=lambda: verify_resume(
-            ctx, work, src, 2 * ctx.iters, checkpoint_name(
-                model, ctx.iters, 2), ctx.log_path('resume-resnet32'), amp),
+        f'({ctx.iters} iterations)',
+        commands,
+        verify=lambda: verify_resume(ctx, work, src, 2 * ctx.iters,
+                                     checkpoint_name(model, ctx.iters, 2),
+                                     ctx.log_path('resume-resnet32'), amp),
         needs=(source, ))
 
 
@@ -558,7 +591,8 @@ def test_check(ctx: Context, name: str) -> Check:
     ckpt = osp.join(ctx.run_dir(source), checkpoint_name(model, ctx.iters))
     cmd = _tool(ctx, 'test.py') + [
         ctx.config_path(name, 'registry'), ckpt, '--work-dir', work, '--out',
-        osp.join(work, 'metrics.json')]
+        osp.join(work, 'metrics.json')
+    ]
     return Check(
         f'test-{name}', f'tools/test.py on the {source} checkpoint '
         f'({model.metric})', [cmd],
@@ -574,15 +608,21 @@ def infer_check(ctx: Context, name: str) -> Check:
     cmds = [
         _tool(ctx, 'model_converters', 'publish_model.py') +
         [ckpt, osp.join(work, 'model.pth')],
-        [ctx.python, '-m', 'repl_mm.analysis.gpu_check', 'infer', model.task,
-         work, '--device', ctx.device, '--out',
-         osp.join(work, 'infer.json')],
+        [
+            ctx.python, '-m', 'repl_mm.analysis.gpu_check', 'infer',
+            model.task, work, '--device', ctx.device, '--out',
+            osp.join(work, 'infer.json')
+        ],
     ]
-    kind = dict(cls='ImageClassificationInferencer', det='DetInferencer',
-                seg='MMSegInferencer')[model.task]
+    kind = dict(
+        cls='ImageClassificationInferencer',
+        det='DetInferencer',
+        seg='MMSegInferencer')[model.task]
     return Check(
         f'infer-{name}', f'publish_model.py, then {kind} on '
-        f'{ctx.device}', cmds, verify=lambda: verify_infer(ctx, work),
+        f'{ctx.device}',
+        cmds,
+        verify=lambda: verify_infer(ctx, work),
         needs=(source, ))
 
 
@@ -601,8 +641,8 @@ def dist_check(ctx: Context, route: str, recompute: bool = True) -> Check:
     check = f'dist-resnet32-{route}' + ('' if recompute else '-norecompute')
     work = ctx.run_dir(check)
     world = ctx.gpus
-    iters = max(1, min(ctx.iters, MNIST5K_TRAIN // (DIST_BATCH * max(
-        world, 1))))
+    iters = max(1, min(ctx.iters,
+                       MNIST5K_TRAIN // (DIST_BATCH * max(world, 1))))
     skip = None
     if ctx.cpu:
         skip = 'no distributed run on the CPU (--allow-cpu)'
@@ -611,21 +651,26 @@ def dist_check(ctx: Context, route: str, recompute: bool = True) -> Check:
 
     def commands():
         return [[
-            'bash', osp.join(TOOLS, 'dist_train.sh'),
-            ctx.config_path('resnet32', route), str(world), '--work-dir',
-            work, '--cfg-options', 'model.backbone.norm_cfg.type=SyncBN',
+            'bash',
+            osp.join(TOOLS, 'dist_train.sh'),
+            ctx.config_path('resnet32', route),
+            str(world), '--work-dir', work, '--cfg-options',
+            'model.backbone.norm_cfg.type=SyncBN',
             f'train_dataloader.batch_size={DIST_BATCH}'
         ] + ([] if recompute else
              ['model.backbone.replacement.recompute=False']) +
-            schedule(ctx, model, iters, world=world, batch=DIST_BATCH)]
+                schedule(ctx, model, iters, world=world, batch=DIST_BATCH)]
 
     return Check(
-        check, f'tools/dist_train.sh on every GPU (NCCL, SyncBN), '
+        check,
+        f'tools/dist_train.sh on every GPU (NCCL, SyncBN), '
         f'{route} route' + ('' if recompute else ', recompute=False') +
-        ', ranks compared by parameter digest', commands,
+        ', ranks compared by parameter digest',
+        commands,
         verify=lambda: verify_dist(ctx, work, world, iters,
                                    checkpoint_name(model, iters)),
-        needs=('data-mnist5k', ), skip=skip,
+        needs=('data-mnist5k', ),
+        skip=skip,
         prepare=lambda: write_config(ctx, 'resnet32', route),
         env=lambda: dict(PYTHON=ctx.python, PORT=str(free_port())))
 
@@ -636,12 +681,14 @@ def bench_check(ctx: Context, case: str) -> Check:
     cmd = _tool(ctx, 'analysis', 'benchmark.py') + [
         '--suite', case, '--methods', *BENCH_METHODS, '--batch-size',
         str(batch), '--repeats', '2' if ctx.cpu else '10', '--warmup',
-        '0' if ctx.cpu else '3', '--device', ctx.device, '--out-dir', work]
+        '0' if ctx.cpu else '3', '--device', ctx.device, '--out-dir', work
+    ]
     if ctx.cpu:
         cmd.append('--quick')
-    return Check(f'bench-{case}', f'benchmark.py --suite {case}, batch '
-                 f'{batch}, E2E / RepL / drop on {ctx.device}', [cmd],
-                 verify=lambda: verify_bench(ctx, work))
+    return Check(
+        f'bench-{case}', f'benchmark.py --suite {case}, batch '
+        f'{batch}, E2E / RepL / drop on {ctx.device}', [cmd],
+        verify=lambda: verify_bench(ctx, work))
 
 
 def build_checks(ctx: Context) -> List[Check]:
@@ -709,7 +756,9 @@ def _command_env(check: Check) -> dict:
     env = dict(os.environ)
     env['PYTHONPATH'] = os.pathsep.join(
         p for p in (ROOT, env.get('PYTHONPATH')) if p)
-    env.setdefault('KINETO_LOG_LEVEL', '5')
+    # The profiler's backend (kineto) logs every start/stop; its USDT lines
+    # (torch 2.14) sit above level 5 and go quiet only at 6.
+    env.setdefault('KINETO_LOG_LEVEL', '6')
     if check.env is not None:
         env.update(check.env())
     return env
@@ -734,9 +783,13 @@ def run_check(check: Check, ctx: Context) -> dict:
             for i, cmd in enumerate(commands, 1):
                 log.write(f'$ {subprocess.list2cmdline(cmd)}\n')
                 log.flush()
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT,
-                                    timeout=ctx.timeout).returncode
+                rc = subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=ctx.timeout).returncode
                 if rc != 0:
                     raise CheckFailed(f'command {i} of {len(commands)} '
                                       f'exited with {rc}')
@@ -750,27 +803,41 @@ def run_check(check: Check, ctx: Context) -> dict:
             result, note = FAIL, f'{type(e).__name__}: {e}'
             log.write(traceback.format_exc())
         log.write(f'\n== {check.name}: {result} {note}\n')
-    return dict(name=check.name, result=result,
-                seconds=round(time.perf_counter() - t0, 1), note=note,
-                log=log_path)
+    return dict(
+        name=check.name,
+        result=result,
+        seconds=round(time.perf_counter() - t0, 1),
+        note=note,
+        log=log_path)
 
 
-def run_checks(checks: Sequence[Check], ctx: Context,
+def run_checks(checks: Sequence[Check],
+               ctx: Context,
                echo: Callable[[str], None] = print) -> List[dict]:
     """Run ``checks`` in order (module doc); one line each to ``echo``."""
     results: Dict[str, dict] = {}
     for i, check in enumerate(checks, 1):
-        failed = [n for n in check.needs
-                  if n in results and results[n]['result'] != PASS]
+        failed = [
+            n for n in check.needs
+            if n in results and results[n]['result'] != PASS
+        ]
         missing = [n for n in check.needs if n not in results]
         if check.skip is not None:
-            r = dict(name=check.name, result=SKIP, seconds=0.0,
-                     note=check.skip, log=None)
+            r = dict(
+                name=check.name,
+                result=SKIP,
+                seconds=0.0,
+                note=check.skip,
+                log=None)
         elif failed or missing:
             why = ', '.join(f"{n} ({results[n]['result']})" for n in failed)
             why = why or ', '.join(f'{n} (not run)' for n in missing)
-            r = dict(name=check.name, result=SKIP, seconds=0.0,
-                     note=f'needs {why}', log=None)
+            r = dict(
+                name=check.name,
+                result=SKIP,
+                seconds=0.0,
+                note=f'needs {why}',
+                log=None)
         else:
             echo(f'[{i}/{len(checks)}] {check.name} ...')
             r = run_check(check, ctx)
@@ -793,10 +860,14 @@ def _cell(text) -> str:
 def format_table(results: Sequence[dict]) -> str:
     """The checks as a markdown table: check, result, seconds, note."""
     lines = ['| check | result | seconds | note |', '|---|---|---|---|']
-    lines += [f"| {r['name']} | {r['result']} | {r['seconds']:.1f} | "
-              f"{_cell(r['note'])} |" for r in results]
-    counts = {k: sum(r['result'] == k for r in results)
-              for k in (PASS, FAIL, SKIP)}
+    lines += [
+        f"| {r['name']} | {r['result']} | {r['seconds']:.1f} | "
+        f"{_cell(r['note'])} |" for r in results
+    ]
+    counts = {
+        k: sum(r['result'] == k for r in results)
+        for k in (PASS, FAIL, SKIP)
+    }
     lines.append('')
     lines.append(', '.join(f'{v} {k}' for k, v in counts.items()))
     return '\n'.join(lines)
@@ -812,16 +883,21 @@ def benchmark_rows(ctx: Context, results: Sequence[dict]) -> List[dict]:
             res = json.load(f)
         for case in res['cases']:
             for m, v in case['methods'].items():
-                rows.append(dict(
-                    case=case['name'], device=case.get('device', 'cpu'),
-                    batch=case['batch_size'], input=case['input_size'],
-                    method=m, step_ms=v['time_ms']['median'],
-                    time_ratio=v['time_ratio'],
-                    peak_mb=v['peak_bytes'] / 2**20,
-                    peak_ratio=v['peak_ratio'],
-                    act_mb=v['saved_bytes'] / 2**20,
-                    mem_ratio=v['mem_ratio'], S_time=v['S_time'],
-                    S_mem=v['S_mem']))
+                rows.append(
+                    dict(
+                        case=case['name'],
+                        device=case.get('device', 'cpu'),
+                        batch=case['batch_size'],
+                        input=case['input_size'],
+                        method=m,
+                        step_ms=v['time_ms']['median'],
+                        time_ratio=v['time_ratio'],
+                        peak_mb=v['peak_bytes'] / 2**20,
+                        peak_ratio=v['peak_ratio'],
+                        act_mb=v['saved_bytes'] / 2**20,
+                        mem_ratio=v['mem_ratio'],
+                        S_time=v['S_time'],
+                        S_mem=v['S_mem']))
     return rows
 
 
@@ -854,10 +930,13 @@ def write_result(path: str, meta: dict, results: Sequence[dict],
                  rows: Sequence[dict]) -> str:
     """Write both tables (structured and as markdown) to ``path``."""
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    out = dict(meta=meta, passed=not exit_code(results),
-               checks=list(results), benchmark=list(rows),
-               table=format_table(results),
-               benchmark_table=format_benchmark(rows))
+    out = dict(
+        meta=meta,
+        passed=not exit_code(results),
+        checks=list(results),
+        benchmark=list(rows),
+        table=format_table(results),
+        benchmark_table=format_benchmark(rows))
     with open(path, 'w') as f:
         json.dump(out, f, indent=1)
     return path
@@ -872,8 +951,9 @@ def run_inferencer(task: str, folder: str, device: str) -> dict:
 
     import repl_mm  # noqa: F401  (the RepL backbones)
     weights = sorted(glob.glob(osp.join(folder, '*.pth')))
-    expect(len(weights) == 1, f'expected one published .pth in {folder}, '
-           f'found {weights}')
+    expect(
+        len(weights) == 1, f'expected one published .pth in {folder}, '
+        f'found {weights}')
     weights = weights[0]
     config = weights[:-len('.pth')] + '.py'
     expect(osp.isfile(config), f'no config {config} beside the weights')
@@ -888,18 +968,19 @@ def run_inferencer(task: str, folder: str, device: str) -> dict:
         summary = f"label {pred['pred_label']} ({pred['pred_score']:.3f})"
     elif task == 'det':
         from mmdet.apis import DetInferencer
-        inferencer = DetInferencer(model=config, weights=weights,
-                                   device=device, show_progress=False)
+        inferencer = DetInferencer(
+            model=config, weights=weights, device=device, show_progress=False)
         pred = inferencer(img, return_vis=False)['predictions'][0]
         boxes = np.asarray(pred['bboxes']).reshape(-1, 4)
-        expect(len(boxes) == len(pred['labels']) == len(pred['scores']),
-               'boxes, labels and scores differ in number')
+        expect(
+            len(boxes) == len(pred['labels']) == len(pred['scores']),
+            'boxes, labels and scores differ in number')
         expect(set(pred['labels']) <= {0, 1, 2}, f"labels {pred['labels']}")
         summary = f'{len(boxes)} boxes'
     elif task == 'seg':
         from mmseg.apis import MMSegInferencer
-        inferencer = MMSegInferencer(model=config, weights=weights,
-                                     device=device)
+        inferencer = MMSegInferencer(
+            model=config, weights=weights, device=device)
         pred = np.asarray(inferencer(img, return_vis=False)['predictions'])
         expect(pred.shape == (h, w), f'label map {pred.shape}, expected '
                f'{(h, w)}')
@@ -907,8 +988,11 @@ def run_inferencer(task: str, folder: str, device: str) -> dict:
     else:
         raise ValueError(f'task must be cls, det or seg, got {task!r}')
     param = next(inferencer.model.parameters())
-    return dict(inferencer=type(inferencer).__name__,
-                device=str(param.device), weights=weights, summary=summary)
+    return dict(
+        inferencer=type(inferencer).__name__,
+        device=str(param.device),
+        weights=weights,
+        summary=summary)
 
 
 def _main(argv=None):
@@ -930,11 +1014,11 @@ def _main(argv=None):
 
 
 __all__ = [
-    'Check', 'CheckFailed', 'Context', 'MODELS', 'build_checks',
-    'check_names', 'select', 'run_check', 'run_checks', 'exit_code',
-    'format_table', 'benchmark_rows', 'format_benchmark', 'write_result',
-    'config_text', 'write_config', 'schedule', 'stock_backbone',
-    'verify_train', 'verify_dist', 'run_inferencer'
+    'Check', 'CheckFailed', 'Context', 'MODELS', 'build_checks', 'check_names',
+    'select', 'run_check', 'run_checks', 'exit_code', 'format_table',
+    'benchmark_rows', 'format_benchmark', 'write_result', 'config_text',
+    'write_config', 'schedule', 'stock_backbone', 'verify_train',
+    'verify_dist', 'run_inferencer'
 ]
 
 if __name__ == '__main__':

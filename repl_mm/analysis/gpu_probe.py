@@ -60,8 +60,9 @@ def param_digest(model: nn.Module) -> str:
     for name, p in model.named_parameters():
         t = p.detach().to('cpu').contiguous()
         h.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b'')
+        h.update(
+            t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel(
+            ) else b'')
     return h.hexdigest()
 
 
@@ -101,8 +102,12 @@ class GpuCheckProbe(Hook):
         rank = get_rank()
         path = probe_path(runner.work_dir, phase, rank)
         os.makedirs(osp.dirname(path), exist_ok=True)
-        info = dict(phase=phase, rank=rank, world_size=get_world_size(),
-                    backend=_backend(), **info)
+        info = dict(
+            phase=phase,
+            rank=rank,
+            world_size=get_world_size(),
+            backend=_backend(),
+            **info)
         with open(path, 'w') as f:
             json.dump(info, f, indent=1)
 
@@ -117,25 +122,26 @@ class GpuCheckProbe(Hook):
             plan.indices)
         self._write(
             runner, 'train',
-            dict(device=_device(model),
-                 optim_wrapper=type(runner.optim_wrapper).__name__,
-                 iter=runner.iter,
-                 epoch=runner.epoch,
-                 loss=_last_loss(runner),
-                 syncbn=sum(isinstance(m, nn.SyncBatchNorm)
-                            for m in model.modules()),
-                 backbone=type(backbone).__name__,
-                 sites=sites,
-                 finite=all(
-                     bool(torch.isfinite(p).all())
-                     for p in model.parameters()),
-                 params_start=self._start,
-                 params_end=param_digest(model)))
+            dict(
+                device=_device(model),
+                optim_wrapper=type(runner.optim_wrapper).__name__,
+                iter=runner.iter,
+                epoch=runner.epoch,
+                loss=_last_loss(runner),
+                syncbn=sum(
+                    isinstance(m, nn.SyncBatchNorm) for m in model.modules()),
+                backbone=type(backbone).__name__,
+                sites=sites,
+                finite=all(
+                    bool(torch.isfinite(p).all()) for p in model.parameters()),
+                params_start=self._start,
+                params_end=param_digest(model)))
 
     def after_test(self, runner) -> None:
         self._write(runner, 'test',
                     dict(device=_device(_unwrap(runner.model))))
 
 
-__all__ = ['GpuCheckProbe', 'PROBE_DIR', 'param_digest', 'probe_path',
-           'read_probe']
+__all__ = [
+    'GpuCheckProbe', 'PROBE_DIR', 'param_digest', 'probe_path', 'read_probe'
+]

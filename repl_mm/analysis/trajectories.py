@@ -94,8 +94,8 @@ def scalar_files(work_dir: str) -> List[str]:
         return [work_dir]
     if not osp.isdir(work_dir):
         raise FileNotFoundError(f'work dir {work_dir!r} does not exist')
-    files = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data',
-                                      'scalars.json')))
+    files = sorted(
+        glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))
     own = osp.join(work_dir, 'vis_data', 'scalars.json')
     if osp.isfile(own):
         files.append(own)
@@ -148,16 +148,17 @@ def _order(item) -> tuple:
 
 def summary_table(traj: Trajectories) -> str:
     """Markdown: per (site, name), the first and last logged values."""
-    lines = ['| site | weight | first step | first | last step | last |',
-             '|---|---|---|---|---|---|']
+    lines = [
+        '| site | weight | first step | first | last step | last |',
+        '|---|---|---|---|---|---|'
+    ]
     for (site, name), (steps, values) in traj.series.items():
         lines.append(f'| {site} | {name} | {steps[0]} | {values[0]:.6f} | '
                      f'{steps[-1]} | {values[-1]:.6f} |')
     return '\n'.join(lines) + '\n'
 
 
-def plot_trajectories(traj: Trajectories, path: str,
-                      title: str = '') -> str:
+def plot_trajectories(traj: Trajectories, path: str, title: str = '') -> str:
     """One line per (site, name) against the iteration, into ``path``:
     a colour per site, a line style per weight; dotted verticals mark where
     a later launch took over."""
@@ -169,9 +170,12 @@ def plot_trajectories(traj: Trajectories, path: str,
     colors = {s: f'C{k % 10}' for k, s in enumerate(sites)}
     fig, ax = plt.subplots(figsize=(7.5, 4))
     for (site, name), (steps, values) in traj.series.items():
-        ax.plot(steps, values, color=colors[site],
-                linestyle=STYLES.get(name, ':'),
-                label=f'site {site} {name}')
+        ax.plot(
+            steps,
+            values,
+            color=colors[site],
+            linestyle=STYLES.get(name, ':'),
+            label=f'site {site} {name}')
     for _, first, _ in traj.runs[1:]:
         ax.axvline(first, color='grey', linestyle=':', linewidth=1)
     ax.set_xlabel('iteration')

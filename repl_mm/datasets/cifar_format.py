@@ -141,8 +141,7 @@ class CIFARFormat(CIFAR10):
                              f'for {len(self.CLASSES)} classes')
         keep = np.arange(len(labels))
         if self.fraction < 1:
-            keep, _ = stratified_split(labels, self.fraction,
-                                       self.subset_seed)
+            keep, _ = stratified_split(labels, self.fraction, self.subset_seed)
             print_log(
                 f'CIFARFormat: kept {len(keep)} of {len(labels)} {self.split}'
                 f' images (fraction {self.fraction}, seed '

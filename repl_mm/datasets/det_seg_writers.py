@@ -173,8 +173,7 @@ def shape_scenes(num_images: int,
     _check_scene_args(num_images, height, width, max_objects)
     rng = np.random.default_rng(seed)
     return [
-        _draw_scene(rng, height, width, max_objects)
-        for _ in range(num_images)
+        _draw_scene(rng, height, width, max_objects) for _ in range(num_images)
     ]
 
 
@@ -187,8 +186,10 @@ def _check_scenes(split: str, scenes: Sequence[Scene], num_classes: int):
     if len(shapes) != 1:
         raise ValueError(f'{split} scenes must share one image size, got '
                          f'{sorted(shapes)}')
-    bad = [o.label for s in scenes for o in s.objects
-           if not 0 <= o.label < num_classes]
+    bad = [
+        o.label for s in scenes for o in s.objects
+        if not 0 <= o.label < num_classes
+    ]
     if bad:
         raise ValueError(f'{split}: object labels must be in [0, '
                          f'{num_classes}), got {bad[0]!r}')
@@ -228,8 +229,9 @@ def _coco_header(classes: Sequence[str]) -> dict:
             year=2017,
             contributor='repl_mm make_datasets.py',
             date_created='2017/09/01'),
-        licenses=[dict(id=1, name='synthetic images, no restrictions',
-                       url='')],
+        licenses=[
+            dict(id=1, name='synthetic images, no restrictions', url='')
+        ],
         categories=[
             dict(id=i + 1, name=name, supercategory='shape')
             for i, name in enumerate(classes)
@@ -281,21 +283,27 @@ def write_coco(out_dir: str,
         images, annotations = [], []
         for scene in scenes:
             name = f'{image_id:012d}.jpg'
-            _encode_image(scene.img, '.jpg', quality).tofile(
-                osp.join(out_dir, split, name))
+            _encode_image(scene.img, '.jpg',
+                          quality).tofile(osp.join(out_dir, split, name))
             height, width = scene.img.shape[:2]
             images.append(
-                dict(id=image_id, file_name=name, width=width,
-                     height=height, license=1, coco_url='', flickr_url='',
-                     date_captured=''))
+                dict(
+                    id=image_id,
+                    file_name=name,
+                    width=width,
+                    height=height,
+                    license=1,
+                    coco_url='',
+                    flickr_url='',
+                    date_captured=''))
             for obj in scene.objects:
                 annotations.append(coco_annotation(ann_id, image_id, obj))
                 ann_id += 1
             image_id += 1
-        with open(osp.join(out_dir, 'annotations',
-                           f'instances_{split}.json'), 'w') as f:
-            json.dump(dict(header, images=images, annotations=annotations),
-                      f)
+        with open(
+                osp.join(out_dir, 'annotations', f'instances_{split}.json'),
+                'w') as f:
+            json.dump(dict(header, images=images, annotations=annotations), f)
     return out_dir
 
 
@@ -324,8 +332,8 @@ def _cityscapes_files(img_dir: str, gt_dir: str, stem: str, scene: Scene):
     label_ids = np.zeros_like(train_ids)
     for train_id, label_id in CITYSCAPES_LABEL_IDS.items():
         label_ids[train_ids == train_id] = label_id
-    _encode_image(scene.img, '.png', 0).tofile(
-        osp.join(img_dir, f'{stem}_leftImg8bit.png'))
+    _encode_image(scene.img, '.png',
+                  0).tofile(osp.join(img_dir, f'{stem}_leftImg8bit.png'))
     for suffix, data in (('labelTrainIds', train_ids), ('labelIds',
                                                         label_ids)):
         _encode_label_png(data).tofile(
@@ -367,8 +375,10 @@ def write_cityscapes(out_dir: str,
         cities = CITYSCAPES_CITIES[split]
         for i, scene in enumerate(scenes):
             city = cities[i % len(cities)]
-            dirs = [osp.join(out_dir, top, split, city)
-                    for top in ('leftImg8bit', 'gtFine')]
+            dirs = [
+                osp.join(out_dir, top, split, city)
+                for top in ('leftImg8bit', 'gtFine')
+            ]
             for path in dirs:
                 os.makedirs(path, exist_ok=True)
             _cityscapes_files(*dirs, f'{city}_{i:06d}_000019', scene)
@@ -387,9 +397,14 @@ def _summary(splits: Dict[str, list]) -> dict:
     """Counts of what was written."""
     first = splits['train'][0].img
     return dict(
-        images={k: len(v) for k, v in splits.items()},
-        objects={k: sum(len(s.objects) for s in v)
-                 for k, v in splits.items()},
+        images={
+            k: len(v)
+            for k, v in splits.items()
+        },
+        objects={
+            k: sum(len(s.objects) for s in v)
+            for k, v in splits.items()
+        },
         size=first.shape[:2])
 
 
@@ -415,11 +430,19 @@ def make_coco_shapes(out_dir: str,
         dict: ``images`` and ``objects`` per split, image ``size``
         ``(H, W)`` and the ``classes``.
     """
-    args = dict(num_train=num_train, num_val=num_val, height=height,
-                width=width, max_objects=max_objects, seed=seed)
+    args = dict(
+        num_train=num_train,
+        num_val=num_val,
+        height=height,
+        width=width,
+        max_objects=max_objects,
+        seed=seed)
     splits = _split_scenes(**args)
-    write_coco(out_dir, splits['train'], splits['val'],
-               source=dict(format='coco-shapes', **args))
+    write_coco(
+        out_dir,
+        splits['train'],
+        splits['val'],
+        source=dict(format='coco-shapes', **args))
     return dict(_summary(splits), classes=SHAPE_CLASSES)
 
 
@@ -446,11 +469,19 @@ def make_cityscapes_shapes(out_dir: str,
         dict: ``images`` and ``objects`` per split, image ``size``
         ``(H, W)`` and the ``train_ids`` used (name -> id).
     """
-    args = dict(num_train=num_train, num_val=num_val, height=height,
-                width=width, max_objects=max_objects, seed=seed)
+    args = dict(
+        num_train=num_train,
+        num_val=num_val,
+        height=height,
+        width=width,
+        max_objects=max_objects,
+        seed=seed)
     splits = _split_scenes(**args)
-    write_cityscapes(out_dir, splits['train'], splits['val'],
-                     source=dict(format='cityscapes-shapes', **args))
+    write_cityscapes(
+        out_dir,
+        splits['train'],
+        splits['val'],
+        source=dict(format='cityscapes-shapes', **args))
     return dict(_summary(splits), train_ids=dict(CITYSCAPES_TRAIN_IDS))
 
 

@@ -48,8 +48,8 @@ def check_fraction(name: str, value: float, low_open: bool = False):
 
 def _check_positive_int(name: str, value: int):
     """Raise a ValueError unless ``value`` is a positive int."""
-    integer = isinstance(value, (int, np.integer)) and not isinstance(
-        value, bool)
+    integer = isinstance(value,
+                         (int, np.integer)) and not isinstance(value, bool)
     if not integer or value < 1:
         raise ValueError(f'{name} must be a positive int, got {value!r}')
 
@@ -137,8 +137,7 @@ def digits_images() -> Tuple[np.ndarray, np.ndarray, tuple]:
         tuple: ``(imgs, labels, classes)``: uint8 ``1797 x 32 x 32 x 3``,
         int64 labels and the class names ``('0', ..., '9')``.
     """
-    digits = _import_optional('sklearn.datasets',
-                              'scikit-learn').load_digits()
+    digits = _import_optional('sklearn.datasets', 'scikit-learn').load_digits()
     grey = np.rint(digits.images * (255 / 16)).astype(np.uint8)
     grey = grey.repeat(4, axis=1).repeat(4, axis=2)
     classes = tuple(str(name) for name in digits.target_names)
@@ -184,7 +183,8 @@ def synthetic_images(num_per_class: int = 20,
         ``class_0``, ``class_1``... (zero-padded, so they sort in order).
     """
     sizes = dict(
-        num_per_class=num_per_class, num_classes=num_classes,
+        num_per_class=num_per_class,
+        num_classes=num_classes,
         img_size=img_size)
     for name, value in sizes.items():
         _check_positive_int(name, value)
@@ -229,12 +229,14 @@ def _cifar_batch(batch_label: str, imgs: np.ndarray, labels: np.ndarray,
                  classes: Sequence[str]) -> dict:
     """One batch as in CIFAR-10: rows of R, G then B planes, row-major."""
     return {
-        'batch_label': batch_label,
+        'batch_label':
+        batch_label,
         'labels': [int(label) for label in labels],
-        'data': np.ascontiguousarray(
+        'data':
+        np.ascontiguousarray(
             imgs.transpose(0, 3, 1, 2).reshape(len(imgs), -1)),
-        'filenames': [f'{classes[label]}_{i:05d}.png'
-                      for i, label in enumerate(labels)],
+        'filenames':
+        [f'{classes[label]}_{i:05d}.png' for i, label in enumerate(labels)],
     }
 
 
@@ -270,10 +272,12 @@ def write_cifar(out_dir: str, train: tuple, test: tuple,
     parts = np.array_split(np.arange(len(train[1])), len(TRAIN_BATCHES))
     for i, (name, idx) in enumerate(zip(TRAIN_BATCHES, parts), 1):
         label = f'training batch {i} of {len(TRAIN_BATCHES)}'
-        _dump_pickle(_cifar_batch(label, train[0][idx], train[1][idx],
-                                  classes), osp.join(folder, name))
-    _dump_pickle(_cifar_batch('testing batch 1 of 1', *test, classes),
-                 osp.join(folder, TEST_BATCH))
+        _dump_pickle(
+            _cifar_batch(label, train[0][idx], train[1][idx], classes),
+            osp.join(folder, name))
+    _dump_pickle(
+        _cifar_batch('testing batch 1 of 1', *test, classes),
+        osp.join(folder, TEST_BATCH))
     meta = dict(
         label_names=list(classes),
         num_cases_per_batch=len(parts[0]),
@@ -283,8 +287,7 @@ def write_cifar(out_dir: str, train: tuple, test: tuple,
     return folder
 
 
-def claim_folder(out_dir: str, owned: Sequence[str],
-                 source: Optional[dict]):
+def claim_folder(out_dir: str, owned: Sequence[str], source: Optional[dict]):
     """Remove the ``owned`` sub-folders of an earlier run of ours (refuse
     if someone else's are there) and write our marker file."""
     present = [osp.join(out_dir, d) for d in owned]
@@ -369,8 +372,9 @@ def write_image_folder(out_dir: str,
     if ext not in IMAGE_EXTENSIONS:
         raise ValueError(f'ext must be one of {IMAGE_EXTENSIONS}, got '
                          f'{ext!r}')
-    if list(classes) != sorted(classes) or len(set(classes)) != len(
-            classes) or any('/' in c or not c.strip() for c in classes):
+    if list(classes) != sorted(classes) or len(
+            set(classes)) != len(classes) or any('/' in c or not c.strip()
+                                                 for c in classes):
         raise ValueError('class names must be distinct folder names in '
                          f'sorted order, got {list(classes)}')
     train = _as_split('train', train, classes)
@@ -378,8 +382,7 @@ def write_image_folder(out_dir: str,
     claim_folder(out_dir, ('train', 'val', 'meta'), source)
     os.makedirs(osp.join(out_dir, 'meta'))
     for split, (imgs, labels) in (('train', train), ('val', val)):
-        _write_image_split(out_dir, split, imgs, labels, classes, ext,
-                           quality)
+        _write_image_split(out_dir, split, imgs, labels, classes, ext, quality)
     with open(osp.join(out_dir, 'meta', 'classes.txt'), 'w') as f:
         f.writelines(f'{name}\n' for name in classes)
     return out_dir

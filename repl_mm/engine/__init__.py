@@ -1,14 +1,16 @@
-"""mmengine extensions: runner, hooks and optimizer wrapper (registered in
-mmengine's root registries, so every codebase's scope finds them)."""
-from .checkpoint_globals import (allow_mmengine_checkpoints, checkpoint_globals,
-                                 load_mmengine_checkpoint)
-from .hooks import RepLLoggerHook, ReplacementHook, RNGStateHook
+"""mmengine extensions: runner, hooks, optimizer wrapper and constructor
+(registered in mmengine's root registries, so every codebase's scope finds
+them)."""
+from .checkpoint_globals import (allow_mmengine_checkpoints,
+                                 checkpoint_globals, load_mmengine_checkpoint)
+from .hooks import ReplacementHook, RepLLoggerHook, RNGStateHook
 from .optim_wrapper import AutocastOptimWrapper
+from .optim_wrapper_constructor import RepLOptimWrapperConstructor
 from .runner import RepLRunner, build_runner, init_cpu_distributed
 
 __all__ = [
     'AutocastOptimWrapper', 'RepLLoggerHook', 'ReplacementHook',
-    'RNGStateHook', 'RepLRunner', 'allow_mmengine_checkpoints',
-    'build_runner', 'checkpoint_globals', 'init_cpu_distributed',
-    'load_mmengine_checkpoint'
+    'RNGStateHook', 'RepLOptimWrapperConstructor', 'RepLRunner',
+    'allow_mmengine_checkpoints', 'build_runner', 'checkpoint_globals',
+    'init_cpu_distributed', 'load_mmengine_checkpoint'
 ]

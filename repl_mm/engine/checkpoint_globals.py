@@ -38,9 +38,10 @@ copyreg.pickle(HistoryBuffer, _reduce_history_buffer)
 def _numpy_globals():
     multiarray = numpy_multiarray()
     _reconstruct, scalar = multiarray._reconstruct, multiarray.scalar
-    dtypes = [type(np.dtype(t)) for t in (
-        np.float64, np.float32, np.float16, np.int64, np.int32, np.uint8,
-        np.bool_)]
+    dtypes = [
+        type(np.dtype(t)) for t in (np.float64, np.float32, np.float16,
+                                    np.int64, np.int32, np.uint8, np.bool_)
+    ]
     return [_reconstruct, scalar, np.ndarray, np.dtype] + dtypes
 
 

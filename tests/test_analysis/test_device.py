@@ -39,20 +39,26 @@ def fake_cuda(monkeypatch):
         calls.append(('max', str(dev)))
         return state['peak']
 
-    for name, fn in dict(is_available=lambda: True, device_count=lambda: 2,
-                         current_device=lambda: 1, synchronize=sync,
-                         reset_peak_memory_stats=reset,
-                         memory_allocated=allocated,
-                         max_memory_allocated=peak).items():
+    for name, fn in dict(
+            is_available=lambda: True,
+            device_count=lambda: 2,
+            current_device=lambda: 1,
+            synchronize=sync,
+            reset_peak_memory_stats=reset,
+            memory_allocated=allocated,
+            max_memory_allocated=peak).items():
         monkeypatch.setattr(torch.cuda, name, fn)
     return state
 
 
-@pytest.mark.parametrize('spec', ['gpu', 'cuda:x', 'cuda:-1', 'cuda0',
-                                  'CPU', '', 'cuda:0:1', 'mps'])
+@pytest.mark.parametrize(
+    'spec',
+    ['gpu', 'cuda:x', 'cuda:-1', 'cuda0', 'CPU', '', 'cuda:0:1', 'mps'])
 def test_bad_device_strings_are_refused(spec):
-    with pytest.raises(ValueError, match=f"device {spec!r}: expected 'cpu', "
-                       "'cuda' or 'cuda:N'"):
+    with pytest.raises(
+            ValueError,
+            match=f"device {spec!r}: expected 'cpu', "
+            "'cuda' or 'cuda:N'"):
         resolve_device(spec)
 
 
@@ -61,16 +67,20 @@ def test_cpu_and_cuda_without_cuda(monkeypatch):
     assert resolve_device(torch.device('cpu')) == torch.device('cpu')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     for spec in ('cuda', 'cuda:0'):
-        with pytest.raises(ValueError, match=f"--device {spec!r}: CUDA is "
-                           'not available here'):
+        with pytest.raises(
+                ValueError,
+                match=f"--device {spec!r}: CUDA is "
+                'not available here'):
             resolve_device(spec, option='--device')
 
 
 def test_cuda_indices(fake_cuda):
     assert resolve_device('cuda') == torch.device('cuda', 1)  # current
     assert resolve_device('cuda:0') == torch.device('cuda', 0)
-    with pytest.raises(ValueError, match=r"'cuda:2': there is no CUDA "
-                       r'device 2 \(2 visible: cuda:0..cuda:1\)'):
+    with pytest.raises(
+            ValueError,
+            match=r"'cuda:2': there is no CUDA "
+            r'device 2 \(2 visible: cuda:0..cuda:1\)'):
         resolve_device('cuda:2')
 
 
@@ -113,11 +123,13 @@ def test_cuda_peak_is_above_the_level_at_start(fake_cuda):
 def test_round_robin_times_each_call_synchronized(fake_cuda):
     calls = fake_cuda['calls']
     steps = {n: (lambda n=n: calls.append(n)) for n in 'ab'}
-    times = benchmark.time_round_robin(steps, repeats=2, warmup=1,
-                                       device=torch.device('cuda', 0))
+    times = benchmark.time_round_robin(
+        steps, repeats=2, warmup=1, device=torch.device('cuda', 0))
     assert {n: len(t) for n, t in times.items()} == dict(a=2, b=2)
     order = [c for c in calls if isinstance(c, str)]
-    assert order == list('ab' 'ba' 'ab')
+    assert order == list('ab'
+                         'ba'
+                         'ab')
     sync = ('synchronize', 'cuda:0')
     assert calls == [x for n in order for x in (sync, n, sync)]
 
@@ -135,6 +147,7 @@ def test_measure_memory_takes_the_cuda_peak(fake_cuda):
     def reset(dev=None):
         torch_reset(dev)
         fake_cuda['peak'] = 777  # what "the step" will have reached
+
     torch.cuda.reset_peak_memory_stats = reset
     try:
         cuda = benchmark.measure_memory(model, opt, batch,
@@ -170,14 +183,29 @@ def test_to_device_leaves_a_cpu_batch_alone():
 
 
 def test_markdown_names_the_device_only_off_the_cpu():
-    method = dict(time_ratio=dict(median=1.0, q1=1.0, q3=1.0),
-                  flops=dict(step=1e9, synthesis_step=0.0), saved_bytes=1,
-                  mem_ratio=1.0, synthesis_kept_bytes=0, peak_bytes=1,
-                  peak_ratio=1.0, time_ms=dict(median=1.0), sites=[],
-                  S_mem=None, S_mem_large_batch=None, S_peak=None,
-                  S_time=None, S_flops=None, params=1)
-    case = dict(name='c', backbone='B', batch_size=2, input_size=[8, 8],
-                repeats=1, methods=dict(e2e=method))
+    method = dict(
+        time_ratio=dict(median=1.0, q1=1.0, q3=1.0),
+        flops=dict(step=1e9, synthesis_step=0.0),
+        saved_bytes=1,
+        mem_ratio=1.0,
+        synthesis_kept_bytes=0,
+        peak_bytes=1,
+        peak_ratio=1.0,
+        time_ms=dict(median=1.0),
+        sites=[],
+        S_mem=None,
+        S_mem_large_batch=None,
+        S_peak=None,
+        S_time=None,
+        S_flops=None,
+        params=1)
+    case = dict(
+        name='c',
+        backbone='B',
+        batch_size=2,
+        input_size=[8, 8],
+        repeats=1,
+        methods=dict(e2e=method))
     head = benchmark.to_markdown(dict(cases=[case])).splitlines()[0]
     assert head == '### c: B, batch 2 x 3x8x8, 1 trials'
     case['device'] = 'cuda:0'
@@ -194,8 +222,7 @@ def load(path, name):
 
 TOOLS = [
     ('tools/analysis/benchmark.py', ['--suite', 'cifar-r32']),
-    ('tools/model_converters/repl_to_static.py', ['cfg.py', 'ck.pth',
-                                                  'out']),
+    ('tools/model_converters/repl_to_static.py', ['cfg.py', 'ck.pth', 'out']),
 ]
 
 
@@ -225,13 +252,17 @@ def test_cli_device_option(path, argv, monkeypatch, capsys):
 def test_benchmark_records_the_device(tmp_path):
     """The CPU run as before, with the device in the case and the meta."""
     case = benchmark.make_case(
-        dict(default_scope='mmpretrain',
-             model=dict(type='ImageClassifier',
-                        backbone=dict(type='ResNet_CIFAR', depth=20),
-                        neck=dict(type='GlobalAveragePooling'),
-                        head=dict(type='LinearClsHead', num_classes=10,
-                                  in_channels=64))),
-        name='r20', batch_size=2, repeats=1)
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=dict(type='ResNet_CIFAR', depth=20),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=10, in_channels=64))),
+        name='r20',
+        batch_size=2,
+        repeats=1)
     res = benchmark.run_benchmark([case], str(tmp_path), ['e2e', 'repl'])
     assert res['cases'][0]['device'] == 'cpu'
     assert res['meta']['device'] == 'cpu'

@@ -22,8 +22,8 @@ from repl_mm.core import NO_DECAY_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ('resnet', 'deit', 'resnet_cifar', 'vit_cifar')
-CONFIGS = sorted(p for f in FOLDERS
-                 for p in (ROOT / 'configs' / f).glob('*.py'))
+CONFIGS = sorted(
+    p for f in FOLDERS for p in (ROOT / 'configs' / f).glob('*.py'))
 IDS = [f'{p.parent.name}/{p.name}' for p in CONFIGS]
 REPL = [p for p in CONFIGS if 'repl' in p.name]
 REPL_IDS = [f'{p.parent.name}/{p.name}' for p in REPL]
@@ -128,8 +128,7 @@ def test_model_index_imports_every_metafile():
 def test_model_index_loads_with_modelindex():
     modelindex = pytest.importorskip('modelindex')
     index = modelindex.load(str(ROOT / 'model-index.yml'))
-    n = sum(
-        len(yaml.safe_load(p.read_text())['Models']) for p in METAFILES)
+    n = sum(len(yaml.safe_load(p.read_text())['Models']) for p in METAFILES)
     assert len(index.models) == n
     names = {m.name for m in index.models}
     assert 'resnet32-repl_1xb1024_250e_cifar10' in names
@@ -155,8 +154,7 @@ def test_metafile_results_are_the_papers():
         'Top 1 Accuracy'] == 94.01
     vit = results('vit_cifar')
     assert vit['vit-tiny-p8-e2e_1xb512_250e_stl10']['Top 1 Accuracy'] == 49.08
-    assert vit['vit-tiny-p8-repl_1xb512_250e_stl10'][
-        'Top 1 Accuracy'] == 50.66
+    assert vit['vit-tiny-p8-repl_1xb512_250e_stl10']['Top 1 Accuracy'] == 50.66
     assert 'vit-tiny-p8-repl_1xb512_250e_svhn' not in vit  # not in our copy
     in1k = results('resnet')
     assert in1k['resnet34-repl_4xb128_90e_in1k']['Top 1 Accuracy'] == 75.44
@@ -181,8 +179,9 @@ def test_name_states_batch_and_schedule(path):
     assert cfg.default_scope == 'mmpretrain'
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if 'e2e' in p.name],
-                         ids=[i for i in IDS if 'e2e' in i])
+@pytest.mark.parametrize(
+    'path', [p for p in CONFIGS if 'e2e' in p.name],
+    ids=[i for i in IDS if 'e2e' in i])
 def test_e2e_twin_differs_only_in_mode(path):
     e2e = load(path).to_dict()
     repl = load(path.with_name(path.name.replace('e2e', 'repl'))).to_dict()
@@ -388,8 +387,8 @@ def test_image_folder_datasets_build(dataset, tmp_path):
             folder = tmp_path / split / name
             folder.mkdir(parents=True)
             cv2.imwrite(
-                str(folder / '000001.png'),
-                np.zeros((side, side, 3), np.uint8))
+                str(folder / '000001.png'), np.zeros((side, side, 3),
+                                                     np.uint8))
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         for split in ('train', 'val'):
             ds_cfg = cfg[f'{split}_dataloader'].dataset.copy()
@@ -441,8 +440,9 @@ def test_small_models_plan_params_and_no_decay(path):
     assert plan.indices == expected and plan.mode == 'synthesize'
 
     meta = yaml.safe_load((path.parent / 'metafile.yml').read_text())
-    for twin, mdl in ((path, model), (path.with_name(
-            path.name.replace('repl', 'e2e')), None)):
+    for twin, mdl in ((path, model),
+                      (path.with_name(path.name.replace('repl',
+                                                        'e2e')), None)):
         entry = next(m for m in meta['Models'] if m['Name'] == twin.stem)
         mdl = mdl or build_model(load(twin))
         assert entry['Metadata']['Parameters'] == sum(
@@ -453,7 +453,8 @@ def test_small_models_plan_params_and_no_decay(path):
     base = cfg.optim_wrapper.optimizer.weight_decay
     decay = {
         id(p): g['weight_decay']
-        for g in wrapper.optimizer.param_groups for p in g['params']
+        for g in wrapper.optimizer.param_groups
+        for p in g['params']
     }
     names = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert len(decay) == len(names)  # every parameter optimised once

@@ -12,8 +12,8 @@ from mmengine.optim import build_optim_wrapper
 from repl_mm.core import NO_DECAY_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (ROOT / 'configs').rglob('*.py')
-                 if '_base_' not in p.parts)
+CONFIGS = sorted(
+    p for p in (ROOT / 'configs').rglob('*.py') if '_base_' not in p.parts)
 IDS = [str(p.relative_to(ROOT / 'configs')) for p in CONFIGS]
 SCOPES = {'mmdet': 'mmdet', 'mmseg': 'mmseg', 'mmpretrain': 'mmpretrain'}
 
@@ -30,8 +30,7 @@ def load(path):
 
 
 def build(cfg):
-    registry = importlib.import_module(
-        f'{SCOPES[cfg.default_scope]}.registry')
+    registry = importlib.import_module(f'{SCOPES[cfg.default_scope]}.registry')
     from mmengine.registry import DefaultScope
     with DefaultScope.overwrite_default_scope(cfg.default_scope):
         return registry.MODELS.build(cfg.model)
@@ -52,8 +51,9 @@ def test_configs_exist_in_pairs():
 
 def twin_of(path):
     name = path.name
-    return path.with_name(name.replace('repl', 'e2e') if 'repl' in name
-                          else name.replace('e2e', 'repl'))
+    return path.with_name(
+        name.replace('repl', 'e2e') if 'repl' in
+        name else name.replace('e2e', 'repl'))
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=IDS)
@@ -70,8 +70,9 @@ def test_config_builds(path):
         assert plan.indices == (5, 9, 12)  # ResNet-50, k = 4 (spec §1)
 
 
-@pytest.mark.parametrize('path', [p for p in CONFIGS if 'repl' in p.name],
-                         ids=[i for i in IDS if 'repl' in i])
+@pytest.mark.parametrize(
+    'path', [p for p in CONFIGS if 'repl' in p.name],
+    ids=[i for i in IDS if 'repl' in i])
 def test_paramwise_no_decay_on_mixing_weights(path):
     cfg = load(path)
     keys = cfg.optim_wrapper.paramwise_cfg.custom_keys
@@ -96,9 +97,11 @@ def test_paramwise_no_decay_on_mixing_weights(path):
     for n, p in names.items():
         if n in mixing:
             assert decay[id(p)] == 0, n
-    kept = [n for n, p in names.items()
-            if n.startswith('backbone.') and p.ndim >= 2 and n not in mixing
-            and not n.endswith(('.pos_embed', '.cls_token'))]
+    kept = [
+        n for n, p in names.items()
+        if n.startswith('backbone.') and p.ndim >= 2 and n not in mixing
+        and not n.endswith(('.pos_embed', '.cls_token'))
+    ]
     assert kept
     for n in kept:
         assert decay[id(names[n])] == pytest.approx(1e-4), n

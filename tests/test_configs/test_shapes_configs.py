@@ -99,8 +99,9 @@ def test_from_scratch_r18_on_the_synthetic_set(path):
         assert loader.dataset.data_root == DATA[algo], split
     if algo == 'retinanet':
         assert cfg.val_evaluator.ann_file.startswith(DATA[algo])
-        assert cfg.train_dataloader.dataset.metainfo.classes == (
-            'rectangle', 'circle', 'triangle')
+        assert cfg.train_dataloader.dataset.metainfo.classes == ('rectangle',
+                                                                 'circle',
+                                                                 'triangle')
         assert cfg.model.bbox_head.num_classes == 3
     # validation once, at the end of training
     length = cfg.train_cfg.get('max_epochs', cfg.train_cfg.get('max_iters'))

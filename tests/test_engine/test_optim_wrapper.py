@@ -26,8 +26,9 @@ def test_float16_is_refused_for_amp_optim_wrapper():
 
 
 def test_other_dtypes_are_refused():
-    with pytest.raises(ValueError, match="must be 'bfloat16', but got "
-                       "'float32'"):
+    with pytest.raises(
+            ValueError, match="must be 'bfloat16', but got "
+            "'float32'"):
         AutocastOptimWrapper(dtype='float32', optimizer=optimizer())
 
 
@@ -37,28 +38,34 @@ def fake_cuda(monkeypatch, supported, major=None):
     without ``including_emulation``, compute capability ``major``."""
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', supported)
-    monkeypatch.setattr(torch.cuda, 'get_device_capability',
-                        lambda *a: (major, 0))
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a:
+                        (major, 0))
 
 
-@pytest.mark.parametrize('supported', [
-    lambda: False,  # torch 2.1: native support only
-    lambda including_emulation=True: including_emulation,  # emulated
-])
+@pytest.mark.parametrize(
+    'supported',
+    [
+        lambda: False,  # torch 2.1: native support only
+        lambda including_emulation=True: including_emulation,  # emulated
+    ])
 def test_bfloat16_without_cuda_support_is_refused(monkeypatch, supported):
     fake_cuda(monkeypatch, supported, major=7)
-    with pytest.raises(RuntimeError, match=r"dtype='bfloat16'.*does not "
-                       r'support bfloat16.*AmpOptimWrapper'):
+    with pytest.raises(
+            RuntimeError,
+            match=r"dtype='bfloat16'.*does not "
+            r'support bfloat16.*AmpOptimWrapper'):
         AutocastOptimWrapper(optimizer=optimizer())
 
 
-@pytest.mark.parametrize('supported, major, native', [
-    (lambda: False, 8, False),
-    (lambda: True, 8, True),  # 2.1, or a release counting emulation
-    (lambda: True, 7, False),  # a release counting emulation (V100, T4)
-    (lambda including_emulation=True: including_emulation, 7, False),
-    (lambda including_emulation=True: True, 8, True),
-])
+@pytest.mark.parametrize(
+    'supported, major, native',
+    [
+        (lambda: False, 8, False),
+        (lambda: True, 8, True),  # 2.1, or a release counting emulation
+        (lambda: True, 7, False),  # a release counting emulation (V100, T4)
+        (lambda including_emulation=True: including_emulation, 7, False),
+        (lambda including_emulation=True: True, 8, True),
+    ])
 def test_cuda_bf16_native(monkeypatch, supported, major, native):
     fake_cuda(monkeypatch, supported, major)
     monkeypatch.setattr(torch.version, 'hip', None)

@@ -112,14 +112,22 @@ def free_port() -> int:
 def test_ranks_recompute_the_same_sites_in_the_same_order(tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(textwrap.dedent(WORKER))
-    env = {**os.environ, 'MASTER_ADDR': '127.0.0.1',
-           'MASTER_PORT': str(free_port()), 'OMP_NUM_THREADS': '1'}
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)],
-                         cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=180)
+    env = {
+        **os.environ, 'MASTER_ADDR': '127.0.0.1',
+        'MASTER_PORT': str(free_port()),
+        'OMP_NUM_THREADS': '1'
+    }
+    out = subprocess.run(
+        [sys.executable, str(script),
+         str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f'{r}.json').read_text())
-              for r in range(2))
+    r0, r1 = (
+        json.loads((tmp_path / f'{r}.json').read_text()) for r in range(2))
     assert r0['sites'] and r0['sites'] == r1['sites']
     for s0, s1 in zip(r0['steps'], r1['steps']):
         assert s0 == s1  # the same collectives, in the same order

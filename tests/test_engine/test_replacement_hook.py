@@ -1,4 +1,5 @@
-"""ReplacementHook gives what the registry backbone gives (issue 6 §1)."""
+"""ReplacementHook gives what the registry backbone gives: same parameter
+names, shapes, initial values and plan, and the same training run."""
 import copy
 from pathlib import Path
 
@@ -9,7 +10,6 @@ from mmengine.registry import DefaultScope
 
 from repl_mm.engine.hooks.replacement_hook import META_KEY
 from repl_mm.models.base import to_repl_backbone
-
 from ..test_models.test_backbones.cases import CASES, IDS
 
 
@@ -45,8 +45,12 @@ def test_refuses_a_repl_backbone_and_unknown_ones():
 
 def tiny_cfg(tmp_path, route, data):
     """ResNet-18 (mmpretrain ResNet_CIFAR) on a few synthetic images."""
-    backbone = dict(type='ResNet_CIFAR', depth=18, num_stages=4,
-                    out_indices=(3, ), style='pytorch')
+    backbone = dict(
+        type='ResNet_CIFAR',
+        depth=18,
+        num_stages=4,
+        out_indices=(3, ),
+        style='pytorch')
     cfg = Config(
         dict(
             default_scope='mmpretrain',
@@ -54,37 +58,49 @@ def tiny_cfg(tmp_path, route, data):
                 type='ImageClassifier',
                 backbone=backbone,
                 neck=dict(type='GlobalAveragePooling'),
-                head=dict(type='LinearClsHead', num_classes=10,
-                          in_channels=512,
-                          loss=dict(type='CrossEntropyLoss'))),
-            data_preprocessor=dict(num_classes=10, mean=[127.5] * 3,
-                                   std=[64.0] * 3),
+                head=dict(
+                    type='LinearClsHead',
+                    num_classes=10,
+                    in_channels=512,
+                    loss=dict(type='CrossEntropyLoss'))),
+            data_preprocessor=dict(
+                num_classes=10, mean=[127.5] * 3, std=[64.0] * 3),
             train_dataloader=dict(
-                batch_size=8, num_workers=0,
-                dataset=dict(type='CIFARFormat', data_root=str(data),
-                             split='train',
-                             pipeline=[dict(type='PackInputs')]),
+                batch_size=8,
+                num_workers=0,
+                dataset=dict(
+                    type='CIFARFormat',
+                    data_root=str(data),
+                    split='train',
+                    pipeline=[dict(type='PackInputs')]),
                 sampler=dict(type='DefaultSampler', shuffle=True)),
             train_cfg=dict(by_epoch=True, max_epochs=1),
             test_dataloader=dict(
-                batch_size=8, num_workers=0,
-                dataset=dict(type='CIFARFormat', data_root=str(data),
-                             split='test',
-                             pipeline=[dict(type='PackInputs')]),
+                batch_size=8,
+                num_workers=0,
+                dataset=dict(
+                    type='CIFARFormat',
+                    data_root=str(data),
+                    split='test',
+                    pipeline=[dict(type='PackInputs')]),
                 sampler=dict(type='DefaultSampler', shuffle=False)),
             test_cfg=dict(),
             test_evaluator=dict(type='Accuracy'),
             optim_wrapper=dict(
-                optimizer=dict(type='SGD', lr=0.1, momentum=0.9,
-                               weight_decay=1e-4),
-                paramwise_cfg=dict(custom_keys={
-                    k: dict(decay_mult=0.0)
-                    for k in ('.phi', '.alpha', '.beta', '.site_norm.')})),
-            param_scheduler=dict(type='CosineAnnealingLR', T_max=1,
-                                 by_epoch=True,
-                                 convert_to_iter_based=True),
-            default_hooks=dict(checkpoint=dict(type='CheckpointHook',
-                                               interval=1)),
+                optimizer=dict(
+                    type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4),
+                paramwise_cfg=dict(
+                    custom_keys={
+                        k: dict(decay_mult=0.0)
+                        for k in ('.phi', '.alpha', '.beta', '.site_norm.')
+                    })),
+            param_scheduler=dict(
+                type='CosineAnnealingLR',
+                T_max=1,
+                by_epoch=True,
+                convert_to_iter_based=True),
+            default_hooks=dict(
+                checkpoint=dict(type='CheckpointHook', interval=1)),
             randomness=dict(seed=0),
             work_dir=str(tmp_path / route),
             custom_imports=dict(imports=['repl_mm'])))
@@ -125,9 +141,11 @@ def test_hook_route_trains_like_the_backbone_route(tmp_path, data):
     # the new parameters are optimised, with the shipped no-decay rule;
     # the removed ones are gone from the optimizer
     names = {id(p): n for n, p in hook.model.named_parameters()}
-    groups = {names[id(p)]: g['weight_decay']
-              for g in hook.optim_wrapper.optimizer.param_groups
-              for p in g['params']}
+    groups = {
+        names[id(p)]: g['weight_decay']
+        for g in hook.optim_wrapper.optimizer.param_groups
+        for p in g['params']
+    }
     assert set(groups) == set(names.values())
     phis = [n for n in groups if '.phi' in n]
     assert phis and all(groups[n] == 0 for n in phis)
@@ -154,12 +172,13 @@ def test_published_hook_checkpoint_builds_without_the_hook(tmp_path, data):
     from mmpretrain.registry import MODELS
     runner = train(tiny_cfg(tmp_path, 'hook', data))
     spec = importlib.util.spec_from_file_location(
-        'publish_model', Path(__file__).resolve().parents[2] / 'tools' /
-        'model_converters' / 'publish_model.py')
+        'publish_model',
+        Path(__file__).resolve().parents[2] / 'tools' / 'model_converters' /
+        'publish_model.py')
     publish = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(publish)
-    final = publish.publish(str(tmp_path / 'hook' / 'epoch_1.pth'),
-                            str(tmp_path / 'pub.pth'))
+    final = publish.publish(
+        str(tmp_path / 'hook' / 'epoch_1.pth'), str(tmp_path / 'pub.pth'))
     cfg = Config.fromfile(final[:-4] + '.py')
     assert not any(h['type'] == 'ReplacementHook'
                    for h in cfg.get('custom_hooks', []))
@@ -182,8 +201,8 @@ def test_published_hook_checkpoint_builds_without_the_hook(tmp_path, data):
 @pytest.mark.parametrize('route', ['hook', 'registry'])
 def test_mixing_weights_are_logged(tmp_path, data, route):
     cfg = tiny_cfg(tmp_path, route, data)
-    cfg.custom_hooks = cfg.get('custom_hooks', []) + [
-        dict(type='RepLLoggerHook', interval=1)]
+    cfg.custom_hooks = cfg.get('custom_hooks',
+                               []) + [dict(type='RepLLoggerHook', interval=1)]
     runner = train(cfg)
     scalars = runner.message_hub.log_scalars
     site = runner.model.backbone.replacement_plan.indices[0]
@@ -236,8 +255,7 @@ def test_train_then_test_on_one_runner(tmp_path, data, monkeypatch):
     assert runner.model is model and runner.optim_wrapper is optim
     assert runner.param_schedulers is schedulers
     assert state.keys() == model.state_dict().keys()
-    assert all(torch.equal(v, state[k])
-               for k, v in model.state_dict().items())
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert len(logged) == 2 and 'left as they are' in logged[1]
     assert 'rebuilt' not in logged[1]
 
@@ -252,8 +270,10 @@ def test_test_only_runner_logs_what_it_did(tmp_path, data, monkeypatch):
     cfg.load_from = str(tmp_path / 'hook' / 'epoch_1.pth')
     with DefaultScope.overwrite_default_scope('mmpretrain'):
         RepLRunner.from_cfg(cfg).test()
-    assert logged == ['ReplacementHook: RepLResNet_CIFAR built from the '
-                      'config, no optimizer built yet, none rebuilt']
+    assert logged == [
+        'ReplacementHook: RepLResNet_CIFAR built from the '
+        'config, no optimizer built yet, none rebuilt'
+    ]
 
 
 def test_hook_refuses_a_backbone_it_did_not_convert():
@@ -262,16 +282,20 @@ def test_hook_refuses_a_backbone_it_did_not_convert():
     from repl_mm.engine.hooks.replacement_hook import ReplacementHook
     from repl_mm.models.cls_resnet import RepLResNet_CIFAR
     model = SimpleNamespace(backbone=RepLResNet_CIFAR(depth=20))
-    runner = SimpleNamespace(model=model, optim_wrapper=None,
-                             cfg=Config(dict(model=dict(backbone=dict()))))
+    runner = SimpleNamespace(
+        model=model,
+        optim_wrapper=None,
+        cfg=Config(dict(model=dict(backbone=dict()))))
     with pytest.raises(ValueError, match='already a RepL backbone'):
         ReplacementHook(interval=4).before_run(runner)
     # a hook that converted another backbone refuses this one too
     hook = ReplacementHook(interval=2)
     from mmpretrain.models.backbones import ResNet_CIFAR
     other = SimpleNamespace(backbone=ResNet_CIFAR(depth=18))
-    hook.before_run(SimpleNamespace(
-        model=other, optim_wrapper=None,
-        cfg=Config(dict(model=dict(backbone=dict())))))
+    hook.before_run(
+        SimpleNamespace(
+            model=other,
+            optim_wrapper=None,
+            cfg=Config(dict(model=dict(backbone=dict())))))
     with pytest.raises(ValueError, match='already a RepL backbone'):
         hook.before_run(runner)

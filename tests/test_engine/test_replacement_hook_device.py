@@ -13,9 +13,7 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 from repl_mm.engine.hooks.replacement_hook import ReplacementHook
-
-from ..test_core.test_device_dtype import (SMALL_CIFAR,
-                                            checkpoint_runs_on_meta)
+from ..test_core.test_device_dtype import SMALL_CIFAR, checkpoint_runs_on_meta
 from ..test_models.test_backbones.cases import TINY_VIT
 
 
@@ -30,8 +28,11 @@ def model_cfg(kind, **backbone):
         type='ImageClassifier',
         backbone=backbone,
         neck=neck,
-        head=dict(type='LinearClsHead', num_classes=4, in_channels=width,
-                  loss=dict(type='CrossEntropyLoss')))
+        head=dict(
+            type='LinearClsHead',
+            num_classes=4,
+            in_channels=width,
+            loss=dict(type='CrossEntropyLoss')))
 
 
 class RunnerStub:
@@ -79,8 +80,9 @@ def train_step(model, x):
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return [p for p, b in zip(model.parameters(), before)
-            if not torch.equal(p, b)]
+    return [
+        p for p, b in zip(model.parameters(), before) if not torch.equal(p, b)
+    ]
 
 
 @pytest.mark.parametrize('kind', ['conv', 'transformer'])
@@ -98,8 +100,9 @@ def test_hook_on_a_float64_model(kind):
     assert all(p.dtype == torch.float64 for p in moved)
     names = {id(p): n for n, p in model.named_parameters()}
     moved_names = {names[id(p)] for p in moved}
-    assert any(n.split('.')[-1].startswith(('phi', 'alpha', 'beta'))
-               for n in moved_names)
+    assert any(
+        n.split('.')[-1].startswith(('phi', 'alpha', 'beta'))
+        for n in moved_names)
 
 
 @pytest.mark.parametrize('kind', ['conv', 'transformer'])
@@ -111,8 +114,7 @@ def test_hook_on_a_meta_model(kind):
     model = build(cfg).to('meta')
     # the sites' recomputation checkpoints, which torch 2.1 cannot on meta
     run_hook(model, cfg, interval=2, recompute=checkpoint_runs_on_meta())
-    assert all(t.is_meta
-               for t in chain(model.parameters(), model.buffers()))
+    assert all(t.is_meta for t in chain(model.parameters(), model.buffers()))
     x = torch.rand(2, 3, 32, 32, device='meta', requires_grad=True)
     model.train()
     feats = model.extract_feat(x)

@@ -46,8 +46,9 @@ def saved(tmp_path, map_location='cpu'):
     RNGStateHook().before_save_checkpoint(RESUMING, ckpt)
     after = draws()
     torch.save(ckpt, tmp_path / 'ckpt.pth')
-    return torch.load(tmp_path / 'ckpt.pth', map_location=map_location,
-                      weights_only=True), after
+    return torch.load(
+        tmp_path / 'ckpt.pth', map_location=map_location,
+        weights_only=True), after
 
 
 def test_saves_a_list_indexed_by_rank_and_restores_it(tmp_path):
@@ -65,9 +66,10 @@ def test_meta_checkpoint_gives_a_clear_error(tmp_path):
     names the entry instead of failing inside torch."""
     ckpt, _ = saved(tmp_path, map_location='meta')
     before = get_rng_state()['torch']
-    with pytest.raises(ValueError,
-                       match=r"checkpoint\['rng_state'\]\[0\]\['torch'\] "
-                       r'is on the meta device'):
+    with pytest.raises(
+            ValueError,
+            match=r"checkpoint\['rng_state'\]\[0\]\['torch'\] "
+            r'is on the meta device'):
         RNGStateHook().after_load_checkpoint(RESUMING, ckpt)
     assert torch.equal(get_rng_state()['torch'], before)  # nothing set
 
@@ -125,10 +127,12 @@ def test_more_ranks_than_saved_keep_their_seeds(monkeypatch, logs):
     world(monkeypatch, 1, 2)
     RNGStateHook().after_load_checkpoint(RESUMING, {KEY: [state]})
     assert torch.equal(torch.get_rng_state(), fresh)
-    assert logs == ['resuming on 2 processes from a checkpoint with the RNG '
-                    'states of 1: each rank restores its own, rank 1 keeps '
-                    'its seed; the run continues, but not bit-identically to '
-                    'an uninterrupted one']
+    assert logs == [
+        'resuming on 2 processes from a checkpoint with the RNG '
+        'states of 1: each rank restores its own, rank 1 keeps '
+        'its seed; the run continues, but not bit-identically to '
+        'an uninterrupted one'
+    ]
 
 
 def test_fewer_ranks_than_saved_restore_their_own(monkeypatch, logs):

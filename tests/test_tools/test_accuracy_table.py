@@ -1,6 +1,6 @@
-"""The accuracy tables of issue 7 and the README's main job: each table's
-smoke runs end to end on tiny data (what CI can afford), the summary
-arithmetic is right, and ``tools/demo.py`` prints its table."""
+"""The accuracy tables of docs/results.md and the README's main job: each
+table's smoke runs end to end on tiny data (what CI can afford), the
+summary arithmetic is right, and ``tools/demo.py`` prints its table."""
 import importlib.util
 import json
 
@@ -26,14 +26,21 @@ def test_mean_std_and_summary():
     m, s = mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
     table = Table('t', 'T', 'acc', [
-        Run('r', 'a', 'c.py', 0), Run('r', 'a', 'c.py', 1),
-        Run('r', 'b', 'c.py', 0)])
-    res = [dict(row=r.row, column=r.column, metrics={'acc': v},
-                params=10, seconds=2.0)
-           for r, v in zip(table.runs, (90.0, 94.0, 50.0))]
+        Run('r', 'a', 'c.py', 0),
+        Run('r', 'a', 'c.py', 1),
+        Run('r', 'b', 'c.py', 0)
+    ])
+    res = [
+        dict(
+            row=r.row,
+            column=r.column,
+            metrics={'acc': v},
+            params=10,
+            seconds=2.0) for r, v in zip(table.runs, (90.0, 94.0, 50.0))
+    ]
     out = summarize(table, res)
     assert out['r']['a']['mean'] == 92.0 and out['r']['a']['n'] == 2
-    assert out['r']['a']['std'] == pytest.approx(2 ** 0.5 * 2)
+    assert out['r']['a']['std'] == pytest.approx(2**0.5 * 2)
     assert out['r']['b']['values'] == [50.0]
     res[2]['metrics'] = {'other': 1.0}
     with pytest.raises(KeyError, match="no metric 'acc'"):
@@ -44,15 +51,20 @@ def test_mean_std_and_summary():
 
 def test_resume_reuses_only_results_of_the_same_settings(tmp_path):
     config = str(ROOT / 'configs/demo/resnet32-repl_1xb64_15e_digits.py')
-    table = Table('t', 'T', 'acc', [Run('r', 'a', config, 0),
-                                    Run('r', 'a', config, 1)])
+    table = Table('t', 'T', 'acc',
+                  [Run('r', 'a', config, 0),
+                   Run('r', 'a', config, 1)])
     calls = []
 
     def trainer(run, work_dir, extra, keep):
         calls.append((run.seed, dict(extra or {})))
-        return dict(row=run.row, column=run.column, seed=run.seed,
-                    metrics={'acc': float(len(calls))}, params=1,
-                    seconds=0.0)
+        return dict(
+            row=run.row,
+            column=run.column,
+            seed=run.seed,
+            metrics={'acc': float(len(calls))},
+            params=1,
+            seconds=0.0)
 
     short = {'train_cfg.max_epochs': 1}
     first = run_table(table, str(tmp_path), short, trainer=trainer)
@@ -79,12 +91,17 @@ SMOKE_RUNS = {'main-r32': 3, 'main-vit': 3, 'ablations': 12}
 
 
 @pytest.mark.parametrize('name', sorted(SMOKE_RUNS))
-def test_table_smoke(tool, data, tmp_path, name):
+def test_table_smoke(tool, data, tmp_path, name):  # noqa: F811 (fixture)
     table = tool.TABLES[name]()
-    opts = [f'{k}.dataset.data_root={data}'
-            for k in ('train_dataloader', 'test_dataloader')]
-    argv = [name, '--smoke', '--out-dir', str(tmp_path), '--cfg-options',
-            *opts, 'train_dataloader.dataset.fraction=1.0']
+    opts = [
+        f'{k}.dataset.data_root={data}'
+        for k in ('train_dataloader', 'test_dataloader')
+    ]
+    argv = [
+        name, '--smoke', '--out-dir',
+        str(tmp_path), '--cfg-options', *opts,
+        'train_dataloader.dataset.fraction=1.0'
+    ]
     run(str(TOOL), *argv)  # a process of its own, as a user runs it
     out = tmp_path / f'{name}-smoke'  # never beside measured tables
     assert not (tmp_path / name).exists()
@@ -121,28 +138,33 @@ def shapes(tmp_path_factory):
 ])
 def test_shapes_table_smoke(shapes, tmp_path, name, kind, metric):
     root = shapes / kind
-    opts = [f'{k}.dataset.data_root={root}/'
-            for k in ('train_dataloader', 'test_dataloader')]
+    opts = [
+        f'{k}.dataset.data_root={root}/'
+        for k in ('train_dataloader', 'test_dataloader')
+    ]
     if name == 'shapes-det':
         opts.append('test_evaluator.ann_file='
                     f'{root}/annotations/instances_val2017.json')
-    run(str(TOOL), name, '--smoke', '--out-dir', str(tmp_path),
+    run(
+        str(TOOL), name, '--smoke', '--out-dir', str(tmp_path),
         '--cfg-options', *opts)
     runs = sorted((tmp_path / f'{name}-smoke' / 'runs').glob('*.json'))
-    assert [json.loads(p.read_text())['column'] for p in runs] == [
-        'E2E', 'RepL (k=4)']
+    assert [json.loads(p.read_text())['column']
+            for p in runs] == ['E2E', 'RepL (k=4)']
     for path in runs:
         assert metric in json.loads(path.read_text())['metrics']
 
 
-def test_demo_prints_one_table(data, tmp_path):
-    out = run('tools/demo.py', '--epochs', '1', '--data-root', str(data),
-              '--batch-size', '4', '--repeats', '1', '--out-dir',
+def test_demo_prints_one_table(data, tmp_path):  # noqa: F811 (fixture)
+    out = run('tools/demo.py', '--epochs', '1', '--data-root',
+              str(data), '--batch-size', '4', '--repeats', '1', '--out-dir',
               str(tmp_path))
     md = (tmp_path / 'demo.md').read_text()
     assert md in out.stdout + out.stderr
-    rows = [line for line in md.splitlines() if line.startswith('| E2E') or
-            line.startswith('| RepL')]
+    rows = [
+        line for line in md.splitlines()
+        if line.startswith('| E2E') or line.startswith('| RepL')
+    ]
     assert len(rows) == 2
     assert rows[0].count('(1.000)') == 5  # E2E against itself
     for name in ('ratios.png', 'accuracy_memory.png', 'benchmark.json'):

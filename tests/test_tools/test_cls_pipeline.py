@@ -1,6 +1,6 @@
 """Classification end to end through the tools, as a user runs them:
 train -> test from the checkpoint, exact kill-and-resume, publish ->
-weights_only load -> test and inferencer, AMP and EMA (issue 4)."""
+weights_only load -> test and inferencer, AMP and EMA."""
 import json
 import os
 import subprocess
@@ -16,8 +16,12 @@ CFG = 'configs/demo/resnet32-repl_1xb64_15e_mnist5k.py'
 
 
 def run(*args, env=None, check=True):
-    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, *args],
+                         cwd=ROOT,
+                         env=env,
+                         capture_output=True,
+                         text=True,
+                         timeout=600)
     if check and out.returncode != 0:
         raise AssertionError(f'{args} failed:\n{out.stderr[-4000:]}')
     return out
@@ -35,7 +39,8 @@ def tiny_config(folder, data, epochs=2, extra=''):
     """A user's config: the demo config, shrunk to seconds on this CPU."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / 'tiny.py'
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         _base_ = '{ROOT / CFG}'
         model = dict(backbone=dict(depth=20))
         # random augmentation on, to test the RNG state across a resume
@@ -105,17 +110,26 @@ def test_kill_and_resume_is_exact(trained, data, tmp_path):
     (tmp_path / 'killer.py').write_text(textwrap.dedent(KILLER))
     env = {**os.environ, 'PYTHONPATH': str(tmp_path)}
     work = tmp_path / 'killed'
-    killed = tiny_config(tmp_path / 'killed_cfg', data, epochs=3, extra='''
+    killed = tiny_config(
+        tmp_path / 'killed_cfg',
+        data,
+        epochs=3,
+        extra='''
         custom_imports = dict(imports=['repl_mm', 'killer'])
         custom_hooks = [dict(type='KillAfterEpoch', epoch=2)]
     ''')
-    out = run('tools/train.py', killed, '--work-dir', str(work), env=env,
-              check=False)
+    out = run(
+        'tools/train.py',
+        killed,
+        '--work-dir',
+        str(work),
+        env=env,
+        check=False)
     assert out.returncode == -9, out.stderr[-2000:]  # SIGKILLed
     assert (work / 'epoch_2.pth').exists()
     assert not (work / 'epoch_3.pth').exists()
-    run('tools/train.py', tiny_config(tmp_path, data, epochs=3),
-        '--work-dir', str(work), '--resume')
+    run('tools/train.py', tiny_config(tmp_path, data, epochs=3), '--work-dir',
+        str(work), '--resume')
     resumed = load(work / 'epoch_3.pth')['state_dict']
     straight = load(trained / 'epoch_3.pth')['state_dict']
     assert list(resumed) == list(straight)
@@ -150,7 +164,11 @@ def test_publish_loads_weights_only_and_infers(trained, data, tmp_path):
 
 def test_amp_and_ema_train(data, tmp_path):
     work = tmp_path / 'amp'
-    cfg = tiny_config(tmp_path, data, epochs=1, extra='''
+    cfg = tiny_config(
+        tmp_path,
+        data,
+        epochs=1,
+        extra='''
         custom_hooks = [dict(type='EMAHook', momentum=0.01)]
     ''')
     run('tools/train.py', cfg, '--work-dir', str(work), '--amp')
@@ -160,8 +178,9 @@ def test_amp_and_ema_train(data, tmp_path):
     assert 'ema_state_dict' in ckpt
     ema = ckpt['ema_state_dict']
     assert 'module.backbone.layer2.1.phi2_prev' in ema
-    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values()
-               if v.is_floating_point())
+    assert all(
+        torch.isfinite(v).all() for v in ckpt['state_dict'].values()
+        if v.is_floating_point())
 
 
 def test_checkpoints_on_the_meta_device(trained, data, tmp_path):
@@ -194,17 +213,20 @@ def test_checkpoints_on_the_meta_device(trained, data, tmp_path):
         runner.resume(ckpt, map_location='meta')
     # the hooks' after_load_checkpoint paths, reached directly
     on_meta = torch.load(ckpt, map_location='meta', weights_only=False)
-    with pytest.raises(ValueError, match=r"checkpoint\['rng_state'\]\[0\]"
-                       r"\['torch'\] is on the meta device"):
+    with pytest.raises(
+            ValueError,
+            match=r"checkpoint\['rng_state'\]\[0\]"
+            r"\['torch'\] is on the meta device"):
         RNGStateHook().after_load_checkpoint(
             SimpleNamespace(resuming=True), on_meta)
     assert ReplacementHook.after_load_checkpoint is \
         Hook.after_load_checkpoint  # it has none
     # the backbones' _load_from_state_dict reads the plan's bytes: fine on
     # any device with data, torch's own error on meta
-    state = {k[len('backbone.'):]: v
-             for k, v in on_meta['state_dict'].items()
-             if k.startswith('backbone.')}
+    state = {
+        k[len('backbone.'):]: v
+        for k, v in on_meta['state_dict'].items() if k.startswith('backbone.')
+    }
     with pytest.raises(NotImplementedError, match='meta tensor'):
         runner.model.backbone.load_state_dict(state)
     # the same files load and resume on the CPU

@@ -1,7 +1,8 @@
 """2-process training on this CPU (gloo) through tools/dist_train.sh, both
 routes (registry backbone, ReplacementHook): no unused-parameter errors
 without find_unused_parameters, and both ranks end with identical weights
-(issue 6 §2); each rank's random state saved and restored on resume."""
+(DDP keeps the replicas in step); each rank's random state saved and
+restored on resume."""
 import os
 import socket
 import subprocess
@@ -70,11 +71,17 @@ def dist_run(tmp_path, port, *args):
     """``bash tools/dist_*.sh args`` with the venv's Python, one thread a
     process, and ``tmp_path`` importable (the dumper hook)."""
     env = {
-        **os.environ, 'PYTHON': sys.executable, 'PORT': str(port),
-        'PYTHONPATH': str(tmp_path), 'OMP_NUM_THREADS': '1'
+        **os.environ, 'PYTHON': sys.executable,
+        'PORT': str(port),
+        'PYTHONPATH': str(tmp_path),
+        'OMP_NUM_THREADS': '1'
     }
-    out = subprocess.run(['bash', *map(str, args)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(['bash', *map(str, args)],
+                         cwd=ROOT,
+                         env=env,
+                         capture_output=True,
+                         text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
 
 
@@ -83,8 +90,7 @@ def dist_train(tmp_path, cfg, port):
     rank's parameters (``DumpRankWeights``)."""
     (tmp_path / 'dumper.py').write_text(textwrap.dedent(DUMPER))
     work = tmp_path / 'work'
-    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir',
-             work)
+    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir', work)
     return work
 
 
@@ -116,11 +122,13 @@ def test_two_process_classification(tmp_path, route, cfg, port):
 # Detection and segmentation: the tiny user configs of the det/seg
 # pipeline test; the hook route puts the stock backbone back.
 STOCK = {
-    'retinanet': "dict(_delete_=True, type='ResNet', depth=18, "
+    'retinanet':
+    "dict(_delete_=True, type='ResNet', depth=18, "
     "num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1, "
     "norm_cfg=dict(type='BN', requires_grad=True), norm_eval=True, "
     "style='pytorch')",
-    'deeplabv3plus': "dict(_delete_=True, type='ResNetV1c', depth=18, "
+    'deeplabv3plus':
+    "dict(_delete_=True, type='ResNetV1c', depth=18, "
     "num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4), "
     "strides=(1, 2, 1, 1), norm_cfg=dict(type='BN', requires_grad=True), "
     "norm_eval=False, style='pytorch', contract_dilation=True)",
@@ -131,7 +139,6 @@ STOCK = {
 @pytest.mark.parametrize('route', ['registry', 'hook'])
 def test_two_process_detection_segmentation(tmp_path, name, route):
     from repl_mm.datasets import make_cityscapes_shapes, make_coco_shapes
-
     from .test_det_seg_pipeline import tiny_config
     data = tmp_path / 'data'
     make = make_coco_shapes if name == 'retinanet' else make_cityscapes_shapes
@@ -197,8 +204,7 @@ def test_two_process_rng_state_per_rank(tmp_path):
     cfg = tmp_path / 'cfg.py'
     cfg.write_text(CLS_RNG.format(root=ROOT, data=cls_data(tmp_path)))
     work = tmp_path / 'work'
-    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir',
-             work)
+    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir', work)
     states = load(work / 'epoch_1.pth')['rng_state']
     assert isinstance(states, list) and len(states) == 2
     assert not torch.equal(states[0]['torch'], states[1]['torch'])
@@ -207,8 +213,8 @@ def test_two_process_rng_state_per_rank(tmp_path):
     resume = ('--resume', work / 'epoch_1.pth', '--cfg-options',
               'train_cfg.max_epochs=2')
     two = tmp_path / 'two'
-    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir',
-             two, *resume)
+    dist_run(tmp_path, port, 'tools/dist_train.sh', cfg, 2, '--work-dir', two,
+             *resume)
     for rank in range(2):
         assert_same_rng_state(
             torch.load(two / f'rng{rank}.pth', weights_only=True),
@@ -216,14 +222,23 @@ def test_two_process_rng_state_per_rank(tmp_path):
 
     one = tmp_path / 'one'
     env = {**os.environ, 'PYTHONPATH': str(tmp_path), 'OMP_NUM_THREADS': '1'}
-    env = {k: v for k, v in env.items()
-           if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')}
-    out = subprocess.run(
-        [sys.executable, 'tools/train.py', str(cfg), '--work-dir', str(one),
-         *map(str, resume)], cwd=ROOT, env=env, capture_output=True,
-        text=True, timeout=600)
+    env = {
+        k: v
+        for k, v in env.items()
+        if k not in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')
+    }
+    out = subprocess.run([
+        sys.executable, 'tools/train.py',
+        str(cfg), '--work-dir',
+        str(one), *map(str, resume)
+    ],
+                         cwd=ROOT,
+                         env=env,
+                         capture_output=True,
+                         text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-4000:]
-    assert_same_rng_state(torch.load(one / 'rng0.pth', weights_only=True),
-                          states[0])
+    assert_same_rng_state(
+        torch.load(one / 'rng0.pth', weights_only=True), states[0])
     log = next(one.rglob('*.log')).read_text()
     assert 'the state of rank 1 is unused' in log

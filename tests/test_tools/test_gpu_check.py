@@ -24,8 +24,8 @@ PY = sys.executable
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location(
-        'gpu_check_cli', ROOT / 'tools/gpu_check.py')
+    spec = importlib.util.spec_from_file_location('gpu_check_cli',
+                                                  ROOT / 'tools/gpu_check.py')
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -43,8 +43,10 @@ def test_defaults_and_out_follows_the_work_dir(cli):
     assert args.out == os.path.join('work_dirs/gpu_check', 'result.json')
     assert args.iters is None and args.only is None
     assert not args.allow_cpu and not args.list
-    args = cli.parse_args(['--work-dir', 'w', '--only', 'train-*-hook',
-                           'bench-deit-s', '--iters', '5'])
+    args = cli.parse_args([
+        '--work-dir', 'w', '--only', 'train-*-hook', 'bench-deit-s', '--iters',
+        '5'
+    ])
     assert args.out == os.path.join('w', 'result.json')
     assert args.only == ['train-*-hook', 'bench-deit-s'] and args.iters == 5
     assert cli.parse_args(['--out', 'r.json']).out == 'r.json'
@@ -62,8 +64,8 @@ def test_bad_options_name_option_and_value(cli, argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_list_prints_every_check_and_runs_nothing(cli, tmp_path,
-                                                  monkeypatch, capsys):
+def test_list_prints_every_check_and_runs_nothing(cli, tmp_path, monkeypatch,
+                                                  capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(['--list']) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -71,11 +73,16 @@ def test_list_prints_every_check_and_runs_nothing(cli, tmp_path,
     assert names == gc.check_names()
     assert len(names) == len(set(names)) == 32
     models = ('resnet32', 'vit-tiny', 'retinanet', 'deeplabv3')
-    assert {f'train-{m}-{r}{a}' for m in models
-            for r in ('registry', 'hook') for a in ('', '-amp')} <= set(names)
+    assert {
+        f'train-{m}-{r}{a}'
+        for m in models
+        for r in ('registry', 'hook')
+        for a in ('', '-amp')
+    } <= set(names)
     for name in ('resume-resnet32', 'test-deeplabv3', 'infer-retinanet',
                  'dist-resnet32-registry', 'dist-resnet32-hook',
-                 'dist-resnet32-registry-norecompute', 'bench-resnet50', 'bench-deit-s', 'bench-retinanet-r50'):
+                 'dist-resnet32-registry-norecompute', 'bench-resnet50',
+                 'bench-deit-s', 'bench-retinanet-r50'):
         assert name in names
     assert list(tmp_path.iterdir()) == []
 
@@ -89,8 +96,7 @@ def test_no_cuda_says_so_and_exits_0(cli, tmp_path, monkeypatch, capsys):
     assert not work.exists()  # nothing ran, nothing written
 
 
-def test_a_failing_check_makes_main_exit_1(cli, tmp_path, monkeypatch,
-                                           capsys):
+def test_a_failing_check_makes_main_exit_1(cli, tmp_path, monkeypatch, capsys):
     checks = [
         Check('fine', 'passes', [[PY, '-c', 'pass']]),
         Check('broken', 'fails', [[PY, '-c', 'raise SystemExit(2)']]),
@@ -102,8 +108,8 @@ def test_a_failing_check_makes_main_exit_1(cli, tmp_path, monkeypatch,
     assert cli.main(argv) == 1
     res = json.loads(out.read_text())
     assert not res['passed']
-    assert [(c['name'], c['result']) for c in res['checks']] == [
-        ('fine', 'PASS'), ('broken', 'FAIL')]
+    assert [(c['name'], c['result'])
+            for c in res['checks']] == [('fine', 'PASS'), ('broken', 'FAIL')]
     assert '| broken | FAIL |' in capsys.readouterr().out
     monkeypatch.setattr(cli, 'build_checks', lambda ctx: checks[:1])
     assert cli.main(argv) == 0
@@ -118,21 +124,29 @@ def test_runner_reports_each_check_and_goes_on(tmp_path):
     stale.write_text('from an earlier run')
     seen = []
     checks = [
-        Check('ok', 'passes', [[PY, '-c', 'print("hello")']],
-              verify=lambda: seen.append(stale.exists()) or 'fine'),
+        Check(
+            'ok',
+            'passes', [[PY, '-c', 'print("hello")']],
+            verify=lambda: seen.append(stale.exists()) or 'fine'),
         Check('bad', 'exits 3',
               [[PY, '-c', 'print("boom"); raise SystemExit(3)'],
                [PY, '-c', 'print("never")']]),
-        Check('after-bad', 'needs bad', [[PY, '-c', 'pass']],
-              needs=('bad', )),
-        Check('wrong', 'runs, but its output is wrong', [[PY, '-c', 'pass']],
-              verify=lambda: gc.expect(False, 'not what it should be')),
-        Check('slow', 'times out', [[PY, '-c', 'import time; '
-                                     'time.sleep(30)']]),
-        Check('crash', 'verify raises', [],
-              verify=lambda: open(tmp_path / 'missing.json')),
-        Check('n/a', 'does not apply', [[PY, '-c', 'raise SystemExit(1)']],
-              skip='needs a GPU'),
+        Check('after-bad', 'needs bad', [[PY, '-c', 'pass']], needs=('bad', )),
+        Check(
+            'wrong',
+            'runs, but its output is wrong', [[PY, '-c', 'pass']],
+            verify=lambda: gc.expect(False, 'not what it should be')),
+        Check('slow', 'times out',
+              [[PY, '-c', 'import time; '
+                'time.sleep(30)']]),
+        Check(
+            'crash',
+            'verify raises', [],
+            verify=lambda: open(tmp_path / 'missing.json')),
+        Check(
+            'n/a',
+            'does not apply', [[PY, '-c', 'raise SystemExit(1)']],
+            skip='needs a GPU'),
         Check('late', 'runs after the failures', lambda: [[PY, '-c', 'pass']]),
     ]
     lines = []
@@ -157,16 +171,18 @@ def test_runner_reports_each_check_and_goes_on(tmp_path):
 def test_only_adds_what_a_check_needs_in_run_order():
     checks = build_checks(Context('w', gpus=1, iters=20))
     names = [c.name for c in select(checks, ['test-retinanet'])]
-    assert names == ['data-coco-shapes', 'train-retinanet-registry',
-                     'test-retinanet']
+    assert names == [
+        'data-coco-shapes', 'train-retinanet-registry', 'test-retinanet'
+    ]
     names = [c.name for c in select(checks, ['resume-*', 'dist-*'])]
-    assert names == ['data-mnist5k', 'train-resnet32-registry-amp',
-                     'resume-resnet32', 'dist-resnet32-registry',
-                     'dist-resnet32-hook',
-                     'dist-resnet32-registry-norecompute']
+    assert names == [
+        'data-mnist5k', 'train-resnet32-registry-amp', 'resume-resnet32',
+        'dist-resnet32-registry', 'dist-resnet32-hook',
+        'dist-resnet32-registry-norecompute'
+    ]
     cpu = build_checks(Context('w', gpus=0, iters=2))
-    assert [c.name for c in select(cpu, ['resume-resnet32'])][-2:] == [
-        'train-resnet32-registry', 'resume-resnet32']
+    assert [c.name for c in select(cpu, ['resume-resnet32'])
+            ][-2:] == ['train-resnet32-registry', 'resume-resnet32']
     with pytest.raises(ValueError, match="--only: 'nope'"):
         select(checks, ['nope'])
 
@@ -184,8 +200,10 @@ def test_what_is_skipped_where(gpus, amp_skip, dist_skip):
     assert len(dist) == 3
     assert all((c.skip or None) == dist_skip or c.skip.startswith(dist_skip)
                for c in dist)
-    others = [c for n, c in checks.items()
-              if not n.endswith('-amp') and not n.startswith('dist-')]
+    others = [
+        c for n, c in checks.items()
+        if not n.endswith('-amp') and not n.startswith('dist-')
+    ]
     assert all(c.skip is None for c in others)
 
 
@@ -204,13 +222,16 @@ def test_schedules_cut_the_data_or_the_iterations():
     cls, seg = gc.MODELS['resnet32'], gc.MODELS['deeplabv3']
     assert gc.schedule(ctx, cls, 20)[:3] == [
         'train_dataloader.dataset.indices=1280', 'train_cfg.max_epochs=1',
-        'train_cfg.val_interval=1']
+        'train_cfg.val_interval=1'
+    ]
     assert 'train_dataloader.dataset.indices=2560' in gc.schedule(
         ctx, cls, 20, length=2, world=2, batch=64) and \
         'train_cfg.max_epochs=2' in gc.schedule(ctx, cls, 20, length=2)
     assert gc.schedule(ctx, seg, 20, length=2)[0] == 'train_cfg.max_iters=40'
-    with pytest.raises(ValueError, match='--iters 100: .* 6400 samples, but '
-                       'the mnist5k training set has 4000'):
+    with pytest.raises(
+            ValueError,
+            match='--iters 100: .* 6400 samples, but '
+            'the mnist5k training set has 4000'):
         gc.schedule(ctx, cls, 100)
     # the shapes sets grow with --iters
     assert gc.shapes_sizes(Context('w', 1, 500), 'coco-shapes') == (4000, 100)
@@ -274,10 +295,21 @@ def test_cifar_hook_route_stands_in_resnet18(tmp_path):
 
 # -- verifiers -------------------------------------------------------------
 def probe(**kw):
-    p = dict(rank=0, world_size=1, backend=None, device='cpu',
-             optim_wrapper='OptimWrapper', iter=2, epoch=1, loss=1.5,
-             syncbn=0, backbone='RepLResNet_CIFAR', sites=[4, 8, 12],
-             finite=True, params_start='a', params_end='b')
+    p = dict(
+        rank=0,
+        world_size=1,
+        backend=None,
+        device='cpu',
+        optim_wrapper='OptimWrapper',
+        iter=2,
+        epoch=1,
+        loss=1.5,
+        syncbn=0,
+        backbone='RepLResNet_CIFAR',
+        sites=[4, 8, 12],
+        finite=True,
+        params_start='a',
+        params_end='b')
     p.update(kw)
     return p
 
@@ -324,9 +356,18 @@ def test_verify_dist_compares_every_rank(tmp_path):
     ctx = Context(str(tmp_path), gpus=2, iters=2)
 
     def ranks(**kw):
-        return [probe(**{**dict(rank=r, world_size=2, backend='nccl',
-                                syncbn=20, device=f'cuda:{r}'), **kw})
-                for r in range(2)]
+        return [
+            probe(
+                **{
+                    **dict(
+                        rank=r,
+                        world_size=2,
+                        backend='nccl',
+                        syncbn=20,
+                        device=f'cuda:{r}'),
+                    **kw
+                }) for r in range(2)
+        ]
 
     write_run(tmp_path, ranks())
     assert 'equal parameters' in gc.verify_dist(ctx, str(tmp_path), 2, 2,
@@ -349,17 +390,27 @@ def test_verify_dist_compares_every_rank(tmp_path):
 
 # -- outputs ---------------------------------------------------------------
 def bench_json(path, device='cuda:0'):
-    def method(ms, ratio):
-        return dict(time_ms=dict(median=ms), peak_bytes=2**20 * ms,
-                    saved_bytes=2**20 * ms / 2, mem_ratio=ratio,
-                    peak_ratio=ratio, S_time=None if ratio == 1 else 0.5,
-                    S_mem=None if ratio == 1 else 0.7,
-                    time_ratio=dict(median=ratio, q1=ratio, q3=ratio))
 
-    case = dict(name='resnet50', device=device, batch_size=64,
-                input_size=[224, 224],
-                methods=dict(e2e=method(100.0, 1.0), repl=method(90.0, 0.9),
-                             drop=method(85.0, 0.85)))
+    def method(ms, ratio):
+        return dict(
+            time_ms=dict(median=ms),
+            peak_bytes=2**20 * ms,
+            saved_bytes=2**20 * ms / 2,
+            mem_ratio=ratio,
+            peak_ratio=ratio,
+            S_time=None if ratio == 1 else 0.5,
+            S_mem=None if ratio == 1 else 0.7,
+            time_ratio=dict(median=ratio, q1=ratio, q3=ratio))
+
+    case = dict(
+        name='resnet50',
+        device=device,
+        batch_size=64,
+        input_size=[224, 224],
+        methods=dict(
+            e2e=method(100.0, 1.0),
+            repl=method(90.0, 0.9),
+            drop=method(85.0, 0.85)))
     path.mkdir(parents=True, exist_ok=True)
     (path / 'benchmark.json').write_text(json.dumps(dict(cases=[case])))
 
@@ -367,8 +418,9 @@ def bench_json(path, device='cuda:0'):
 def test_tables_and_result_json(tmp_path):
     ctx = Context(str(tmp_path), gpus=1, iters=20)
     bench_json(Path(ctx.run_dir('bench-resnet50')))
-    assert gc.verify_bench(ctx, ctx.run_dir('bench-resnet50')).startswith(
-        'repl x E2E: time 0.900')
+    assert gc.verify_bench(
+        ctx,
+        ctx.run_dir('bench-resnet50')).startswith('repl x E2E: time 0.900')
     results = [
         dict(name='train-x', result='PASS', seconds=1.54, note='a | b'),
         dict(name='dist-y', result='SKIP', seconds=0.0, note='needs 2'),
@@ -376,8 +428,9 @@ def test_tables_and_result_json(tmp_path):
         dict(name='test-z', result='FAIL', seconds=2.0, note='exited'),
     ]
     table = gc.format_table(results)
-    assert table.splitlines()[:2] == ['| check | result | seconds | note |',
-                                      '|---|---|---|---|']
+    assert table.splitlines()[:2] == [
+        '| check | result | seconds | note |', '|---|---|---|---|'
+    ]
     assert '| train-x | PASS | 1.5 | a / b |' in table
     assert table.splitlines()[-1] == '2 PASS, 1 FAIL, 1 SKIP'
     rows = gc.benchmark_rows(ctx, results)
@@ -386,8 +439,8 @@ def test_tables_and_result_json(tmp_path):
     assert '| resnet50 | cuda:0 | 64 x 224x224 | repl | 90.0 | 0.900 ' \
         '[0.900, 0.900] | 90 | 0.900 | 45 | 0.900 | 0.500 | 0.700 |' in bench
     assert gc.format_benchmark([]) == '(no benchmark ran)'
-    out = gc.write_result(str(tmp_path / 'sub' / 'r.json'), dict(x=1),
-                          results, rows)
+    out = gc.write_result(
+        str(tmp_path / 'sub' / 'r.json'), dict(x=1), results, rows)
     res = json.loads(Path(out).read_text())
     assert res['passed'] is False and res['meta'] == dict(x=1)
     assert res['checks'] == results and res['benchmark'] == rows
@@ -402,19 +455,29 @@ def test_tables_and_result_json(tmp_path):
 def test_allow_cpu_runs_a_training_check_end_to_end(tmp_path):
     """data-mnist5k and train-resnet32-registry for real: the tools run in
     subprocesses, the probe reports the run, the outputs are checked."""
-    env = {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1',
-           'PYTHONPATH': str(ROOT)}
+    env = {
+        **os.environ, 'CUDA_VISIBLE_DEVICES': '',
+        'OMP_NUM_THREADS': '1',
+        'PYTHONPATH': str(ROOT)
+    }
     work = tmp_path / 'w'
-    out = subprocess.run(
-        [PY, 'tools/gpu_check.py', '--allow-cpu', '--only',
-         'train-resnet32-registry', '--iters', '2', '--work-dir', str(work)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([
+        PY, 'tools/gpu_check.py', '--allow-cpu', '--only',
+        'train-resnet32-registry', '--iters', '2', '--work-dir',
+        str(work)
+    ],
+                         cwd=ROOT,
+                         env=env,
+                         capture_output=True,
+                         text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert '| train-resnet32-registry | PASS |' in out.stdout
     res = json.loads((work / 'result.json').read_text())
     assert res['passed'] and res['meta']['device'] == 'cpu'
-    assert [(c['name'], c['result']) for c in res['checks']] == [
-        ('data-mnist5k', 'PASS'), ('train-resnet32-registry', 'PASS')]
+    assert [(c['name'], c['result'])
+            for c in res['checks']] == [('data-mnist5k', 'PASS'),
+                                        ('train-resnet32-registry', 'PASS')]
     note = res['checks'][1]['note']
     assert note.startswith('iter 2 on cpu, OptimWrapper, RepLResNet_CIFAR '
                            'sites [4, 8, 12]')

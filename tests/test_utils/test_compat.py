@@ -57,11 +57,13 @@ def test_safe_globals_scopes_weights_only_load(tmp_path):
 
 
 class _EventNs:
+
     def start_ns(self):
         return 1500
 
 
 class _EventUs:
+
     def start_us(self):
         return 1.5
 
@@ -75,8 +77,9 @@ def test_event_start_ns_real_profiler_events():
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as p:
         torch.ones(1000) * 2
-    starts = [compat.event_start_ns(e)
-              for e in p.profiler.kineto_results.events()]
+    starts = [
+        compat.event_start_ns(e) for e in p.profiler.kineto_results.events()
+    ]
     assert starts and all(isinstance(s, int) and s >= 0 for s in starts)
 
 

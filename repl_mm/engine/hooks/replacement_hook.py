@@ -81,7 +81,8 @@ class ReplacementHook(Hook):
                 'ReplacementHook: the backbone is already the '
                 f'{type(backbone).__name__} this hook built (sites '
                 f'{list(self._plan.indices)}): model, optimizer and '
-                'schedulers left as they are', logger='current')
+                'schedulers left as they are',
+                logger='current')
             return
         # a RepL backbone from the registry or with another plan raises
         self._plan = to_repl_backbone(backbone, self.replacement)
@@ -117,8 +118,8 @@ class ReplacementHook(Hook):
     @staticmethod
     def _repl_model_cfg(model_cfg, backbone) -> dict:
         """The config's model with the RepL backbone spelled out."""
-        cfg = copy.deepcopy(model_cfg.to_dict() if hasattr(
-            model_cfg, 'to_dict') else dict(model_cfg))
+        cfg = copy.deepcopy(model_cfg.to_dict(
+        ) if hasattr(model_cfg, 'to_dict') else dict(model_cfg))
         cfg['backbone'] = dict(
             cfg['backbone'],
             type=type(backbone).__name__,

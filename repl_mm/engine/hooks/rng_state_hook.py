@@ -76,8 +76,8 @@ def set_rng_state(state: dict, where: str = KEY):
     random.setstate((py[0], tuple(py[1]), py[2]))
     np_state = {**state['numpy']}
     np_state['state'] = {
-        **np_state['state'], 'key': np.asarray(np_state['state']['key'],
-                                               dtype=np.uint32)
+        **np_state['state'], 'key':
+        np.asarray(np_state['state']['key'], dtype=np.uint32)
     }
     np.random.set_state(np_state)
     torch.set_rng_state(cpu)
@@ -187,8 +187,9 @@ class RNGStateHook(Hook):
         rank, world_size = get_rank(), get_world_size()
         if len(states) != world_size:
             if world_size > len(states):
-                fate = _ranks(len(states), world_size,
-                              '{} keeps its seed', '{} keep their seeds')
+                fate = _ranks(
+                    len(states), world_size, '{} keeps its seed',
+                    '{} keep their seeds')
             else:
                 fate = _ranks(world_size, len(states),
                               'the state of {} is unused',
