@@ -1,10 +1,10 @@
 """Torch-only core of RepL: no OpenMMLab imports below this package."""
-from .recompute import NonReentrantCheckpoint, use_non_reentrant_checkpoint
 from .cnn_site import ConvSite
 from .interpolate import InterpolatedBlock
 from .plan import (MODES, NEIGHBORS, ON_INVALID, STATIC_FROM, VIT_WEIGHTS,
                    ReplacementConfig, ReplacementPlan, SiteRecord,
                    nearest_kept, select_sites)
+from .recompute import NonReentrantCheckpoint, use_non_reentrant_checkpoint
 from .static import (StaticConvSite, StaticTransformerSite,
                      interpolated_block_state, load_static_site)
 from .surgery import BlockSlot, pick_sources, replace_blocks
@@ -19,8 +19,8 @@ __all__ = [
     'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'STATIC_FROM',
     'VIT_WEIGHTS', 'BlockSlot', 'ConvSite', 'InterpolatedBlock',
     'NonReentrantCheckpoint', 'ReplacementConfig', 'ReplacementPlan',
-    'SiteRecord', 'StaticConvSite', 'StaticTransformerSite',
-    'TransformerSite', 'interpolated_block_state', 'load_static_site',
-    'nearest_kept', 'pick_sources', 'replace_blocks', 'select_sites',
+    'SiteRecord', 'StaticConvSite', 'StaticTransformerSite', 'TransformerSite',
+    'interpolated_block_state', 'load_static_site', 'nearest_kept',
+    'pick_sources', 'replace_blocks', 'select_sites',
     'use_non_reentrant_checkpoint'
 ]

@@ -6,17 +6,16 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
-from .recompute import (CheckpointedSite, needs_graph,
-                         recompute_in_backward)
-from .device import ScaleBuffer, factory_kwargs
-from .synthesis import (apply_chain, at_least_fp32, fold_chain,
-                        pointwise_mix, should_fold)
+from .device import Fp32Synthesis, ScaleBuffer, factory_kwargs
+from .recompute import CheckpointedSite, needs_graph, recompute_in_backward
+from .synthesis import (apply_chain, at_least_fp32, fold_chain, pointwise_mix,
+                        should_fold)
 
 # A position's sources: (neighbour name, the neighbour's conv module).
 Sources = Sequence[Tuple[str, nn.Module]]
 
 
-class ConvSite(ScaleBuffer, CheckpointedSite, nn.Module):
+class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
     """RepL computing layer for a BasicBlock / Bottleneck site.
 
     For every conv position j of the replaced block, the site synthesizes a
@@ -120,11 +119,11 @@ class ConvSite(ScaleBuffer, CheckpointedSite, nn.Module):
         self._sources: List[List[Tuple[str, nn.Module]]] = [
             list(s) for s in sources
         ]
-        factory = factory_kwargs(
-            device, dtype,
-            (conv.weight for srcs in self._sources for _, conv in srcs))
-        for j, ((cout, cin), srcs) in enumerate(
-                zip(self.shapes, self._sources), 1):
+        factory = factory_kwargs(device, dtype, (conv.weight
+                                                 for srcs in self._sources
+                                                 for _, conv in srcs))
+        for j, ((cout, cin),
+                srcs) in enumerate(zip(self.shapes, self._sources), 1):
             for name, conv in srcs:
                 w = conv.weight
                 if tuple(w.shape[:2]) != (cout, cin):
@@ -183,37 +182,40 @@ class ConvSite(ScaleBuffer, CheckpointedSite, nn.Module):
         """Mean phi per neighbour over all positions (for logging)."""
         out = {}
         for name in ('prev', 'next'):
-            phis = [getattr(self, f'phi{j}_{name}')
-                    for j, srcs in enumerate(self._sources, 1)
-                    if any(n == name for n, _ in srcs)]
+            phis = [
+                getattr(self, f'phi{j}_{name}')
+                for j, srcs in enumerate(self._sources, 1)
+                if any(n == name for n, _ in srcs)
+            ]
             if phis:
                 out[f'phi_{name}'] = torch.cat(phis).mean().item()
         return out
 
-    def _weights_device_type(self) -> str:
-        return self.trainable_tensors()[0].device.type
+    def source_convs(self, j: int) -> List[Tuple[str, nn.Module]]:
+        """(neighbour name, conv) pairs position ``j`` (1-based) is drawn
+        from; empty when the site owns that weight."""
+        return list(self._sources[j - 1])
 
-    def synthesize(self, device_type: Optional[str] = None) -> List[Tensor]:
-        """The (Cout_j, Cin_j) matrices What^j from the live neighbours, in
-        at least fp32 with autocast off, whoever calls.
+    def phi(self, j: int, name: str) -> nn.Parameter:
+        """phi^j of neighbour ``name`` ('prev' or 'next')."""
+        return getattr(self, f'phi{j}_{name}')
 
-        Args:
-            device_type (str, optional): The input's device type, for which
-                autocast is turned off (as for the weights' device type).
-                Defaults to the weights'.
-        """
-        weights = self._weights_device_type()
-        with autocast_disabled(device_type or weights, weights):
-            mats = []
-            for j, srcs in enumerate(self._sources, 1):
-                if srcs:
-                    mats.append(
-                        pointwise_mix([(getattr(self, f'phi{j}_{name}'),
-                                        conv.weight)
-                                       for name, conv in srcs]))
-                else:
-                    mats.append(at_least_fp32(getattr(self, f'weight{j}')))
-            return mats
+    def own_weight(self, j: int) -> nn.Parameter:
+        """The (Cout_j, Cin_j) weight of a position the site owns."""
+        return getattr(self, f'weight{j}')
+
+    def _synthesize(self) -> List[Tensor]:
+        """The (Cout_j, Cin_j) matrices What^j from the live neighbours
+        (:meth:`synthesize` runs this with autocast off)."""
+        mats = []
+        for j, srcs in enumerate(self._sources, 1):
+            if srcs:
+                mats.append(
+                    pointwise_mix([(self.phi(j, name), conv.weight)
+                                   for name, conv in srcs]))
+            else:
+                mats.append(at_least_fp32(self.own_weight(j)))
+        return mats
 
     def _update(self, h: Tensor, *mats: Tensor) -> Tensor:
         """scale * norm(What^J ... What^1 h), through drop path.

@@ -12,10 +12,12 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor
 
+from ..utils.compat import autocast_disabled
+
 
 def factory_kwargs(device: Optional[torch.device] = None,
                    dtype: Optional[torch.dtype] = None,
-                   like: Iterable[Tensor] = ()) -> dict:
+                   like: Iterable[Tensor] = ()) -> dict:  # yapf: disable
     """``dict(device=..., dtype=...)`` for the tensors a site creates.
 
     Args:
@@ -70,3 +72,25 @@ class ScaleBuffer:
             with torch.no_grad():
                 new.fill_(value)
         return out
+
+
+class Fp32Synthesis:
+    """Mixin of the sites: ``synthesize`` runs the subclass's
+    ``_synthesize()`` (weight-space math) with autocast off for the
+    weights' device type and the caller's, whoever calls (the math itself
+    casts to at least fp32)."""
+
+    def _weights_device_type(self) -> str:
+        return self.trainable_tensors()[0].device.type
+
+    def synthesize(self, device_type: Optional[str] = None):
+        """The synthesized weights, in at least fp32 with autocast off.
+
+        Args:
+            device_type (str, optional): The input's device type, for which
+                autocast is turned off (as for the weights' device type).
+                Defaults to the weights'.
+        """
+        weights = self._weights_device_type()
+        with autocast_disabled(device_type or weights, weights):
+            return self._synthesize()

@@ -5,8 +5,8 @@ import torch
 from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled
-from .recompute import CheckpointedSite
 from .device import factory_kwargs
+from .recompute import CheckpointedSite
 from .synthesis import at_least_fp32
 
 # (a weight-owning submodule of the block, [(neighbour name, its twin)])
@@ -54,8 +54,8 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
                  dtype: Optional[torch.dtype] = None):
         super().__init__()
         targets = [(mod, list(srcs)) for mod, srcs in targets]
-        factory = factory_kwargs(
-            device, dtype, (mod.weight for mod, srcs in targets if srcs))
+        factory = factory_kwargs(device, dtype,
+                                 (mod.weight for mod, srcs in targets if srcs))
         self._targets: List[Target] = []
         used = set()
         for mod, srcs in targets:
@@ -155,15 +155,19 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
     @torch.no_grad()
     def mixing_summary(self) -> Dict[str, float]:
         """alpha (prev) and beta (next) (for logging)."""
-        return {n: getattr(self, n).item() for n in ('alpha', 'beta')
-                if hasattr(self, n)}
+        return {
+            n: getattr(self, n).item()
+            for n in ('alpha', 'beta') if hasattr(self, n)
+        }
 
     def interpolate(self, device_type: Optional[str] = None) -> List[Tensor]:
         """The target weights, alpha W_prev + beta W_next, in at least fp32
         with autocast off (for ``device_type``, the input's, and the
         twins' device type), given in the twins' dtype."""
-        coef = {'prev': getattr(self, 'alpha', None),
-                'next': getattr(self, 'beta', None)}
+        coef = {
+            'prev': getattr(self, 'alpha', None),
+            'next': getattr(self, 'beta', None)
+        }
         out = []
         for _, srcs in self._targets:
             twin = srcs[0][1].weight
@@ -198,4 +202,3 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
         return [*self.parameters()] + [
             twin.weight for _, srcs in self._targets for _, twin in srcs
         ]
-

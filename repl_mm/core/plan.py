@@ -116,16 +116,14 @@ class ReplacementConfig:
         _choice('mode', self.mode, MODES)
         _choice('static_from', self.static_from, STATIC_FROM)
         if self.mode != 'static' and self.static_from != 'synthesize':
-            raise ValueError(
-                'replacement option static_from applies to '
-                f"mode='static' only, but got static_from="
-                f'{self.static_from!r} with mode={self.mode!r}')
+            raise ValueError('replacement option static_from applies to '
+                             f"mode='static' only, but got static_from="
+                             f'{self.static_from!r} with mode={self.mode!r}')
         _choice('on_invalid', self.on_invalid, ON_INVALID)
         _choice('neighbors', self.neighbors, NEIGHBORS)
         _choice('vit_weights', self.vit_weights, VIT_WEIGHTS)
         if not _is_int(self.num_scalars) or self.num_scalars not in (1, 2):
-            raise _invalid('num_scalars', 'an int (1 or 2)',
-                           self.num_scalars)
+            raise _invalid('num_scalars', 'an int (1 or 2)', self.num_scalars)
         if not _is_int(self.interval) or self.interval < 2:
             raise _invalid('interval', 'an int >= 2', self.interval)
         if not _is_int(self.offset) or not 0 <= self.offset < self.interval:
@@ -137,8 +135,9 @@ class ReplacementConfig:
         if self.indices is not None:
             idx = self.indices
             expected = 'None or a non-empty list of 1-based ints'
-            if isinstance(idx, (str, bytes)) or not isinstance(
-                    idx, Sequence) or not idx:
+            not_list = isinstance(
+                idx, (str, bytes)) or not isinstance(idx, Sequence)
+            if not_list or not idx:
                 raise _invalid('indices', expected, idx)
             bad = [i for i in idx if not _is_int(i)]
             if bad:
@@ -298,8 +297,8 @@ def _compared_options(cfg: ReplacementConfig,
     """The options that can change the function of a trained model with
     ``cfg``'s mode and sites of ``kind`` (see
     :meth:`ReplacementPlan.compare`); an unknown kind counts as both."""
-    synthesized = cfg.mode == 'synthesize' or (
-        cfg.mode == 'static' and cfg.static_from == 'synthesize')
+    synthesized = cfg.mode == 'synthesize' or (cfg.mode == 'static' and
+                                               cfg.static_from == 'synthesize')
     names = []
     if cfg.mode == 'static':
         names.append('static_from')
@@ -329,8 +328,11 @@ class ReplacementPlan:
         notes (Sequence[str]): Shifted or dropped candidates.
     """
 
-    def __init__(self, config: ReplacementConfig, num_blocks: int,
-                 sites: Sequence[SiteRecord], notes: Sequence[str] = ()):
+    def __init__(self,
+                 config: ReplacementConfig,
+                 num_blocks: int,
+                 sites: Sequence[SiteRecord],
+                 notes: Sequence[str] = ()):
         self._config = config
         self._num_blocks = num_blocks
         self._sites = tuple(sites)
@@ -471,19 +473,23 @@ class ReplacementPlan:
                 f'indices={self.indices}, num_blocks={self._num_blocks})')
 
     def __str__(self):
-        head = ('site', 'stage', 'block', 'prev', 'next', 'sources',
-                'removed', 'added')
+        head = ('site', 'stage', 'block', 'prev', 'next', 'sources', 'removed',
+                'added')
         rows = [head]
         for s in self._sites:
             src = ' '.join(f"{k}:{'+'.join(v)}" for k, v in s.sources.items())
-            rows.append((str(s.index), str(s.stage), str(s.block),
-                         str(s.prev or '-'), str(s.next or '-'), src or '-',
-                         f'{s.removed_params:,}', f'{s.added_params:,}'))
+            rows.append(
+                (str(s.index), str(s.stage), str(s.block), str(s.prev or '-'),
+                 str(s.next or '-'), src
+                 or '-', f'{s.removed_params:,}', f'{s.added_params:,}'))
         widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
         done = {
-            'none': 'planned, all kept (E2E)',
-            'drop': 'removed',
-            'static': f'static (from {self._config.static_from}, '
+            'none':
+            'planned, all kept (E2E)',
+            'drop':
+            'removed',
+            'static':
+            f'static (from {self._config.static_from}, '
             'inference only)'
         }.get(self.mode, 'replaced')
         lines = [

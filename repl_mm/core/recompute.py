@@ -59,7 +59,8 @@ class NonReentrantCheckpoint:
             weights = [tuple(site.weights(x)) for site in self.tail]
             counts = tuple(len(w) for w in weights)
             return recompute_in_backward(
-                lambda x, *flat: self._segment(x, flat, counts), x,
+                lambda x, *flat: self._segment(x, flat, counts),
+                x,
                 *(t for w in weights for t in w),
                 stateful=(self, *self.tail))
         return self._segment(x)
@@ -102,8 +103,7 @@ class NonReentrantCheckpoint:
                 rv[0] is not copyreg.__newobj__ or \
                 rv[1][0] is not type(self):
             return rv  # not one of our classes or a custom reduction
-        return (_rebuild_non_reentrant,
-                (upstream, *rv[1][1:])) + tuple(rv[2:])
+        return (_rebuild_non_reentrant, (upstream, *rv[1][1:])) + tuple(rv[2:])
 
 
 class CheckpointedSite:
@@ -223,8 +223,8 @@ class FrozenBuffers:
         self._saved = []
 
     def __enter__(self) -> 'FrozenBuffers':
-        self._saved.append([(b, b.detach().clone())
-                            for m in self.modules for b in m.buffers()])
+        self._saved.append([(b, b.detach().clone()) for m in self.modules
+                            for b in m.buffers()])
         return self
 
     def __exit__(self, *exc_info) -> bool:
@@ -240,8 +240,8 @@ def frozen_buffers(*modules: nn.Module) -> FrozenBuffers:
     return FrozenBuffers(*modules)
 
 
-def recompute_in_backward(fn, *args,
-                          stateful: Union[nn.Module, Sequence] = ()):
+def recompute_in_backward(fn, *args, stateful: Union[nn.Module,
+                                                     Sequence] = ()):
     """``fn(*args)``, storing only ``args`` for backward (non-reentrant
     checkpoint); the buffers of ``stateful`` (a module or modules) are left
     as the forward set them when backward re-runs ``fn``, however many

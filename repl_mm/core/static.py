@@ -49,8 +49,8 @@ def _scale_affine(norm: nn.Module, scale: float, what: str):
     for ``scale * norm(x)``. A norm without them cannot hold a scale."""
     if scale == 1.0:
         return
-    if getattr(norm, 'weight', None) is None or getattr(
-            norm, 'bias', None) is None:
+    if getattr(norm, 'weight', None) is None or getattr(norm, 'bias',
+                                                        None) is None:
         raise ValueError(
             f'{what}: a {type(norm).__name__} without affine parameters '
             f'cannot hold the site scale {scale}; convert with scale=1')
@@ -131,10 +131,13 @@ class StaticConvSite(_InferenceOnly, nn.Module):
         layers = [(self.shapes[-1][0], self.shapes[0][1])] \
             if self.folded else self.shapes
         self.pointwise = nn.ModuleList(
-            nn.Conv2d(cin, cout, 1,
-                      bias=self.norm_folded and k == len(layers) - 1,
-                      device=device, dtype=dtype)
-            for k, (cout, cin) in enumerate(layers))
+            nn.Conv2d(
+                cin,
+                cout,
+                1,
+                bias=self.norm_folded and k == len(layers) - 1,
+                device=device,
+                dtype=dtype) for k, (cout, cin) in enumerate(layers))
         if not self.norm_folded:
             self.site_norm = norm
         self.act = act
@@ -239,10 +242,8 @@ class StaticTransformerSite(_InferenceOnly, nn.Module):
                  dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.dim = dim
-        self.attn = nn.Linear(dim, dim, bias=False, device=device,
-                              dtype=dtype)
-        self.mlp = nn.Linear(dim, dim, bias=False, device=device,
-                             dtype=dtype)
+        self.attn = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
+        self.mlp = nn.Linear(dim, dim, bias=False, device=device, dtype=dtype)
         self.site_norm = norm
         self.act = act
         self.init_weights()

@@ -8,18 +8,19 @@ the block it replaces (its first conv or qkv weight), whenever surgery
 runs (spec §8): the hook route edits a model mmengine has already moved.
 """
 import copy
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .recompute import fuse_into_segment, use_non_reentrant_checkpoint
 from .cnn_site import ConvSite
 from .device import weight_factory
 from .interpolate import InterpolatedBlock
 from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
                    nearest_kept, select_sites)
+from .recompute import fuse_into_segment, use_non_reentrant_checkpoint
 from .static import StaticConvSite, StaticTransformerSite
 from .vit_site import TransformerSite
 
@@ -103,8 +104,8 @@ def _shared_groups(module: nn.Module) -> Dict[int, Any]:
     memo = {}
     for m in module.modules():
         for name, value in vars(m).items():
-            if value is not None and (name in _GROUP_ATTRS or
-                                      isinstance(value, types)):
+            if value is not None and (name in _GROUP_ATTRS
+                                      or isinstance(value, types)):
                 memo[id(value)] = value
     return memo
 
@@ -155,10 +156,7 @@ def _build_static(kind, old, desc, nbrs, cfg):
         # The original block: the interpolated weights are loaded into it.
         if kind == 'conv':
             srcs = _conv_sources('interpolate', desc, nbrs, cfg)
-            return old, {
-                f'conv{j}': _named(s)
-                for j, s in enumerate(srcs, 1)
-            }
+            return old, {f'conv{j}': _named(s) for j, s in enumerate(srcs, 1)}
         names = _named(_vit_sources(nbrs, cfg, ('attn', ))['attn'])
         return old, {'qkv': names, 'proj': names}
     if kind == 'conv':
@@ -180,6 +178,11 @@ def _build_static(kind, old, desc, nbrs, cfg):
 def _build_site(kind, old, desc, nbrs, cfg, with_cp):
     """The module that takes block ``old``'s place, and its sources."""
     drop_path = copy.deepcopy(desc.get('drop_path'))
+    if isinstance(getattr(drop_path, 'drop_prob', None), numbers.Real):
+        # Upstream rates come from np.linspace: a numpy float, on which
+        # torch.compile breaks the graph (mmcv's drop_path branches on it).
+        # The same rate as a Python float keeps the site in one graph.
+        drop_path.drop_prob = float(drop_path.drop_prob)
     if cfg.mode == 'drop':
         return nn.Identity(), {}
     if cfg.mode == 'static':

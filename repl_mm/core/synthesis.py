@@ -182,7 +182,8 @@ def pointwise(x: Tensor, weight: Tensor) -> Tensor:
     return F.conv2d(x, weight[:, :, None, None])
 
 
-def apply_chain(x: Tensor, mats: Sequence[Tensor],
+def apply_chain(x: Tensor,
+                mats: Sequence[Tensor],
                 fold: Optional[bool] = None) -> Tensor:
     """x_hat = W_J(...(W_1 x)) on a (B, C, H, W) map, in the cheaper order.
 
@@ -236,8 +237,8 @@ class _ProductMix(torch.autograd.Function):
         out = None
         for i in range(0, len(terms), 3):
             c, w_in, w_out = terms[i:i + 3]
-            t = at_least_fp32(c) * (at_least_fp32(w_out) @ _rows(
-                at_least_fp32(w_in), value))
+            t = at_least_fp32(c) * (
+                at_least_fp32(w_out) @ _rows(at_least_fp32(w_in), value))
             out = t if out is None else out + t
         return out
 
@@ -332,8 +333,7 @@ def batch_norm_affine(running_mean: Tensor,
     return a, b
 
 
-def fold_affine(weight: Tensor, a: Tensor,
-                b: Tensor) -> Tuple[Tensor, Tensor]:
+def fold_affine(weight: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     """Fold y = a * (W x) + b into one matrix and bias: (diag(a) W, b).
 
     Args:

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
-from .recompute import (CheckpointedSite, needs_graph,
-                         recompute_in_backward)
-from .device import ScaleBuffer, factory_kwargs
+from .device import Fp32Synthesis, ScaleBuffer, factory_kwargs
+from .recompute import CheckpointedSite, needs_graph, recompute_in_backward
 from .synthesis import at_least_fp32, operator_mix
 
 # Per operator, its sources: (neighbour name, (linear, linear)) with
@@ -19,7 +18,7 @@ OperatorSources = Sequence[Tuple[str, Tuple[nn.Module, nn.Module]]]
 _OPERATORS = ('attn', 'mlp')
 
 
-class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
+class TransformerSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
     """RepL computing layer for a ViT encoder layer (paper Eq. 10).
 
     .. math::
@@ -89,10 +88,13 @@ class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
         super().__init__()
         self.dim = dim
         self._sources = {op: list(sources.get(op, ())) for op in _OPERATORS}
-        factory = factory_kwargs(
-            device, dtype, (lin.weight for srcs in self._sources.values()
-                            for _, pair in srcs for lin in pair))
-        used = sorted({n for s in self._sources.values() for n, _ in s},
+        factory = factory_kwargs(device, dtype,
+                                 (lin.weight
+                                  for srcs in self._sources.values()
+                                  for _, pair in srcs for lin in pair))
+        used = sorted({n
+                       for s in self._sources.values()
+                       for n, _ in s},
                       reverse=True)  # ['prev', 'next'] order
         # alpha weighs 'prev', beta weighs 'next'; one scalar with
         # num_scalars=1 (beta = 1 - alpha) or when one neighbour is used.
@@ -100,9 +102,8 @@ class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
         for name in used:
             if self.tied and name == 'next':
                 continue
-            self.register_parameter(
-                'alpha' if name == 'prev' else 'beta',
-                nn.Parameter(torch.empty((), **factory)))
+            self.register_parameter('alpha' if name == 'prev' else 'beta',
+                                    nn.Parameter(torch.empty((), **factory)))
         for op, srcs in self._sources.items():
             if not srcs:
                 self.register_parameter(
@@ -152,33 +153,17 @@ class TransformerSite(ScaleBuffer, CheckpointedSite, nn.Module):
         names = {'prev': 'alpha', 'next': 'beta'}
         return {names[n]: self.coefficient(n).item() for n in sorted(used)}
 
-    def _weights_device_type(self) -> str:
-        return self.trainable_tensors()[0].device.type
-
-    def synthesize(self,
-                   device_type: Optional[str] = None) -> Dict[str, Tensor]:
-        """The (d, d) operators Ahat ('attn') and Mhat ('mlp'), in at
-        least fp32 with autocast off, whoever calls.
-
-        Args:
-            device_type (str, optional): The input's device type, for which
-                autocast is turned off (as for the weights' device type).
-                Defaults to the weights'.
-        """
-        weights = self._weights_device_type()
-        with autocast_disabled(device_type or weights, weights):
-            return self._synthesize()
-
     def _synthesize(self) -> Dict[str, Tensor]:
+        """The (d, d) operators Ahat ('attn') and Mhat ('mlp')
+        (:meth:`synthesize` runs this with autocast off)."""
         out = {}
         for op, srcs in self._sources.items():
             if not srcs:
                 out[op] = at_least_fp32(getattr(self, f'{op}_weight'))
                 continue
-            out[op] = operator_mix(op, [
-                (self.coefficient(name), w_in.weight, w_out.weight)
-                for name, (w_in, w_out) in srcs
-            ])
+            out[op] = operator_mix(
+                op, [(self.coefficient(name), w_in.weight, w_out.weight)
+                     for name, (w_in, w_out) in srcs])
         return out
 
     def _update(self, h: Tensor, attn: Tensor, mlp: Tensor) -> Tensor:

@@ -17,8 +17,11 @@ ADAPTERS = {
     'cls_resnet': ('mmpretrain', 'cls', ('RepLResNet', 'RepLResNet_CIFAR')),
     'cls_vit': ('mmpretrain', 'cls', ('RepLVisionTransformer', )),
 }
-PIP_NAMES = {'mmdet': 'mmdet', 'mmseg': 'mmsegmentation',
-             'mmpretrain': 'mmpretrain'}
+PIP_NAMES = {
+    'mmdet': 'mmdet',
+    'mmseg': 'mmsegmentation',
+    'mmpretrain': 'mmpretrain'
+}
 
 INSTALLED = {}  # backbone name -> [upstream packages that provide it]
 MISSING = {}  # backbone name -> (package, extra)

@@ -140,9 +140,8 @@ class RepLBackboneMixin:
         """
         first = not getattr(self, '_is_init', False)
         super().init_weights()
-        cfgs = self.init_cfg if isinstance(self.init_cfg, list) else [
-            self.init_cfg
-        ]
+        cfgs = self.init_cfg if isinstance(self.init_cfg,
+                                           list) else [self.init_cfg]
         pretrained = any(c and c.get('type') == 'Pretrained' for c in cfgs)
         if first and not pretrained:
             for m in self.site_modules().values():
@@ -167,12 +166,10 @@ class RepLBackboneMixin:
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.replacement_plan.mode != 'none':  # E2E keys stay upstream's
-            destination[prefix + PLAN_KEY] = encode_plan(
-                self.replacement_plan)
+            destination[prefix + PLAN_KEY] = encode_plan(self.replacement_plan)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata,
-                              strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict,
+                              missing_keys, unexpected_keys, error_msgs):
         """Compare the checkpoint's recorded plan with this model's
         (:meth:`ReplacementPlan.compare`): a difference raises a
         ``ValueError`` listing them all; an option that loads but differs
@@ -276,10 +273,10 @@ class RepLResNetMixin(RepLBackboneMixin):
             layer = getattr(self, name)
             for b in range(len(layer)):
                 slots.append(
-                    BlockSlot(layer, b, stage, b + 1,
-                              layer[b].downsample is None))
-        plan = self._replace(slots, replacement, 'conv',
-                             describe_resnet_block, self.with_cp)
+                    BlockSlot(layer, b, stage, b + 1, layer[b].downsample
+                              is None))
+        plan = self._replace(slots, replacement, 'conv', describe_resnet_block,
+                             self.with_cp)
         self._freeze_stages()  # sites in frozen stages freeze with them
         return plan
 

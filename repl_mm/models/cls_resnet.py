@@ -49,8 +49,10 @@ class RepLResNet_CIFAR(RepLResNetMixin, ResNet_CIFAR):
     HE_DEPTHS = {n: (n - 2) // 6 for n in (20, 32, 44, 56, 110)}
     arch_settings = {
         **ResNet_CIFAR.arch_settings,
-        **{d: (BasicBlock, (k, k, k))
-           for d, k in HE_DEPTHS.items()}
+        **{
+            d: (BasicBlock, (k, k, k))
+            for d, k in HE_DEPTHS.items()
+        }
     }
 
     def __init__(self, depth, *args, replacement=None, **kwargs):

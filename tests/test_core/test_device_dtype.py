@@ -24,7 +24,6 @@ from repl_mm.models.base import to_repl_backbone
 from repl_mm.models.cls_resnet import RepLResNet_CIFAR
 from repl_mm.models.cls_vit import RepLVisionTransformer
 from repl_mm.utils.compat import autocast_disabled, is_autocast_enabled
-
 from ..test_models.test_backbones.cases import TINY_VIT
 
 KINDS = ['conv', 'transformer']
@@ -70,8 +69,7 @@ def tensors(module):
 def assert_all(module, dtype=None, device=None):
     """Every floating parameter and buffer of ``module`` has ``dtype``;
     every tensor is on ``device``."""
-    for name, t in chain(module.named_parameters(),
-                         module.named_buffers()):
+    for name, t in chain(module.named_parameters(), module.named_buffers()):
         if dtype is not None and t.is_floating_point():
             assert t.dtype == dtype, (name, t.dtype)
         if device is not None:
@@ -85,8 +83,9 @@ def outputs(out):
 def loss_of(outs):
     """A weighted sum of the outputs: the plain sum of a normalised output
     (ViT's final LayerNorm) is constant and has no gradient."""
-    return sum((o.float() * torch.linspace(
-        -1, 1, o.numel(), device=o.device).view(o.shape)).sum()
+    return sum((
+        o.float() *
+        torch.linspace(-1, 1, o.numel(), device=o.device).view(o.shape)).sum()
                for o in outs)
 
 
@@ -150,8 +149,7 @@ def record_synthesis(monkeypatch, backbone):
             if hasattr(site, name):
                 fn = getattr(site, name)
                 monkeypatch.setattr(
-                    site, name,
-                    lambda *a, _fn=fn, **k: keep(_fn(*a, **k)))
+                    site, name, lambda *a, _fn=fn, **k: keep(_fn(*a, **k)))
     fold = synthesis.fold_chain
 
     def folded(mats):
@@ -245,12 +243,13 @@ def empty_init():
         nn.Module.register_buffer = register_buffer
 
 
-@pytest.mark.parametrize('kind,on_meta', [
-    ('conv', empty_init),
-    ('transformer', empty_init),
-    ('transformer', lambda: torch.device('meta')),
-],
-                         ids=['conv', 'vit', 'vit-device-context'])
+@pytest.mark.parametrize(
+    'kind,on_meta', [
+        ('conv', empty_init),
+        ('transformer', empty_init),
+        ('transformer', lambda: torch.device('meta')),
+    ],
+    ids=['conv', 'vit', 'vit-device-context'])
 def test_meta_build_materialised_with_to_empty(kind, on_meta):
     """FSDP / FlexibleRunner style: build on ``meta``, ``to_empty``, then
     initialise or load. ``scale`` (in no state dict) must come back."""
@@ -268,8 +267,10 @@ def test_meta_build_materialised_with_to_empty(kind, on_meta):
         assert site.scale.item() == 0.5
         for t in tensors(site):
             assert torch.isfinite(t).all()
-        phis = [p for n, p in site.named_parameters()
-                if n.startswith(('phi', 'alpha', 'beta'))]
+        phis = [
+            p for n, p in site.named_parameters()
+            if n.startswith(('phi', 'alpha', 'beta'))
+        ]
         assert phis and all(torch.all(p == 0.5) for p in phis)
     model.load_state_dict(ref.state_dict())  # strict, no scale key
     model.eval(), ref.eval()
@@ -303,8 +304,11 @@ def test_surgery_on_a_meta_model(kind, mode, recompute):
     backbone = upstream(kind).to('meta')
     to_repl_backbone(
         backbone,
-        dict(interval=2, mode=mode, zero_init=False,
-             recompute=meta_recompute(recompute)))
+        dict(
+            interval=2,
+            mode=mode,
+            zero_init=False,
+            recompute=meta_recompute(recompute)))
     assert_all(backbone, device='meta')
     x = torch.rand(2, 3, 32, 32, device='meta', requires_grad=True)
     backbone.train(mode != 'static')  # static sites are eval-only
@@ -313,8 +317,10 @@ def test_surgery_on_a_meta_model(kind, mode, recompute):
     loss_of(outs).backward()
     assert x.grad.shape == x.shape
     for site in sites(backbone):
-        trained = [p for n, p in site.named_parameters()
-                   if n.startswith(('phi', 'alpha', 'beta'))]
+        trained = [
+            p for n, p in site.named_parameters()
+            if n.startswith(('phi', 'alpha', 'beta'))
+        ]
         assert mode == 'static' or trained
         assert all(p.grad is not None and p.grad.is_meta for p in trained)
 
@@ -332,9 +338,10 @@ def test_synthesis_in_fp32_under_autocast(monkeypatch, kind, mode, dtype):
     loss.backward()
     assert torch.isfinite(x.grad).all()
     for site in sites(model):
-        assert all(p.grad is not None and torch.isfinite(p.grad).all()
-                   for n, p in site.named_parameters()
-                   if n.startswith(('phi', 'alpha', 'beta')))
+        assert all(
+            p.grad is not None and torch.isfinite(p.grad).all()
+            for n, p in site.named_parameters()
+            if n.startswith(('phi', 'alpha', 'beta')))
     assert seen and all(m.dtype == torch.float32 for m in seen)
     assert all(m.dtype == torch.float32 for m in folds)
     if kind == 'conv' and mode == 'synthesize':
@@ -499,8 +506,9 @@ def test_fresh_norms_of_real_process_groups(gloo_group):
     for site in sites(backbone):
         assert site.site_norm.process_group is gloo_group
     backbone.eval()  # train mode would synchronise: GPU only
-    assert all(torch.isfinite(o).all()
-               for o in outputs(backbone(torch.rand(2, 3, 32, 32))))
+    assert all(
+        torch.isfinite(o).all()
+        for o in outputs(backbone(torch.rand(2, 3, 32, 32))))
 
 
 # -- copies and conversions of a float64 model ---------------------------
@@ -534,8 +542,7 @@ def test_ema_copy_of_a_float64_model(kind):
 @pytest.mark.parametrize('kind', KINDS)
 def test_static_conversion_of_a_float64_model(kind, trained):
     from repl_mm.converters.to_static import (relative_error,
-                                           static_replacement, to_static)
-
+                                              static_replacement, to_static)
     from ..test_converters.test_static import randomize
     options = dict(interval=2, mode=trained, zero_init=False, scale=0.7)
     repl = upstream(kind).double()

@@ -63,8 +63,8 @@ def test_plan_invariants(arch, k):
 def test_offset_and_indices():
     assert select_sites([True] * 12,
                         ReplacementConfig(offset=1))[0] == (1, 5, 9)
-    assert select_sites([True] * 12, ReplacementConfig(
-        indices=[3, 7, 11]))[0] == (3, 7, 11)
+    assert select_sites([True] * 12,
+                        ReplacementConfig(indices=[3, 7, 11]))[0] == (3, 7, 11)
     # explicit index on a downsampling block shifts (default on_invalid)
     idx, notes = select_sites(ARCHS['r50'], ReplacementConfig(indices=[4]))
     assert idx == (5, ) and 'shifted to 5' in notes[0]
@@ -119,8 +119,8 @@ def test_invalid_indices_and_empty_plan():
     with pytest.raises(ValueError, match='indices: 0 is out of range'):
         select_sites([True] * 12, ReplacementConfig(indices=[0]))
     with pytest.raises(ValueError, match='leaves no site'):
-        select_sites([True, False, False, True], ReplacementConfig(
-            interval=2, on_invalid='skip'))
+        select_sites([True, False, False, True],
+                     ReplacementConfig(interval=2, on_invalid='skip'))
     with pytest.raises(ValueError, match='leaves no site'):
         select_sites([True, True, True], ReplacementConfig(interval=4))
 
@@ -201,10 +201,12 @@ COMPARED = {
     'num_scalars': (1, [('synthesize', 'synthesize', VIT)]),
     'vit_weights': ('attn', [('synthesize', 'synthesize', VIT),
                              ('static', 'synthesize', VIT)]),
-    'neighbors': ('prev', [(m, f, k) for m, f in (
-        ('synthesize', 'synthesize'), ('interpolate', 'synthesize'),
-        ('static', 'synthesize'), ('static', 'interpolate'))
-                           for k in (CONV, VIT)]),
+    'neighbors':
+    ('prev', [(m, f, k)
+              for m, f in (('synthesize', 'synthesize'), ('interpolate',
+                                                          'synthesize'),
+                           ('static', 'synthesize'), ('static', 'interpolate'))
+              for k in (CONV, VIT)]),
     'static_from': ('interpolate', [('static', f, k)
                                     for f in ('synthesize', 'interpolate')
                                     for k in (CONV, VIT)]),
@@ -216,18 +218,19 @@ COMPARED = {
     'on_invalid': ('skip', []),
     'scale': (0.0, []),  # a warning, see below
 }
-CONTEXTS = [(m, f, k) for m, f in (
-    ('synthesize', 'synthesize'), ('interpolate', 'synthesize'),
-    ('drop', 'synthesize'), ('none', 'synthesize'),
-    ('static', 'synthesize'), ('static', 'interpolate'))
+CONTEXTS = [(m, f, k)
+            for m, f in (('synthesize', 'synthesize'), ('interpolate',
+                                                        'synthesize'),
+                         ('drop', 'synthesize'), ('none', 'synthesize'),
+                         ('static', 'synthesize'), ('static', 'interpolate'))
             for k in (CONV, VIT)]
 
 
 @pytest.mark.parametrize('option', sorted(COMPARED))
 @pytest.mark.parametrize(
-    'mode,static_from,kind', CONTEXTS,
-    ids=[f"{m}-{f}-{'conv' if k is CONV else 'vit'}"
-         for m, f, k in CONTEXTS])
+    'mode,static_from,kind',
+    CONTEXTS,
+    ids=[f"{m}-{f}-{'conv' if k is CONV else 'vit'}" for m, f, k in CONTEXTS])
 def test_equality_agrees_with_diff(option, mode, static_from, kind):
     value, where = COMPARED[option]
     base = dict(mode=mode, static_from=static_from)
@@ -270,8 +273,12 @@ def test_sites_and_modes_make_plans_differ():
 
 
 @pytest.mark.parametrize('option,value', [
-    ('residual', False), ('num_scalars', 1), ('vit_weights', 'mlp'),
-    ('neighbors', 'next'), ('scale', 0.5), ('static_from', 'interpolate'),
+    ('residual', False),
+    ('num_scalars', 1),
+    ('vit_weights', 'mlp'),
+    ('neighbors', 'next'),
+    ('scale', 0.5),
+    ('static_from', 'interpolate'),
 ])
 def test_recorded_plan_without_an_option_holds_its_default(option, value):
     kind = CONV if option == 'residual' else VIT

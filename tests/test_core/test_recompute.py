@@ -11,14 +11,14 @@ from torch import nn
 from repl_mm.core import ConvSite, TransformerSite
 from repl_mm.core import recompute as cp
 from repl_mm.core.recompute import (FrozenBuffers, fuse_into_segment,
-                                     use_non_reentrant_checkpoint)
-
+                                    use_non_reentrant_checkpoint)
 from .test_sites import conv_site, vit_site
 
 BUILDERS = {
     'conv': (conv_site, (4, 16, 6, 6)),
-    'bottleneck': (lambda **kw: conv_site(
-        shapes=((4, 16), (4, 4), (16, 4)), **kw), (4, 16, 6, 6)),
+    'bottleneck':
+    (lambda **kw: conv_site(shapes=((4, 16), (4, 4),
+                                    (16, 4)), **kw), (4, 16, 6, 6)),
     'vit': (vit_site, (3, 5, 8)),
 }
 
@@ -39,8 +39,8 @@ def passes(kind, recompute, n, drop=0.0, grad_first=False):
         n -= 1
     for i in range(n):
         loss.backward(retain_graph=i < n - 1)
-    grads = [x.grad] + [p.grad for p in site.parameters()] + [
-        m.weight.grad for m in nbrs]
+    grads = [x.grad] + [p.grad for p in site.parameters()
+                        ] + [m.weight.grad for m in nbrs]
     return grads, [b.clone() for b in site.buffers()]
 
 
@@ -78,12 +78,19 @@ def _gradcheck(site, h, nbrs):
 def test_gradcheck_conv_site_float64():
     torch.manual_seed(0)
     # a Bottleneck-shaped chain 3 -> 2 -> 3 with both neighbours
-    nbrs = [nn.Conv2d(3, 2, 3).double(), nn.Conv2d(2, 3, 3).double(),
-            nn.Conv2d(3, 2, 3).double(), nn.Conv2d(2, 3, 3).double()]
+    nbrs = [
+        nn.Conv2d(3, 2, 3).double(),
+        nn.Conv2d(2, 3, 3).double(),
+        nn.Conv2d(3, 2, 3).double(),
+        nn.Conv2d(2, 3, 3).double()
+    ]
     site = ConvSite([(2, 3), (3, 2)],
-                    [[('prev', nbrs[0]), ('next', nbrs[2])],
-                     [('prev', nbrs[1]), ('next', nbrs[3])]],
-                    nn.BatchNorm2d(3), nn.ReLU(), zero_init=False,
+                    [[('prev', nbrs[0]),
+                      ('next', nbrs[2])], [('prev', nbrs[1]),
+                                           ('next', nbrs[3])]],
+                    nn.BatchNorm2d(3),
+                    nn.ReLU(),
+                    zero_init=False,
                     scale=0.7).double().train()
     with torch.no_grad():
         for p in site.parameters():
@@ -95,16 +102,24 @@ def test_gradcheck_conv_site_float64():
 def test_gradcheck_transformer_site_float64():
     torch.manual_seed(0)
     d = 4
-    nbrs = [nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 4 * d),
-            nn.Linear(4 * d, d), nn.Linear(d, 3 * d), nn.Linear(d, d),
-            nn.Linear(d, 4 * d), nn.Linear(4 * d, d)]
+    nbrs = [
+        nn.Linear(d, 3 * d),
+        nn.Linear(d, d),
+        nn.Linear(d, 4 * d),
+        nn.Linear(4 * d, d),
+        nn.Linear(d, 3 * d),
+        nn.Linear(d, d),
+        nn.Linear(d, 4 * d),
+        nn.Linear(4 * d, d)
+    ]
     nbrs = [m.double() for m in nbrs]
-    src = {'attn': [('prev', (nbrs[0], nbrs[1])),
-                    ('next', (nbrs[4], nbrs[5]))],
-           'mlp': [('prev', (nbrs[2], nbrs[3])),
-                   ('next', (nbrs[6], nbrs[7]))]}
-    site = TransformerSite(d, src, nn.LayerNorm(d), nn.GELU(),
-                           zero_init=False, scale=0.7).double()
+    src = {
+        'attn': [('prev', (nbrs[0], nbrs[1])), ('next', (nbrs[4], nbrs[5]))],
+        'mlp': [('prev', (nbrs[2], nbrs[3])), ('next', (nbrs[6], nbrs[7]))]
+    }
+    site = TransformerSite(
+        d, src, nn.LayerNorm(d), nn.GELU(), zero_init=False,
+        scale=0.7).double()
     with torch.no_grad():
         site.alpha.fill_(0.3)
         site.beta.fill_(0.8)
@@ -150,7 +165,9 @@ def segment_net():
     torch.manual_seed(0)
     b1, b2 = Block(), Block()
     site = ConvSite([(4, 4)], [[('prev', b1.conv1), ('next', b2.conv1)]],
-                    nn.BatchNorm2d(4), nn.ReLU(), zero_init=False)
+                    nn.BatchNorm2d(4),
+                    nn.ReLU(),
+                    zero_init=False)
     for b in (b1, b2):
         b.with_cp = True
         use_non_reentrant_checkpoint(b)

@@ -18,26 +18,47 @@ def conv_site(recompute, shapes=((16, 16), ), residual=True, drop=0.0):
         nbrs += [p, n]
         srcs.append([('prev', p), ('next', n)])
     drop_path = _DropPath(drop) if drop else None
-    site = ConvSite(list(shapes), srcs, nn.BatchNorm2d(shapes[-1][0]),
-                    nn.ReLU(inplace=True), residual=residual,
-                    zero_init=False, drop_path=drop_path,
-                    recompute=recompute)
+    site = ConvSite(
+        list(shapes),
+        srcs,
+        nn.BatchNorm2d(shapes[-1][0]),
+        nn.ReLU(inplace=True),
+        residual=residual,
+        zero_init=False,
+        drop_path=drop_path,
+        recompute=recompute)
     return site, nbrs
 
 
 def vit_site(recompute, drop=0.0):
     torch.manual_seed(0)
     d = 8
-    lin = {k: nn.Linear(*s) for k, s in dict(
-        q0=(d, 3 * d), p0=(d, d), f0=(d, 4 * d), g0=(4 * d, d),
-        q1=(d, 3 * d), p1=(d, d), f1=(d, 4 * d), g1=(4 * d, d)).items()}
-    src = {'attn': [('prev', (lin['q0'], lin['p0'])),
-                    ('next', (lin['q1'], lin['p1']))],
-           'mlp': [('prev', (lin['f0'], lin['g0'])),
-                   ('next', (lin['f1'], lin['g1']))]}
-    site = TransformerSite(d, src, nn.LayerNorm(d), nn.GELU(),
-                           zero_init=False, recompute=recompute,
-                           drop_path=_DropPath(drop) if drop else None)
+    lin = {
+        k: nn.Linear(*s)
+        for k, s in dict(
+            q0=(d, 3 * d),
+            p0=(d, d),
+            f0=(d, 4 * d),
+            g0=(4 * d, d),
+            q1=(d, 3 * d),
+            p1=(d, d),
+            f1=(d, 4 * d),
+            g1=(4 * d, d)).items()
+    }
+    src = {
+        'attn': [('prev', (lin['q0'], lin['p0'])),
+                 ('next', (lin['q1'], lin['p1']))],
+        'mlp': [('prev', (lin['f0'], lin['g0'])),
+                ('next', (lin['f1'], lin['g1']))]
+    }
+    site = TransformerSite(
+        d,
+        src,
+        nn.LayerNorm(d),
+        nn.GELU(),
+        zero_init=False,
+        recompute=recompute,
+        drop_path=_DropPath(drop) if drop else None)
     return site, list(lin.values())
 
 
@@ -62,24 +83,26 @@ def run(build, shape, **kw):
     site.train()
     x = torch.rand(shape, requires_grad=True)
     h = x * 2  # a non-leaf input, as inside a network
-    weights = list(site.parameters()) + list(site.buffers()) + [
-        p for m in nbrs for p in m.parameters()]
+    weights = list(site.parameters()) + list(
+        site.buffers()) + [p for m in nbrs for p in m.parameters()]
     torch.manual_seed(5)
     with SavedTensorMeter(weights + [x]) as meter:
         out = site(h)
     (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
-    grads = [x.grad] + [p.grad for p in site.parameters()] + [
-        m.weight.grad for m in nbrs]
+    grads = [x.grad] + [p.grad for p in site.parameters()
+                        ] + [m.weight.grad for m in nbrs]
     return out.detach(), grads, [b.clone() for b in site.buffers()], \
         meter.bytes
 
 
-@pytest.mark.parametrize('kw', [
-    dict(),
-    dict(shapes=((4, 16), (4, 4), (16, 4))),  # Bottleneck-shaped chain
-    dict(residual=False),
-    dict(drop=0.5),
-])
+@pytest.mark.parametrize(
+    'kw',
+    [
+        dict(),
+        dict(shapes=((4, 16), (4, 4), (16, 4))),  # Bottleneck-shaped chain
+        dict(residual=False),
+        dict(drop=0.5),
+    ])
 def test_conv_site_recompute_is_exact(kw):
     shape = (4, kw.get('shapes', ((16, 16), ))[0][1], 6, 6)
     plain = run(conv_site, shape, recompute=False, **kw)

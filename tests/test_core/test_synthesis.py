@@ -66,8 +66,10 @@ def test_mlp_operator_hand_formula():
     d = 2
     fc1 = torch.arange(4 * d * d, dtype=torch.float).view(4 * d, d)  # (8, 2)
     fc2 = torch.arange(d * 4 * d, dtype=torch.float).view(d, 4 * d) - 5.
-    hand = [[sum(fc2[i, k].item() * fc1[k, j].item() for k in range(4 * d))
-             for j in range(d)] for i in range(d)]
+    hand = [[
+        sum(fc2[i, k].item() * fc1[k, j].item() for k in range(4 * d))
+        for j in range(d)
+    ] for i in range(d)]
     assert mlp_operator(fc1, fc2).tolist() == hand
     # the transpose, (fc1^T fc2^T) = M^T, is another matrix here
     assert (fc1.T @ fc2.T).tolist() != hand
@@ -75,8 +77,11 @@ def test_mlp_operator_hand_formula():
 
 def _linears(d):
     """One neighbour layer's weights: qkv (3d, d), proj, fc1, fc2."""
-    return dict(qkv=nn.Linear(d, 3 * d), proj=nn.Linear(d, d),
-                fc1=nn.Linear(d, 4 * d), fc2=nn.Linear(4 * d, d))
+    return dict(
+        qkv=nn.Linear(d, 3 * d),
+        proj=nn.Linear(d, d),
+        fc1=nn.Linear(d, 4 * d),
+        fc2=nn.Linear(4 * d, d))
 
 
 def _matmul(a, b):
@@ -98,13 +103,20 @@ def test_transformer_site_synthesis_hand_formula(num_scalars):
     torch.manual_seed(0)
     d = 4
     prev, nxt = _linears(d), _linears(d)
-    src = {op: [(name, (layer[a], layer[b]))
-                for name, layer in (('prev', prev), ('next', nxt))]
-           for op, (a, b) in dict(attn=('qkv', 'proj'),
-                                  mlp=('fc1', 'fc2')).items()}
-    site = TransformerSite(d, src, nn.LayerNorm(d), nn.GELU(),
-                           num_scalars=num_scalars, zero_init=False,
-                           scale=0.7)
+    src = {
+        op: [(name, (layer[a], layer[b]))
+             for name, layer in (('prev', prev), ('next', nxt))]
+        for op, (a, b) in dict(attn=('qkv', 'proj'), mlp=('fc1',
+                                                          'fc2')).items()
+    }
+    site = TransformerSite(
+        d,
+        src,
+        nn.LayerNorm(d),
+        nn.GELU(),
+        num_scalars=num_scalars,
+        zero_init=False,
+        scale=0.7)
     with torch.no_grad():
         site.alpha.fill_(0.3)
         if num_scalars == 2:
@@ -159,30 +171,38 @@ def _spec_conv_site(h, positions, gamma, beta, eps, scale, residual):
     return torch.relu(out)
 
 
-@pytest.mark.parametrize('shapes,residual', [
-    (((8, 8), (8, 8)), True),  # BasicBlock
-    (((4, 8), (4, 4), (8, 4)), True),  # Bottleneck
-    (((4, 8), (6, 4)), False),  # residual=False may change channels
-])
+@pytest.mark.parametrize(
+    'shapes,residual',
+    [
+        (((8, 8), (8, 8)), True),  # BasicBlock
+        (((4, 8), (4, 4), (8, 4)), True),  # Bottleneck
+        (((4, 8), (6, 4)), False),  # residual=False may change channels
+    ])
 def test_conv_site_forward_hand_formula(shapes, residual):
     torch.manual_seed(0)
-    convs = {name: [nn.Conv2d(cin, cout, 3) for cout, cin in shapes]
-             for name in ('prev', 'next')}
-    site = ConvSite(list(shapes),
-                    [[(name, convs[name][j]) for name in ('prev', 'next')]
-                     for j in range(len(shapes))],
-                    nn.BatchNorm2d(shapes[-1][0]), nn.ReLU(),
-                    residual=residual, zero_init=False, scale=0.7).train()
+    convs = {
+        name: [nn.Conv2d(cin, cout, 3) for cout, cin in shapes]
+        for name in ('prev', 'next')
+    }
+    site = ConvSite(
+        list(shapes), [[(name, convs[name][j]) for name in ('prev', 'next')]
+                       for j in range(len(shapes))],
+        nn.BatchNorm2d(shapes[-1][0]),
+        nn.ReLU(),
+        residual=residual,
+        zero_init=False,
+        scale=0.7).train()
     with torch.no_grad():
         for p in site.parameters():  # phi, gamma and beta away from init
             p.uniform_(-1.5, 1.5)
     positions = [[(getattr(site, f'phi{j}_{name}'), convs[name][j - 1].weight)
                   for name in ('prev', 'next')]
-                 for j in range(1, len(shapes) + 1)]
+                 for j in range(1,
+                                len(shapes) + 1)]
     h = torch.randn(2, shapes[0][1], 5, 5)
     norm = site.site_norm
-    hand = _spec_conv_site(h, positions, norm.weight, norm.bias, norm.eps,
-                           0.7, residual)
+    hand = _spec_conv_site(h, positions, norm.weight, norm.bias, norm.eps, 0.7,
+                           residual)
     out = site(h)
     assert out.shape == hand.shape
     assert torch.allclose(out, hand, atol=1e-5)
@@ -254,6 +274,7 @@ def test_operator_mix_equals_autograd_and_gradchecks(op):
     assert torch.allclose(out, ref)
     for a, b in zip(torch.autograd.grad(out, flat, g), ref_grads):
         assert torch.allclose(a, b)
-    with pytest.raises(ValueError, match="op must be 'attn' or 'mlp', got "
-                       "'ffn'"):
+    with pytest.raises(
+            ValueError, match="op must be 'attn' or 'mlp', got "
+            "'ffn'"):
         operator_mix('ffn', terms)

@@ -14,8 +14,12 @@ from mmengine.config import Config
     ('mmseg', dict(type='RepLResNetV1c', depth=18)),
     ('mmpretrain', dict(type='RepLResNet', depth=18)),
     ('mmpretrain', dict(type='RepLResNet_CIFAR', depth=20)),
-    ('mmpretrain', dict(type='RepLVisionTransformer', arch='deit-tiny',
-                        img_size=32, patch_size=8)),
+    ('mmpretrain',
+     dict(
+         type='RepLVisionTransformer',
+         arch='deit-tiny',
+         img_size=32,
+         patch_size=8)),
 ])
 def test_build_from_registry(registry, cfg):
     import importlib
@@ -33,7 +37,8 @@ def test_build_from_registry(registry, cfg):
 
 def test_custom_imports_in_a_config(tmp_path):
     cfg_file = tmp_path / 'cfg.py'
-    cfg_file.write_text(textwrap.dedent("""
+    cfg_file.write_text(
+        textwrap.dedent("""
         custom_imports = dict(imports=['repl_mm'],
                               allow_failed_imports=False)
         model = dict(type='RepLResNet', depth=18,
@@ -50,11 +55,14 @@ def test_custom_imports_in_a_config(tmp_path):
 def test_bad_replacement_option_names_it():
     from mmdet.registry import MODELS
     with pytest.raises(ValueError, match="mode.*'fold'"):
-        MODELS.build(dict(type='RepLResNet', depth=18,
-                          replacement=dict(mode='fold')))
+        MODELS.build(
+            dict(type='RepLResNet', depth=18, replacement=dict(mode='fold')))
     with pytest.raises(ValueError, match='on_invalid'):
-        MODELS.build(dict(type='RepLResNet', depth=50,
-                          replacement=dict(on_invalid='error')))
+        MODELS.build(
+            dict(
+                type='RepLResNet',
+                depth=50,
+                replacement=dict(on_invalid='error')))
 
 
 def test_missing_codebase_fails_loudly():
@@ -70,7 +78,9 @@ def test_missing_codebase_fails_loudly():
         except ImportError as e:
             print('ERR', e)
     """)
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, '-c', code],
+                         capture_output=True,
+                         text=True,
+                         timeout=300)
     assert 'ERR RepLResNetV1c' in out.stdout, out.stderr[-2000:]
     assert 'pip install mmsegmentation' in out.stdout

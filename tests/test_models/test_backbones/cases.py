@@ -38,8 +38,8 @@ class Case:
 
 CASES = [
     Case('det-r18', 'repl_mm.models.det_resnet:RepLResNet',
-         'mmdet.models.backbones:ResNet', dict(depth=18, out_indices=(0, 1,
-                                                                    2, 3))),
+         'mmdet.models.backbones:ResNet',
+         dict(depth=18, out_indices=(0, 1, 2, 3))),
     Case('det-r50', 'repl_mm.models.det_resnet:RepLResNet',
          'mmdet.models.backbones:ResNet', dict(depth=50)),
     Case('seg-r50v1c', 'repl_mm.models.seg_resnet:RepLResNetV1c',
@@ -53,8 +53,11 @@ CASES = [
          'mmpretrain.models.backbones:ResNet_CIFAR', dict(depth=18)),
     Case('cls-cifar-r20', 'repl_mm.models.cls_resnet:RepLResNet_CIFAR',
          'repl_mm.models.cls_resnet:RepLResNet_CIFAR', dict(depth=20)),
-    Case('cls-vit', 'repl_mm.models.cls_vit:RepLVisionTransformer',
-         'mmpretrain.models.backbones:VisionTransformer', TINY_VIT,
-         kind='transformer'),
+    Case(
+        'cls-vit',
+        'repl_mm.models.cls_vit:RepLVisionTransformer',
+        'mmpretrain.models.backbones:VisionTransformer',
+        TINY_VIT,
+        kind='transformer'),
 ]
 IDS = [c.name for c in CASES]

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from repl_mm.core import ConvSite, InterpolatedBlock, TransformerSite
-
 from .cases import CASES, IDS, TINY_VIT, Case
 
 MODES = ['synthesize', 'interpolate', 'drop', 'none']
@@ -62,8 +61,10 @@ def neighbour_weights(site):
 def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
     model = case.build(zero_init=False)
     x = torch.rand(case.shape)
-    sites = [m for m in model.modules()
-             if isinstance(m, (ConvSite, TransformerSite))]
+    sites = [
+        m for m in model.modules()
+        if isinstance(m, (ConvSite, TransformerSite))
+    ]
     # the site drawing from most neighbours (ResNet-18's only site draws
     # from prev alone: its next neighbour downsamples)
     site = max(sites, key=lambda m: len({n for n, _ in neighbour_weights(m)}))
@@ -120,8 +121,8 @@ def independent_plan(blocks, kind, k=4):
             sites.append(i)
     kept = [i for i in range(1, n + 1) if i not in sites]
     return {
-        i: (max((j for j in kept if j < i), default=None),
-            min((j for j in kept if j > i), default=None))
+        i: (max((j for j in kept if j < i),
+                default=None), min((j for j in kept if j > i), default=None))
         for i in sorted(sites)
     }
 
@@ -141,8 +142,8 @@ def expected_counts(case, mode, ref):
         if mode == 'drop':
             removed += count(blk)
         elif case.kind == 'conv':
-            names = ['conv1', 'conv2'] + (['conv3'] if hasattr(
-                blk, 'conv3') else [])
+            names = ['conv1', 'conv2'
+                     ] + (['conv3'] if hasattr(blk, 'conv3') else [])
             used = set()
             for name in names:
                 w = getattr(blk, name).weight
@@ -151,9 +152,9 @@ def expected_counts(case, mode, ref):
                 # interpolate: one with the same kernel
                 serve = [
                     id(b) for b in nbrs
-                    if (getattr(b, name).weight.shape == w.shape
-                        if mode == 'interpolate' else
-                        getattr(b, name).weight.shape[:2] == (cout, cin))
+                    if (getattr(b, name).weight.shape == w.shape if mode ==
+                        'interpolate' else getattr(b, name).weight.shape[:2] ==
+                        (cout, cin))
                 ]
                 used.update(serve)
                 if mode == 'synthesize':
@@ -195,8 +196,7 @@ def test_parameter_count(case, mode):
 
 
 def load_kept(model, ref):
-    missing, unexpected = model.load_state_dict(ref.state_dict(),
-                                                strict=False)
+    missing, unexpected = model.load_state_dict(ref.state_dict(), strict=False)
     return missing, unexpected
 
 
@@ -208,8 +208,9 @@ def test_drop_equals_physical_removal(case):
     removed = copy.deepcopy(ref)
     blocks = site_blocks_of(removed, case)
     for i in model.replacement_plan.indices:
-        for parent in [getattr(removed, n) for n in getattr(
-                removed, 'res_layers', [])] or [removed.layers]:
+        for parent in [
+                getattr(removed, n) for n in getattr(removed, 'res_layers', [])
+        ] or [removed.layers]:
             for k in range(len(parent)):
                 if parent[k] is blocks[i - 1]:
                     parent[k] = nn.Identity()
@@ -225,8 +226,11 @@ def test_scale_zero_is_skip_path(case):
     model = case.build(scale=0.0, zero_init=False)
     drop = case.build(mode='drop')
     drop.load_state_dict(
-        {k: v for k, v in model.state_dict().items()
-         if k != 'replacement_plan'}, strict=False)
+        {
+            k: v
+            for k, v in model.state_dict().items() if k != 'replacement_plan'
+        },
+        strict=False)
     model.eval(), drop.eval()
     x = torch.rand(case.shape)
     for a, b in zip(outputs(model, x), outputs(drop, x)):
@@ -264,11 +268,13 @@ INIT_CASES = [
     Case('cls-r18', 'repl_mm.models.cls_resnet:RepLResNet',
          'mmpretrain.models.backbones:ResNet', dict(depth=18, **NARROW)),
     Case('cls-cifar-r18', 'repl_mm.models.cls_resnet:RepLResNet_CIFAR',
-         'mmpretrain.models.backbones:ResNet_CIFAR',
-         dict(depth=18, **NARROW)),
-    Case('cls-vit', 'repl_mm.models.cls_vit:RepLVisionTransformer',
-         'mmpretrain.models.backbones:VisionTransformer', TINY_VIT,
-         kind='transformer'),
+         'mmpretrain.models.backbones:ResNet_CIFAR', dict(depth=18, **NARROW)),
+    Case(
+        'cls-vit',
+        'repl_mm.models.cls_vit:RepLVisionTransformer',
+        'mmpretrain.models.backbones:VisionTransformer',
+        TINY_VIT,
+        kind='transformer'),
 ]
 
 
@@ -318,8 +324,9 @@ def test_interpolated_block_gets_upstream_init(name):
                 assert torch.equal(v, ref_sd[prefix + k]), prefix + k
         if case.kind == 'conv':
             assert torch.all(site.block.norm3.weight == 0)
-        assert all(float(p) == 0.5 for n, p in site.named_parameters()
-                   if n in ('alpha', 'beta'))
+        assert all(
+            float(p) == 0.5 for n, p in site.named_parameters()
+            if n in ('alpha', 'beta'))
 
 
 @pytest.mark.parametrize('case', CASES, ids=IDS)
@@ -329,8 +336,8 @@ def test_sites_are_the_right_modules(case):
     ref_types = [type(b) for b in site_blocks_of(case.build_upstream(), case)]
     site_type = ConvSite if case.kind == 'conv' else TransformerSite
     for mode, expected in (('synthesize', site_type),
-                           ('interpolate', InterpolatedBlock),
-                           ('drop', nn.Identity)):
+                           ('interpolate', InterpolatedBlock), ('drop',
+                                                                nn.Identity)):
         model = case.build(mode=mode)
         indices = model.replacement_plan.indices
         assert indices
@@ -342,8 +349,9 @@ def test_sites_are_the_right_modules(case):
         for i, (block, ref_type) in enumerate(zip(blocks, ref_types), 1):
             assert type(block) is (expected if i in indices else ref_type), i
         if mode == 'interpolate':
-            assert all(type(blocks[i - 1].block) is ref_types[i - 1]
-                       for i in indices)
+            assert all(
+                type(blocks[i - 1].block) is ref_types[i - 1] for i in indices)
         repl = (ConvSite, TransformerSite, InterpolatedBlock)
-        assert sum(isinstance(m, repl) for m in model.modules()) == (
-            0 if mode == 'drop' else len(indices))
+        assert sum(isinstance(m, repl)
+                   for m in model.modules()) == (0 if mode == 'drop' else
+                                                 len(indices))

@@ -4,7 +4,6 @@ import torch
 from torch.utils import checkpoint as torch_cp
 
 from repl_mm.core import ConvSite, NonReentrantCheckpoint, TransformerSite
-
 from .cases import CASES, IDS, TINY_VIT
 from .test_contract import outputs, weighted_loss
 
@@ -48,14 +47,19 @@ def test_unserved_position_is_owned():
     # layer2.0 (conv1 64->128) and layer3.0 (128->256, 256->256) serve
     # only conv2, from prev
     assert site.index == 4 and site.sources == {
-        'conv1': ('own', ), 'conv2': ('prev', )}
+        'conv1': ('own', ),
+        'conv2': ('prev', )
+    }
     assert m.layer2[1].weight1.shape == (128, 128)
     assert 'conv1:own' in str(m.replacement_plan)
     # neighbors='prev' falls back to next where prev cannot serve
     m = RepLResNet(depth=50, replacement=dict(neighbors='prev'))
     s5 = m.replacement_plan.sites[0]
-    assert s5.sources == {'conv1': ('next', ), 'conv2': ('prev', ),
-                          'conv3': ('prev', )}
+    assert s5.sources == {
+        'conv1': ('next', ),
+        'conv2': ('prev', ),
+        'conv3': ('prev', )
+    }
     assert not hasattr(m.layer2[1], 'phi1_prev')
 
 
@@ -63,8 +67,8 @@ def test_unserved_position_is_owned():
 def test_frozen_stages_and_norm_eval(case):
     kwargs = dict(frozen_stages=2) if case.kind == 'conv' else dict(
         frozen_stages=5)
-    model = case.cls('repl')(**case.kwargs, **kwargs,
-                             replacement=dict(interval=2))
+    model = case.cls('repl')(
+        **case.kwargs, **kwargs, replacement=dict(interval=2))
     model.train()
     frozen = 0
     for i, m in model.site_modules().items():
@@ -113,15 +117,17 @@ def test_vit_site_in_frozen_stages(mode):
     match = (r'site 4 lies in the frozen part \(frozen_stages=4\) but is '
              'drawn from block 5, its next neighbour')
     with pytest.raises(ValueError, match=match):
-        RepLVisionTransformer(**TINY_VIT, frozen_stages=4,
-                              replacement=dict(mode=mode))
+        RepLVisionTransformer(
+            **TINY_VIT, frozen_stages=4, replacement=dict(mode=mode))
     with pytest.raises(ValueError, match=match):
-        to_repl_backbone(VisionTransformer(**TINY_VIT, frozen_stages=4),
-                         dict(mode=mode))
+        to_repl_backbone(
+            VisionTransformer(**TINY_VIT, frozen_stages=4), dict(mode=mode))
     x = torch.rand(2, 3, 32, 32)
     for frozen, extra in ((4, dict(neighbors='prev')), (5, {})):
         model = RepLVisionTransformer(
-            **TINY_VIT, frozen_stages=frozen, out_indices=(frozen - 1, 5),
+            **TINY_VIT,
+            frozen_stages=frozen,
+            out_indices=(frozen - 1, 5),
             replacement=dict(mode=mode, zero_init=False, **extra))
         site = model.layers[3]
         assert model._site_frozen(4)
@@ -137,20 +143,26 @@ def test_resnet_site_in_frozen_stages(name, mode, monkeypatch):
     a frozen site drawing from a block that trains applies to them too."""
     case = next(c for c in CASES if c.name == name)
     model = case.cls('repl')(
-        **dict(case.kwargs, out_indices=(1, 2)), frozen_stages=2,
+        **dict(case.kwargs, out_indices=(1, 2)),
+        frozen_stages=2,
         replacement=dict(mode=mode, interval=2, zero_init=False))
-    frozen = [i for i in model.replacement_plan.indices
-              if model._site_frozen(i)]
+    frozen = [
+        i for i in model.replacement_plan.indices if model._site_frozen(i)
+    ]
     assert frozen and len(frozen) < len(model.replacement_plan.indices)
     assert_frozen_part_frozen(model, torch.rand(case.shape))
     # were a frozen site's neighbour to train, it would be refused
-    monkeypatch.setattr(type(model), '_block_frozen',
-                        lambda self, index: index == 2)
-    with pytest.raises(ValueError, match=r'site 2 lies in the frozen part '
-                       r'\(frozen_stages=2\) but is drawn from block 1, '
-                       'its prev neighbour'):
-        case.cls('repl')(**case.kwargs, frozen_stages=2,
-                         replacement=dict(mode=mode, indices=[2]))
+    monkeypatch.setattr(
+        type(model), '_block_frozen', lambda self, index: index == 2)
+    with pytest.raises(
+            ValueError,
+            match=r'site 2 lies in the frozen part '
+            r'\(frozen_stages=2\) but is drawn from block 1, '
+            'its prev neighbour'):
+        case.cls('repl')(
+            **case.kwargs,
+            frozen_stages=2,
+            replacement=dict(mode=mode, indices=[2]))
 
 
 @pytest.mark.parametrize('mode', ['synthesize', 'interpolate', 'none'])
@@ -158,8 +170,8 @@ def test_resnet_site_in_frozen_stages(name, mode, monkeypatch):
 def test_with_cp_is_non_reentrant_and_exact(case, mode, monkeypatch):
     kw = dict(case.kwargs, with_cp=True)
     torch.manual_seed(0)
-    cp_model = case.cls('repl')(**kw, replacement=dict(mode=mode,
-                                                     zero_init=False))
+    cp_model = case.cls('repl')(
+        **kw, replacement=dict(mode=mode, zero_init=False))
     torch.manual_seed(0)
     plain = case.build(mode=mode, zero_init=False)
     plain.load_state_dict(cp_model.state_dict())
@@ -198,8 +210,9 @@ def test_with_cp_is_non_reentrant_and_exact(case, mode, monkeypatch):
             assert torch.allclose(b, stats[n], atol=1e-6), n
         else:
             assert torch.equal(b, stats[n]), n
-    blocks = [m for m in cp_model.modules()
-              if isinstance(m, NonReentrantCheckpoint)]
+    blocks = [
+        m for m in cp_model.modules() if isinstance(m, NonReentrantCheckpoint)
+    ]
     assert blocks
 
 
@@ -219,16 +232,20 @@ def test_synthesis_runs_once_per_step(case, mode, with_cp, monkeypatch):
         def spy(self, *args, **kwargs):
             counts[id(self)] = counts.get(id(self), 0) + 1
             return real(self, *args, **kwargs)
+
         monkeypatch.setattr(cls, name, spy)
 
     counting(ConvSite, 'synthesize')
     counting(TransformerSite, 'synthesize')
     counting(InterpolatedBlock, 'interpolate')
-    model = case.cls('repl')(**dict(case.kwargs, with_cp=with_cp),
-                             replacement=dict(mode=mode, zero_init=False))
+    model = case.cls('repl')(
+        **dict(case.kwargs, with_cp=with_cp),
+        replacement=dict(mode=mode, zero_init=False))
     model.train()
-    sites = [m for m in model.modules()
-             if isinstance(m, (ConvSite, TransformerSite, InterpolatedBlock))]
+    sites = [
+        m for m in model.modules()
+        if isinstance(m, (ConvSite, TransformerSite, InterpolatedBlock))
+    ]
     assert sites
     counts.clear()
     x = torch.rand(case.shape, requires_grad=True)
@@ -241,8 +258,10 @@ def test_drop_path_rate_reaches_sites():
     from repl_mm.models.cls_vit import RepLVisionTransformer
     m = RepLResNet(depth=50, drop_path_rate=0.3)
     # upstream uses Identity for a zero rate (block 1)
-    rates = [getattr(b.drop_path, 'drop_prob', 0.0) for layer in m.res_layers
-             for b in getattr(m, layer)]
+    rates = [
+        getattr(b.drop_path, 'drop_prob', 0.0) for layer in m.res_layers
+        for b in getattr(m, layer)
+    ]
     assert m.layer2[1].drop_path.drop_prob == pytest.approx(
         0.3 * 4 / 15)  # block 5 of 16 on linspace(0, 0.3, 16)
     assert len(rates) == 16
@@ -252,12 +271,12 @@ def test_drop_path_rate_reaches_sites():
 
 def test_out_indices_and_zero_init_residual():
     from repl_mm.models.cls_resnet import RepLResNet
-    m = RepLResNet(depth=18, out_indices=(0, 1, 2, 3),
-                   zero_init_residual=True)
+    m = RepLResNet(depth=18, out_indices=(0, 1, 2, 3), zero_init_residual=True)
     m.init_weights()
     assert len(m.eval()(torch.rand(1, 3, 32, 32))) == 4
     assert torch.all(m.layer1[0].norm2.weight == 0)
-    assert torch.all(m.layer2[1].site_norm.weight == 0)  # the site's (zero_init)
+    assert torch.all(
+        m.layer2[1].site_norm.weight == 0)  # the site's (zero_init)
 
 
 def test_layer_depth_of_sites():
@@ -265,8 +284,7 @@ def test_layer_depth_of_sites():
     from repl_mm.models.cls_vit import RepLVisionTransformer
     m = RepLResNet(depth=50)
     ref = m.get_layer_depth('backbone.layer2.1.conv1.weight', 'backbone.')
-    assert m.get_layer_depth('backbone.layer2.1.phi2_prev',
-                             'backbone.') == ref
+    assert m.get_layer_depth('backbone.layer2.1.phi2_prev', 'backbone.') == ref
     vit = RepLVisionTransformer(**TINY_VIT)
     assert vit.get_layer_depth('backbone.layers.3.alpha', 'backbone.') == \
         vit.get_layer_depth('backbone.layers.3.ln1.weight', 'backbone.')
@@ -280,8 +298,10 @@ def test_vit_options():
     assert hasattr(site, 'alpha') and not hasattr(site, 'beta')
     m = RepLVisionTransformer(**TINY_VIT, replacement=dict(vit_weights='attn'))
     assert m.layers[3].mlp_weight.shape == (32, 32)
-    assert m.replacement_plan.sites[0].sources == {'attn': ('prev', 'next'),
-                                                   'mlp': ('own', )}
+    assert m.replacement_plan.sites[0].sources == {
+        'attn': ('prev', 'next'),
+        'mlp': ('own', )
+    }
     m = RepLVisionTransformer(**TINY_VIT, replacement=dict(vit_weights='none'))
     s = m.layers[3]
     assert not hasattr(s, 'alpha') and not hasattr(s, 'beta')
@@ -291,14 +311,15 @@ def test_vit_options():
 
 def test_residual_false_is_literal_eq12():
     from repl_mm.models.cls_resnet import RepLResNet
-    m = RepLResNet(depth=18, replacement=dict(residual=False,
-                                              zero_init=False)).eval()
+    m = RepLResNet(
+        depth=18, replacement=dict(residual=False, zero_init=False)).eval()
     site = m.layer2[1]
     assert isinstance(site, ConvSite)
     h = torch.rand(1, 128, 4, 4)
     mats = site.synthesize()
     x_hat = torch.einsum('oc,bchw->bohw', mats[1] @ mats[0], h)
-    assert torch.allclose(site(h), torch.relu(site.site_norm(x_hat)), atol=1e-5)
+    assert torch.allclose(
+        site(h), torch.relu(site.site_norm(x_hat)), atol=1e-5)
 
 
 @pytest.mark.parametrize('case', CASES, ids=IDS)
@@ -312,20 +333,19 @@ def test_repl_with_cp_keeps_less_than_cp_alone(case):
 
     def measure(**replacement):
         torch.manual_seed(0)
-        model = case.cls('repl')(**case.kwargs, with_cp=True,
-                                 replacement=replacement).train()
+        model = case.cls('repl')(
+            **case.kwargs, with_cp=True, replacement=replacement).train()
         x = torch.rand(case.shape, requires_grad=True)
         params = {p.data_ptr() for p in model.parameters()}
         # the synthesized weights (an owned weight is a parameter)
-        kept = sum(t.numel() * t.element_size()
-                   for m in model.modules()
+        kept = sum(t.numel() * t.element_size() for m in model.modules()
                    if isinstance(m, (ConvSite, TransformerSite))
                    for t in m.weights(x) if t.data_ptr() not in params)
         return saved_bytes(model, lambda m: weighted_loss(outputs(m, x)),
                            lambda loss: loss.backward()), kept
 
-    (e2e, _), (repl, kept), (drop, _) = (
-        measure(mode='none'), measure(), measure(mode='drop'))
+    (e2e, _), (repl, kept), (drop, _) = (measure(mode='none'), measure(),
+                                         measure(mode='drop'))
     assert kept > 0
     # fused: the site's boundary is not kept either
     assert repl == drop + kept

@@ -14,7 +14,6 @@ import torch
 from repl_mm.core import (ConvSite, InterpolatedBlock, NonReentrantCheckpoint,
                           TransformerSite)
 from repl_mm.models.base import decode_plan
-
 from .cases import CASES, IDS
 from .test_contract import neighbour_weights, outputs
 
@@ -48,8 +47,8 @@ def test_roundtrip_and_plan_mismatch(case):
     twin.load_state_dict(sd)  # same plan: loads strictly
     x = torch.rand(case.shape)
     model.eval(), twin.eval()
-    assert all(torch.equal(a, b)
-               for a, b in zip(outputs(model, x), outputs(twin, x)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(outputs(model, x), outputs(twin, x)))
     other = case.build(interval=2)
     with pytest.raises(ValueError, match=r'another RepL plan[\s\S]*site'):
         other.load_state_dict(sd)
@@ -67,8 +66,7 @@ def test_e2e_checkpoint_loads_kept_blocks(case, monkeypatch):
     logged = []
     monkeypatch.setattr('repl_mm.models.base.print_log',
                         lambda msg, **kw: logged.append(msg))
-    missing, unexpected = model.load_state_dict(ref.state_dict(),
-                                                strict=False)
+    missing, unexpected = model.load_state_dict(ref.state_dict(), strict=False)
     prefixes = tuple(model._site_prefixes.values())
     # only the sites' own new weights are missing; the replaced blocks'
     # weights are reported unused; everything else loaded
@@ -86,8 +84,8 @@ def test_e2e_checkpoint_loads_kept_blocks(case, monkeypatch):
 INTERPOLATE = [c for c in CASES if c.name in ('det-r18', 'cls-vit')]
 
 
-@pytest.mark.parametrize('case', INTERPOLATE,
-                         ids=[c.name for c in INTERPOLATE])
+@pytest.mark.parametrize(
+    'case', INTERPOLATE, ids=[c.name for c in INTERPOLATE])
 def test_e2e_checkpoint_loads_strict_into_interpolate(case, monkeypatch):
     """An ``interpolate`` site is the replaced block: an E2E checkpoint
     fills what it keeps (norms, the conv no neighbour serves, the ViT MLP
@@ -98,8 +96,8 @@ def test_e2e_checkpoint_loads_strict_into_interpolate(case, monkeypatch):
     g = torch.Generator().manual_seed(2)
     # values no fresh model has (BN and LN start at ones and zeros)
     sd = {
-        k: v + torch.rand(v.shape, generator=g) if v.is_floating_point()
-        else v + 7
+        k: v +
+        torch.rand(v.shape, generator=g) if v.is_floating_point() else v + 7
         for k, v in e2e.state_dict().items()
     }
     assert 'replacement_plan' not in sd
@@ -119,19 +117,22 @@ def test_e2e_checkpoint_loads_strict_into_interpolate(case, monkeypatch):
         assert kept
         for k, v in kept.items():  # the trainable parts: the E2E values
             assert torch.equal(v, sd[prefix + k]), prefix + k
-        assert all(float(p) == 0.5 for p in (
-            getattr(site, n) for n in ('alpha', 'beta') if hasattr(site, n)))
+        assert all(
+            float(p) == 0.5 for p in (getattr(site, n)
+                                      for n in ('alpha', 'beta')
+                                      if hasattr(site, n)))
         # the interpolated weights are synthesized from the (loaded)
         # neighbours, not loaded from the replaced block's keys
-        coef = {'prev': getattr(site, 'alpha', None),
-                'next': getattr(site, 'beta', None)}
+        coef = {
+            'prev': getattr(site, 'alpha', None),
+            'next': getattr(site, 'beta', None)
+        }
         for key, w, (_, srcs) in zip(site.target_keys(), site.interpolate(),
                                      site._targets):
             unused.append(prefix + key)
             assert prefix + key in sd
             assert not torch.allclose(w, sd[prefix + key])
-            assert torch.allclose(w, sum(coef[n] * t.weight
-                                         for n, t in srcs))
+            assert torch.allclose(w, sum(coef[n] * t.weight for n, t in srcs))
         if case.kind == 'conv':  # ResNet-18 site 4: conv1 is its own
             assert site.sources == [('prev', )]
             assert torch.equal(site.block.conv1.weight,
@@ -149,8 +150,9 @@ def test_e2e_checkpoint_loads_strict_into_interpolate(case, monkeypatch):
     # the model's own (RepL) checkpoint loads strictly as before
     twin = case.build(mode='interpolate')
     twin.load_state_dict(model.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(
-        twin.state_dict().values(), model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(twin.state_dict().values(),
+                                          model.state_dict().values()))
     with torch.no_grad():
         site = next(iter(sites.values()))
         site.alpha.fill_(0.25)
@@ -168,8 +170,10 @@ def test_pretrained_init_cfg_loads_upstream(tmp_path):
     model = RepLResNet(
         depth=18, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
     model.init_weights()
-    assert torch.equal(model.layer1[0].conv1.weight, ref.layer1[0].conv1.weight)
-    assert torch.equal(model.layer3[1].conv2.weight, ref.layer3[1].conv2.weight)
+    assert torch.equal(model.layer1[0].conv1.weight,
+                       ref.layer1[0].conv1.weight)
+    assert torch.equal(model.layer3[1].conv2.weight,
+                       ref.layer3[1].conv2.weight)
     site = model.layer2[1]
     assert isinstance(site, ConvSite)
     assert torch.all(site.phi2_prev == 0.5)
@@ -196,10 +200,11 @@ def _site_by_hand(site, neighbours, h):
         if names == ('own', ):
             mats.append(getattr(site, f'weight{j}'))
             continue
-        mats.append(sum(
-            getattr(site, f'phi{j}_{n}')[:, None] *
-            getattr(neighbours[n], f'conv{j}').weight.sum((2, 3))
-            for n in names))
+        mats.append(
+            sum(
+                getattr(site, f'phi{j}_{n}')[:, None] *
+                getattr(neighbours[n], f'conv{j}').weight.sum((2, 3))
+                for n in names))
     x = h
     for m in mats:
         x = torch.einsum('oc,bchw->bohw', m, x)
@@ -243,8 +248,7 @@ def test_ema_copy_reads_its_own_neighbours():
         block.conv2.weight.add_(0.5)
     moved = site(h)
     assert not torch.allclose(moved, out)
-    assert torch.allclose(moved, _site_by_hand(site, ema_nbrs, h),
-                          atol=1e-5)
+    assert torch.allclose(moved, _site_by_hand(site, ema_nbrs, h), atol=1e-5)
     assert torch.equal(src_site(h), src_out)
 
 
@@ -259,36 +263,41 @@ def _set_plan(sd, edit):
     plan = decode_plan(sd['replacement_plan'])
     edit(plan)
     data = json.dumps(plan, sort_keys=True).encode()
-    return {**sd, 'replacement_plan': torch.tensor(list(data),
-                                                   dtype=torch.uint8)}
+    return {
+        **sd, 'replacement_plan': torch.tensor(list(data), dtype=torch.uint8)
+    }
 
 
 def test_function_options_must_match():
     sd = _cifar(replacement=dict(residual=False)).state_dict()
     # same keys, same shapes: only the recorded plan tells them apart
-    with pytest.raises(ValueError, match='residual: checkpoint False, '
-                       'model True'):
+    with pytest.raises(
+            ValueError, match='residual: checkpoint False, '
+            'model True'):
         _cifar().load_state_dict(sd)
     # options that do not change the function load
     _cifar(replacement=dict(residual=False, zero_init=False,
                             recompute=False)).load_state_dict(sd)
     _cifar(with_cp=True, replacement=dict(residual=False)).load_state_dict(sd)
     with pytest.raises(ValueError, match='neighbors'):
-        _cifar(replacement=dict(residual=False, neighbors='prev')
-               ).load_state_dict(sd, strict=False)
+        _cifar(replacement=dict(residual=False,
+                                neighbors='prev')).load_state_dict(
+                                    sd, strict=False)
 
 
 def test_vit_function_options_must_match():
     case = next(c for c in CASES if c.kind == 'transformer')
     sd = case.build(num_scalars=1).state_dict()  # alpha only: no beta key
-    with pytest.raises(ValueError, match='num_scalars: checkpoint 1, '
-                       'model 2'):
+    with pytest.raises(
+            ValueError, match='num_scalars: checkpoint 1, '
+            'model 2'):
         case.build().load_state_dict(sd, strict=False)
     sd = case.build(vit_weights='attn').state_dict()
     with pytest.raises(ValueError, match="vit_weights: checkpoint 'attn'"):
         case.build().load_state_dict(sd, strict=False)
-    case.build(num_scalars=1, residual=False).load_state_dict(
-        case.build(num_scalars=1).state_dict())  # residual: CNN only
+    case.build(
+        num_scalars=1, residual=False).load_state_dict(
+            case.build(num_scalars=1).state_dict())  # residual: CNN only
 
 
 def test_scale_loads_with_a_warning(monkeypatch):
@@ -317,8 +326,9 @@ def test_old_plan_without_an_option_loads_with_its_default():
 
     old = _set_plan(sd, drop_options)
     _cifar().load_state_dict(old)
-    with pytest.raises(ValueError, match='residual: checkpoint True, '
-                       'model False'):
+    with pytest.raises(
+            ValueError, match='residual: checkpoint True, '
+            'model False'):
         _cifar(replacement=dict(residual=False)).load_state_dict(old)
 
 
@@ -328,14 +338,13 @@ def test_with_cp_second_backward_adds_up():
     checkpointing."""
 
     def grads(with_cp, recompute, n):
-        model = _cifar(with_cp=with_cp,
-                       replacement=dict(zero_init=False,
-                                        recompute=recompute)).train()
-        x = torch.rand(2, 3, 32, 32,
-                       generator=torch.Generator().manual_seed(1))
+        model = _cifar(
+            with_cp=with_cp,
+            replacement=dict(zero_init=False, recompute=recompute)).train()
+        x = torch.rand(
+            2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
         out = model(x)[-1]
-        loss = (out * torch.linspace(-1, 1, out.numel()).view(
-            out.shape)).sum()
+        loss = (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum()
         for i in range(n):
             loss.backward(retain_graph=i < n - 1)
         return [p.grad for p in model.parameters()], model
@@ -343,8 +352,9 @@ def test_with_cp_second_backward_adds_up():
     once, _ = grads(True, True, 1)
     twice, model = grads(True, True, 2)
     plain, _ = grads(False, False, 2)
-    assert any(isinstance(m, NonReentrantCheckpoint) and m.tail
-               for m in model.modules())  # a fused segment ran
+    assert any(
+        isinstance(m, NonReentrantCheckpoint) and m.tail
+        for m in model.modules())  # a fused segment ran
     for a, b, c in zip(once, twice, plain):
         assert torch.allclose(2 * a, b, rtol=1e-4, atol=1e-6)
         assert torch.allclose(b, c, rtol=1e-4, atol=1e-6)
@@ -356,8 +366,8 @@ WITH_CP = [c for c in CASES if c.name in ('det-r18', 'cls-cifar-r20')]
 
 def _with_cp(case):
     torch.manual_seed(0)
-    return case.cls('repl')(**case.kwargs, with_cp=True,
-                            replacement=dict(zero_init=False)).eval()
+    return case.cls('repl')(
+        **case.kwargs, with_cp=True, replacement=dict(zero_init=False)).eval()
 
 
 @pytest.mark.parametrize('case', WITH_CP, ids=[c.name for c in WITH_CP])
@@ -368,19 +378,24 @@ def test_with_cp_model_pickles(case):
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
-    copies = [torch.load(buf, weights_only=False),
-              pickle.loads(pickle.dumps(model)),
-              copy.deepcopy(model)]
+    copies = [
+        torch.load(buf, weights_only=False),
+        pickle.loads(pickle.dumps(model)),
+        copy.deepcopy(model)
+    ]
     for clone in copies:
-        assert [type(m) for m in clone.modules()] == [
-            type(m) for m in model.modules()]
+        assert [type(m) for m in clone.modules()
+                ] == [type(m) for m in model.modules()]
         assert all(torch.equal(a, b) for a, b in zip(outputs(clone, x), ref))
 
 
 def test_with_cp_classes_are_distinct():
     names = {
-        case.name: {type(m).__name__ for m in _with_cp(case).modules()
-                    if isinstance(m, NonReentrantCheckpoint)}
+        case.name: {
+            type(m).__name__
+            for m in _with_cp(case).modules()
+            if isinstance(m, NonReentrantCheckpoint)
+        }
         for case in WITH_CP
     }
     det, cls = names['det-r18'], names['cls-cifar-r20']
@@ -405,11 +420,16 @@ def test_with_cp_model_loads_in_a_fresh_process(tmp_path):
         "assert all(torch.equal(a, b) for a, b in zip(out, ref['out']))\n"
         "print(sorted({type(b).__name__ for b in m.modules()"
         " if hasattr(b, 'tail')}))\n")
-    res = subprocess.run(
-        [sys.executable, '-c', script, str(tmp_path / 'model.pth'),
-         str(tmp_path / 'ref.pth')],
-        capture_output=True, text=True, env={**os.environ,
-                                             'OMP_NUM_THREADS': '1'})
+    res = subprocess.run([
+        sys.executable, '-c', script,
+        str(tmp_path / 'model.pth'),
+        str(tmp_path / 'ref.pth')
+    ],
+                         capture_output=True,
+                         text=True,
+                         env={
+                             **os.environ, 'OMP_NUM_THREADS': '1'
+                         })
     assert res.returncode == 0, res.stderr
     assert 'NonReentrant_mmdet_models_backbones_resnet_BasicBlock' in \
         res.stdout
