@@ -90,6 +90,21 @@ class RepLOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             ``DefaultOptimWrapperConstructor``. Defaults to None.
     """
 
+    def __call__(self, model: nn.Module):
+        """Upstream's optimizer wrapper, with plain-dict param groups.
+
+        The registry builds the optimizer from a ``ConfigDict``, so every
+        param group it makes is one; ``torch.compile`` of mmengine's
+        ``train_step`` (``compile=True``) traces ``optimizer.step``, and
+        dynamo fails on a dict subclass there (``'UserDefinedDictVariable'
+        object has no attribute 'items'``, torch 2.14). Same keys, same
+        values: only the type changes.
+        """
+        optim_wrapper = super().__call__(model)
+        optimizer = optim_wrapper.optimizer
+        optimizer.param_groups[:] = [dict(g) for g in optimizer.param_groups]
+        return optim_wrapper
+
     def add_params(self,
                    params: List[dict],
                    module: nn.Module,

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from repl_mm.utils.compat import torch_version
+
 ROOT = Path(__file__).resolve().parents[2]
 
 DUMPER = '''
@@ -103,15 +105,35 @@ def assert_ranks_identical(work):
         assert torch.equal(r0[k], r1[k]), k
 
 
+# mmengine's ``compile`` key: the DDP-wrapped train_step compiled (the
+# aot_eager backend: dynamo and AOTAutograd, which RepL must get through,
+# without inductor's code generation, minutes on this CPU)
+CLS_COMPILE = CLS + '''
+compile = dict(backend='aot_eager')
+'''
+
+
 @pytest.mark.parametrize('route,cfg,port', [
     ('registry', CLS, 29611),
     ('hook', CLS_HOOK, 29612),
+    pytest.param(
+        'registry-compile',
+        CLS_COMPILE,
+        29613,
+        marks=pytest.mark.skipif(
+            torch_version() < (2, 2),
+            reason="mmengine's compile=True fails on torch 2.1 in "
+            "mmpretrain's data preprocessor (dynamo cannot trace "
+            'stack_batch), before any backbone runs')),
 ])
 def test_two_process_classification(tmp_path, route, cfg, port):
     path = tmp_path / 'cfg.py'
     path.write_text(cfg.format(root=ROOT, data=cls_data(tmp_path)))
     work = dist_train(tmp_path, path, port)
     assert_ranks_identical(work)
+    if route.endswith('compile'):
+        log = next(work.rglob('*.log')).read_text()
+        assert 'Model has been "compiled"' in log
     if route == 'registry':  # and evaluate on 2 processes
         dist_run(tmp_path, port, 'tools/dist_test.sh', path,
                  work / 'epoch_1.pth', 2, '--work-dir', tmp_path / 'test',
