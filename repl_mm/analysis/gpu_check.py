@@ -528,9 +528,14 @@ def _verify_data(folder: str) -> str:
     return f'{n} files in {folder}'
 
 
-def train_check(ctx: Context, name: str, route: str, amp: bool) -> Check:
+def train_check(ctx: Context,
+                name: str,
+                route: str,
+                amp: bool,
+                compiled: bool = False) -> Check:
     model = MODELS[name]
-    check = f'train-{name}-{route}' + ('-amp' if amp else '')
+    check = f'train-{name}-{route}' + ('-amp' if amp else
+                                       '') + ('-compile' if compiled else '')
     work = ctx.run_dir(check)
     cfg = ctx.config_path(name, route)
     ckpt = checkpoint_name(model, ctx.iters)
@@ -538,22 +543,31 @@ def train_check(ctx: Context, name: str, route: str, amp: bool) -> Check:
             'E2E twin + stock backbone + ReplacementHook')
     if name == 'resnet32' and route == 'hook':
         what += ' (stock ResNet_CIFAR-18: upstream has no depth 32)'
+    skip = None
+    if amp and ctx.cpu:
+        skip = 'fp16 AMP needs CUDA'
+    elif compiled and ctx.cpu:
+        skip = ('inductor takes minutes per network on a CPU (the test '
+                'suite compiles every RepL path there)')
 
     def commands():
         return [
             _tool(ctx, 'train.py') + [cfg, '--work-dir', work] +
             (['--amp'] if amp else []) + ['--cfg-options'] +
-            schedule(ctx, model, ctx.iters)
+            schedule(ctx, model, ctx.iters) +
+            (['compile=True'] if compiled else [])
         ]
 
     return Check(
         check,
         f'{model.label}, {what}, {ctx.iters} iterations' +
-        (', --amp (fp16)' if amp else ''),
+        (', --amp (fp16)' if amp else '') +
+        (", compile=True (mmengine's torch.compile of train_step, "
+         'inductor)' if compiled else ''),
         commands,
         verify=lambda: verify_train(ctx, work, ctx.iters, ckpt, amp),
         needs=(f'data-{model.data}', ),
-        skip='fp16 AMP needs CUDA' if amp and ctx.cpu else None,
+        skip=skip,
         prepare=lambda: write_config(ctx, name, route))
 
 
@@ -698,6 +712,10 @@ def build_checks(ctx: Context) -> List[Check]:
         for route in ROUTES:
             for amp in (False, True):
                 checks.append(train_check(ctx, name, route, amp))
+    checks += [
+        train_check(ctx, name, 'registry', False, compiled=True)
+        for name in MODELS
+    ]
     checks.append(resume_check(ctx))
     for name in ('resnet32', 'retinanet', 'deeplabv3'):
         checks.append(test_check(ctx, name))

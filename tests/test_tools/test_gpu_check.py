@@ -71,14 +71,15 @@ def test_list_prints_every_check_and_runs_nothing(cli, tmp_path, monkeypatch,
     lines = capsys.readouterr().out.splitlines()
     names = [line.split()[0] for line in lines]
     assert names == gc.check_names()
-    assert len(names) == len(set(names)) == 32
+    assert len(names) == len(set(names)) == 36
     models = ('resnet32', 'vit-tiny', 'retinanet', 'deeplabv3')
     assert {
         f'train-{m}-{r}{a}'
         for m in models
         for r in ('registry', 'hook')
         for a in ('', '-amp')
-    } <= set(names)
+    } | {f'train-{m}-registry-compile'
+         for m in models} <= set(names)
     for name in ('resume-resnet32', 'test-deeplabv3', 'infer-retinanet',
                  'dist-resnet32-registry', 'dist-resnet32-hook',
                  'dist-resnet32-registry-norecompute', 'bench-resnet50',
@@ -196,15 +197,26 @@ def test_what_is_skipped_where(gpus, amp_skip, dist_skip):
     checks = {c.name: c for c in build_checks(Context('w', gpus, 20))}
     amp = [c for n, c in checks.items() if n.endswith('-amp')]
     assert len(amp) == 8 and all(c.skip == amp_skip for c in amp)
+    compiled = [c for n, c in checks.items() if n.endswith('-compile')]
+    assert len(compiled) == 4
+    assert all((c.skip is None) == (gpus > 0) for c in compiled)
     dist = [c for n, c in checks.items() if n.startswith('dist-')]
     assert len(dist) == 3
     assert all((c.skip or None) == dist_skip or c.skip.startswith(dist_skip)
                for c in dist)
     others = [
         c for n, c in checks.items()
-        if not n.endswith('-amp') and not n.startswith('dist-')
+        if not n.endswith(('-amp', '-compile')) and not n.startswith('dist-')
     ]
     assert all(c.skip is None for c in others)
+
+
+def test_compile_checks_set_the_config_key():
+    checks = {c.name: c for c in build_checks(Context('w', 1, 20))}
+    cmd = checks['train-vit-tiny-registry-compile'].commands()[0]
+    assert cmd[-1] == 'compile=True'
+    assert 'compile' not in ' '.join(
+        checks['train-vit-tiny-registry'].commands()[0])
 
 
 def test_recompute_cost_run_turns_recompute_off():
