@@ -34,6 +34,8 @@ from typing import Dict, Optional, Union
 from mmengine.config import Config
 from torch import nn
 
+from .core import iter_repl_backbones
+
 #: The codebases a config may name in ``default_scope``.
 SCOPES = ('mmdet', 'mmseg', 'mmpretrain')
 #: The dataloaders of a config, as ``{split}_dataloader``.
@@ -333,12 +335,8 @@ def build_dataloader(cfg: Config,
 
 def repl_backbones(model: nn.Module) -> Dict[str, nn.Module]:
     """Module name -> RepL backbone, for every one in ``model`` (the root
-    itself is named ``''``)."""
-    from .models.base import RepLBackboneMixin
-    return {
-        n: m
-        for n, m in model.named_modules() if isinstance(m, RepLBackboneMixin)
-    }
+    itself is named ``''``): :func:`repl_mm.core.iter_repl_backbones`."""
+    return dict(iter_repl_backbones(model))
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -52,7 +52,7 @@ from mmengine.logging import print_log
 from torch import Tensor, nn
 
 from ..apis import SCOPES, build_dataloader, init_model
-from ..core import InterpolatedBlock
+from ..core import InterpolatedBlock, iter_repl_backbones, iter_sites
 
 # what ``F(x)`` is, per codebase (see the module docstring)
 OUTPUT_NAMES = {
@@ -156,17 +156,14 @@ def find_sites(model: nn.Module) -> List[Tuple[int, nn.Module]]:
             site with a ``scale`` (``'none'``, ``'drop'``,
             ``'interpolate'``), or its plan has no site.
     """
-    backbones = [
-        m for m in model.modules()
-        if hasattr(m, 'replacement_plan') and hasattr(m, 'site_modules')
-    ]
+    backbones = list(iter_repl_backbones(model))
     if not backbones:
         raise ValueError(f'{type(model).__name__} has no RepL backbone: the '
                          'bias diagnostic needs a RepL model (a RepL backbone '
                          "type or a ReplacementHook checkpoint's "
                          "meta['repl_model'])")
     sites = []
-    for bb in backbones:
+    for _, bb in backbones:
         mode = bb.replacement_plan.mode
         name = type(bb).__name__
         if mode in ('none', 'drop'):
@@ -174,7 +171,8 @@ def find_sites(model: nn.Module) -> List[Tuple[int, nn.Module]]:
                 f"{name} has replacement mode={mode!r}: there is no "
                 'computing layer to enable (the bias diagnostic needs '
                 "mode='synthesize')")
-        for index, site in sorted(bb.site_modules().items()):
+        for ref in iter_sites(bb):
+            index, site = ref.index, ref.module
             if isinstance(site, InterpolatedBlock) or mode == 'interpolate':
                 raise ValueError(
                     f"{name} has replacement mode={mode!r}: its "

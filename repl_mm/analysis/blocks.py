@@ -27,13 +27,14 @@ import torch
 from mmengine.logging import MMLogger, print_log
 from torch import nn
 
+from ..core import iter_sites
 from .benchmark import method_model_cfg
 from .cases import Case, build_model, make_batch, to_device
 from .device import resolve_device
-from .flops import find_sites, step_flops, track_recompute
+from .flops import step_flops, track_recompute
 from .memory import SavedTensorMeter
-from .profiling import (ratio_stats, time_round_robin, time_stats,
-                        watch_load, weights_of)
+from .profiling import (ratio_stats, time_round_robin, time_stats, watch_load,
+                        weights_of)
 
 #: option label -> the site's ``replacement`` options
 OPTIONS: Dict[str, dict] = {
@@ -64,9 +65,8 @@ def block_inputs(backbone: nn.Module, inputs: torch.Tensor,
     in a forward of ``backbone`` on ``inputs``, detached copies."""
     seen = {}
     hooks = [
-        m.register_forward_pre_hook(
-            lambda mod, args, i=i: seen.setdefault(i, args[0].detach(
-            ).clone())) for i, m in modules.items()
+        m.register_forward_pre_hook(lambda mod, args, i=i: seen.setdefault(
+            i, args[0].detach().clone())) for i, m in modules.items()
     ]
     try:
         with torch.no_grad():
@@ -81,8 +81,8 @@ class _BlockStep:
     """Forward and backward of one module on a fixed input and output
     gradient; the gradients it leaves are freed after each call."""
 
-    def __init__(self, model: nn.Module, module: nn.Module,
-                 x: torch.Tensor, seed: int):
+    def __init__(self, model: nn.Module, module: nn.Module, x: torch.Tensor,
+                 seed: int):
         self.model, self.module = model, module
         self.x = x.clone().requires_grad_()
         with torch.no_grad():
@@ -91,9 +91,7 @@ class _BlockStep:
         self.grad = torch.randn(shape, generator=g).to(x.device)
         self.touched = ()
         self()  # untimed: find what receives gradients
-        self.touched = [
-            p for p in model.parameters() if p.grad is not None
-        ]
+        self.touched = [p for p in model.parameters() if p.grad is not None]
         self._free()
 
     def _free(self):
@@ -117,9 +115,12 @@ class _BlockStep:
         with torch.enable_grad(), track_recompute(self.model) as rec:
             self.module(self.x).backward(self.grad)
         self._free()
-        f = step_flops(self.model, self.x.detach(), rec,
-                       call=lambda m, x: self.module(x),
-                       sites=[site_name] if site_name else [])
+        f = step_flops(
+            self.model,
+            self.x.detach(),
+            rec,
+            call=lambda m, x: self.module(x),
+            sites=[site_name] if site_name else [])
         return f['step'] + f['synthesis_step']
 
 
@@ -162,32 +163,33 @@ def measure_blocks(case: Case,
         torch.manual_seed(0)
         models[name] = build_model(case.scope, cfg).to(device)
     e2e = models['block']
-    blocks = e2e.backbone.site_modules()
-    if not blocks:
+    refs = list(iter_sites(e2e.backbone))
+    if not refs:
         raise ValueError(f'{case.name}: the RepL model has no site')
-    block_names = {id(m): n for n, m in e2e.backbone.named_modules()}
+    blocks = {r.index: r.module for r in refs}
+    block_names = {r.index: r.name for r in refs}
     inputs, _ = to_device(make_batch(case, e2e), device)
     xs = block_inputs(e2e.backbone, inputs, blocks)
+    sites = {o: {r.index: r for r in iter_sites(models[o])} for o in options}
     steps, rows = {}, []
     for i, block in blocks.items():
-        row = dict(index=i, name=block_names[id(block)],
-                   shape=list(xs[i].shape))
+        row = dict(index=i, name=block_names[i], shape=list(xs[i].shape))
         step = _BlockStep(e2e, block, xs[i], seed=i)
         steps[i, 'block'] = step
         row['block'] = dict(bytes=step.saved_bytes(), flops=step.flops())
         row['sites'] = {}
         for o in options:
-            model = models[o]
-            site = model.backbone.site_modules()[i]
-            names = {id(m): n for n, m in find_sites(model).items()}
-            step = _BlockStep(model, site, xs[i], seed=i)
+            site = sites[o][i]
+            step = _BlockStep(models[o], site.module, xs[i], seed=i)
             steps[i, o] = step
-            row['sites'][o] = dict(bytes=step.saved_bytes(),
-                                   flops=step.flops(names[id(site)]))
+            row['sites'][o] = dict(
+                bytes=step.saved_bytes(), flops=step.flops(site.name))
         rows.append(row)
-    print_log(f'[{case.name}] timing {len(blocks)} blocks and their sites '
-              f'x {len(options)} options, {repeats} trials (+{warmup} '
-              'warm-up), round robin', logger=logger)
+    print_log(
+        f'[{case.name}] timing {len(blocks)} blocks and their sites '
+        f'x {len(options)} options, {repeats} trials (+{warmup} '
+        'warm-up), round robin',
+        logger=logger)
     with watch_load() as load:
         times = time_round_robin(steps, repeats, warmup, device)
     for row in rows:
@@ -198,8 +200,13 @@ def measure_blocks(case: Case,
             r['time_ratio'] = ratio_stats(times[i, o], times[i, 'block'])
             r['flops_ratio'] = r['flops'] / ref['flops']
             r['bytes_ratio'] = r['bytes'] / ref['bytes']
-    return dict(name=case.name, backbone=case.backbone_type,
-                input_size=list(case.input_size),
-                batch_size=case.batch_size, repeats=repeats,
-                options=list(options), device=str(device), load=load,
-                rows=rows)
+    return dict(
+        name=case.name,
+        backbone=case.backbone_type,
+        input_size=list(case.input_size),
+        batch_size=case.batch_size,
+        repeats=repeats,
+        options=list(options),
+        device=str(device),
+        load=load,
+        rows=rows)

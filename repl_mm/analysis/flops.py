@@ -23,7 +23,7 @@ from mmengine.analysis import FlopAnalyzer
 from mmengine.analysis.jit_handles import elementwise_flop_counter, get_shape
 from torch import nn
 
-from ..core import ConvSite, NonReentrantCheckpoint, TransformerSite
+from ..core import SYNTHESIZING_SITES, NonReentrantCheckpoint, iter_sites
 
 
 def sdpa_flop_jit(inputs, outputs) -> int:
@@ -69,25 +69,30 @@ class SynthesisCall(nn.Module):
 
 
 def find_sites(model: nn.Module) -> Dict[str, nn.Module]:
-    """The computing layers (``ConvSite``, ``TransformerSite``) of
-    ``model`` by module name."""
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, (ConvSite, TransformerSite))}
+    """The sites of ``model`` that synthesize their weights
+    (:data:`~repl_mm.core.SYNTHESIZING_SITES`: ``ConvSite``,
+    ``TransformerSite``) by module name, in forward order."""
+    return {
+        ref.name: ref.module
+        for ref in iter_sites(model)
+        if isinstance(ref.module, SYNTHESIZING_SITES)
+    }
 
 
-def _analyze(module: nn.Module, inputs: tuple,
+def _analyze(module: nn.Module,
+             inputs: tuple,
              handles: Optional[dict] = None) -> FlopAnalyzer:
     analyzer = FlopAnalyzer(module, inputs)
-    analyzer.set_op_handle('aten::scaled_dot_product_attention',
-                           sdpa_flop_jit, **(handles or {}))
+    analyzer.set_op_handle('aten::scaled_dot_product_attention', sdpa_flop_jit,
+                           **(handles or {}))
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
     return analyzer
 
 
-def synthesis_flops(model: nn.Module,
-                    names: Optional[Collection[str]] = None
-                    ) -> Dict[str, Dict[str, int]]:
+def synthesis_flops(
+        model: nn.Module,
+        names: Optional[Collection[str]] = None) -> Dict[str, Dict[str, int]]:
     """FLOPs of one weight-space synthesis per site (per forward, any
     batch), by site name. ``counted``: what mmengine's default handles
     count (matmuls; also inside the traced forward); ``total``: with the
@@ -119,7 +124,8 @@ def _tensor_mode(model: nn.Module, x: torch.Tensor):
     return model(x, mode='tensor')
 
 
-def forward_flops(model: nn.Module, inputs: torch.Tensor,
+def forward_flops(model: nn.Module,
+                  inputs: torch.Tensor,
                   call: Callable = _tensor_mode) -> dict:
     """Traced forward in train mode, without autograd: {'total',
     'by_module' (names of ``model``), 'unsupported'}.
@@ -138,8 +144,10 @@ def forward_flops(model: nn.Module, inputs: torch.Tensor,
             k[len('model.'):]: v
             for k, v in analyzer.by_module().items() if k.startswith('model.')
         }
-        return dict(total=analyzer.total(), by_module=by_module,
-                    unsupported=dict(analyzer.unsupported_ops()))
+        return dict(
+            total=analyzer.total(),
+            by_module=by_module,
+            unsupported=dict(analyzer.unsupported_ops()))
 
 
 @contextmanager
@@ -159,16 +167,15 @@ def track_recompute(model: nn.Module):
             if mod.with_cp and args[0].requires_grad:
                 found[name] = 'all'
             elif getattr(mod, 'recompute', False) and not mod.with_cp and (
-                    args[0].requires_grad
-                    or any(p.requires_grad for p in mod.parameters())):
+                    args[0].requires_grad or any(p.requires_grad
+                                                 for p in mod.parameters())):
                 found[name] = 'update'
 
         return pre
 
     handles = [
-        m.register_forward_pre_hook(hook(n))
-        for n, m in model.named_modules()
-        if isinstance(m, (ConvSite, TransformerSite, NonReentrantCheckpoint))
+        m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+        if isinstance(m, SYNTHESIZING_SITES + (NonReentrantCheckpoint, ))
     ]
     try:
         yield found
@@ -213,11 +220,14 @@ def step_flops(model: nn.Module,
             cache[key] = fwd
     syn = synthesis_flops(model, sites)
     forward = fwd['total'] - sum(syn['counted'].values())
-    recompute = sum(
-        fwd['by_module'].get(n, 0) -
-        (syn['counted'].get(n, 0) if kind == 'update' else 0)
-        for n, kind in recomputed.items())
+    recompute = sum(fwd['by_module'].get(n, 0) -
+                    (syn['counted'].get(n, 0) if kind == 'update' else 0)
+                    for n, kind in recomputed.items())
     synthesis = sum(syn['total'].values())
-    return dict(forward=forward, synthesis=synthesis, recompute=recompute,
-                step=3 * forward + recompute, synthesis_step=3 * synthesis,
-                unsupported=fwd['unsupported'])
+    return dict(
+        forward=forward,
+        synthesis=synthesis,
+        recompute=recompute,
+        step=3 * forward + recompute,
+        synthesis_step=3 * synthesis,
+        unsupported=fwd['unsupported'])

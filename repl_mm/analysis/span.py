@@ -295,41 +295,30 @@ def _max_saving(savings: Dict[int, float]) -> float:
 
 
 def residual_blocks(backbone: nn.Module) -> List[dict]:
-    """Every residual block of a RepL backbone in forward order, numbered
-    like its plan (mirrors the adapters' ``setup_replacement``).
+    """Every residual block of a backbone in forward order, numbered like
+    its plan: the adapters' own enumeration
+    (:func:`repl_mm.models.base.block_slots`).
 
     Returns:
         list[dict]: ``index`` (1-based), ``name`` (module name in the
         backbone), ``stage``, ``block`` (1-based in the stage),
         ``replaceable`` (shape-preserving).
+
+    Raises:
+        ValueError: If ``backbone`` has neither ``res_layers`` nor
+            ``layers``.
     """
-    out = []
-    if hasattr(backbone, 'res_layers'):  # ResNets of all three codebases
-        for stage, name in enumerate(backbone.res_layers, 1):
-            layer = getattr(backbone, name)
-            for b in range(len(layer)):
-                out.append(
-                    dict(
-                        name=f'{name}.{b}',
-                        stage=stage,
-                        block=b + 1,
-                        replaceable=getattr(layer[b], 'downsample', None)
-                        is None))
-    elif isinstance(getattr(backbone, 'layers', None), nn.ModuleList):
-        out = [
-            dict(name=f'layers.{b}', stage=1, block=b + 1, replaceable=True)
-            for b in range(len(backbone.layers))
-        ]
-    else:
-        raise ValueError(f'{type(backbone).__name__} has neither res_layers '
-                         '(ResNet) nor layers (ViT): no residual blocks known')
-    for i, b in enumerate(out, 1):
-        b['index'] = i
-    plan = getattr(backbone, 'replacement_plan', None)
-    if plan is not None and plan.num_blocks != len(out):
-        raise RuntimeError(f'found {len(out)} blocks, the plan has '
-                           f'{plan.num_blocks}')
-    return out
+    # here, not at the top: repl_mm.models imports the installed codebases
+    from ..models.base import block_slots
+    names = {id(m): n for n, m in backbone.named_modules()}
+    return [
+        dict(
+            name=names[id(s.parent[s.key])],
+            stage=s.stage,
+            block=s.block,
+            replaceable=s.replaceable,
+            index=i) for i, s in enumerate(block_slots(backbone), 1)
+    ]
 
 
 def would_be_sites(blocks: Sequence[dict]) -> List[int]:

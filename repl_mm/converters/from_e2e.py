@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..apis import (build_dataloader, check_output, init_model,
                     load_checkpoint_state, repl_backbones)
-from ..core.interpolate import InterpolatedBlock
+from ..core import InterpolatedBlock, iter_sites
 from ..models.base import PLAN_KEY, decode_plan
 from .site_fit import check_max_points, fit_site
 
@@ -158,12 +158,13 @@ def check_plans(e2e_bbs: Dict[str, nn.Module], repl_bbs: Dict[str, nn.Module]):
 
 def _site_prefixes(model: nn.Module) -> Dict[str, nn.Module]:
     """'backbone.layer1.3.' -> site module, for every site of ``model``."""
-    names = {id(m): n for n, m in model.named_modules()}
-    return {
-        names[id(site)] + '.': site
-        for bb in repl_backbones(model).values()
-        for site in bb.site_modules().values()
-    }
+    return {r.name + '.': r.module for r in iter_sites(model)}
+
+
+def _sites_by_key(model: nn.Module) -> Dict[str, nn.Module]:
+    """'backbone/5' -> what stands at site 5 of the RepL backbone named
+    ``backbone`` (of an E2E twin: the block)."""
+    return {f'{r.backbone}/{r.index}': r.module for r in iter_sites(model)}
 
 
 @torch.no_grad()
@@ -373,11 +374,7 @@ def convert(e2e_config,
             fresh = osp.join(tmp, 'repl_fresh.pth')
             torch.save(
                 dict(state_dict=repl_model.state_dict(), meta={}), fresh)
-        blocks, sites = {}, {}
-        for name, bb in e2e_bbs.items():
-            for i, block in bb.site_modules().items():
-                blocks[f'{name}/{i}'] = block
-                sites[f'{name}/{i}'] = repl_bbs[name].site_modules()[i]
+        blocks, sites = _sites_by_key(e2e_model), _sites_by_key(repl_model)
         records = record_blocks(e2e_model, blocks,
                                 _batches(e2e_cfg, split, num_batches, seed))
         for key, site in sites.items():

@@ -34,7 +34,7 @@ from ..analysis.cases import default_input_size
 from ..analysis.device import peak_memory, resolve_device
 from ..analysis.profiling import time_round_robin
 from ..apis import check_output, init_model, read_checkpoint, repl_backbones
-from ..core import STATIC_FROM, load_static_site
+from ..core import STATIC_FROM, iter_sites, load_static_site
 from ..models.base import PLAN_KEY, RepLBackboneMixin, repl_classes
 
 
@@ -153,8 +153,6 @@ def _site_pairs(model: nn.Module, static_model: nn.Module):
     if set(src) != set(dst):
         raise ValueError(f'RepL backbones differ: model {sorted(src)}, '
                          f'static model {sorted(dst)}')
-    names = {id(m): n for n, m in model.named_modules()}
-    pairs = []
     for name, bb in src.items():
         plan, splan = bb.replacement_plan, dst[name].replacement_plan
         where = name or 'model'
@@ -172,10 +170,12 @@ def _site_pairs(model: nn.Module, static_model: nn.Module):
                 f'{where}: plans differ: sites {plan.indices} of '
                 f'{plan.num_blocks} blocks in the trained model, '
                 f'{splan.indices} of {splan.num_blocks} in the static one')
-        static_sites = dst[name].site_modules()
-        for i, site in bb.site_modules().items():
-            pairs.append((names[id(site)] + '.', site, static_sites[i]))
-    return pairs
+    static = {
+        (r.backbone, r.index): r.module
+        for r in iter_sites(static_model)
+    }
+    return [(r.name + '.', r.module, static[r.backbone, r.index])
+            for r in iter_sites(model)]
 
 
 @torch.no_grad()

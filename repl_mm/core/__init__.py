@@ -1,5 +1,7 @@
 """Torch-only core of RepL: no OpenMMLab imports below this package."""
 from .cnn_site import ConvSite
+from .contract import (BlockDescription, BlockKind, BlockSlot, ConvBlock,
+                       TransformerBlock)
 from .interpolate import InterpolatedBlock
 from .plan import (MODES, NEIGHBORS, ON_INVALID, STATIC_FROM, VIT_WEIGHTS,
                    ReplacementConfig, ReplacementPlan, SiteRecord,
@@ -7,8 +9,10 @@ from .plan import (MODES, NEIGHBORS, ON_INVALID, STATIC_FROM, VIT_WEIGHTS,
 from .recompute import NonReentrantCheckpoint, use_non_reentrant_checkpoint
 from .static import (StaticConvSite, StaticTransformerSite,
                      interpolated_block_state, load_static_site)
-from .surgery import BlockSlot, pick_sources, replace_blocks
+from .surgery import pick_sources, replace_blocks
 from .vit_site import TransformerSite
+from .walk import (SITE_TYPES, SYNTHESIZING_SITES, SiteRef, is_repl_backbone,
+                   iter_repl_backbones, iter_sites)
 
 # Substrings of the names of the parameters that get no weight decay (spec
 # §8): mixing weights and the sites' fresh norms. configs/_base_/
@@ -16,11 +20,13 @@ from .vit_site import TransformerSite
 NO_DECAY_KEYS = ('.phi', '.alpha', '.beta', '.site_norm.')
 
 __all__ = [
-    'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'STATIC_FROM',
-    'VIT_WEIGHTS', 'BlockSlot', 'ConvSite', 'InterpolatedBlock',
+    'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'SITE_TYPES',
+    'STATIC_FROM', 'SYNTHESIZING_SITES', 'VIT_WEIGHTS', 'BlockDescription',
+    'BlockKind', 'BlockSlot', 'ConvBlock', 'ConvSite', 'InterpolatedBlock',
     'NonReentrantCheckpoint', 'ReplacementConfig', 'ReplacementPlan',
-    'SiteRecord', 'StaticConvSite', 'StaticTransformerSite', 'TransformerSite',
-    'interpolated_block_state', 'load_static_site', 'nearest_kept',
-    'pick_sources', 'replace_blocks', 'select_sites',
-    'use_non_reentrant_checkpoint'
+    'SiteRecord', 'SiteRef', 'StaticConvSite', 'StaticTransformerSite',
+    'TransformerBlock', 'TransformerSite', 'interpolated_block_state',
+    'is_repl_backbone', 'iter_repl_backbones', 'iter_sites',
+    'load_static_site', 'nearest_kept', 'pick_sources', 'replace_blocks',
+    'select_sites', 'use_non_reentrant_checkpoint'
 ]

@@ -10,6 +10,8 @@ import numbers
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .contract import BlockKind
+
 MODES = ('synthesize', 'interpolate', 'drop', 'none', 'static')
 # The trained modes a static model can be computed from.
 STATIC_FROM = ('synthesize', 'interpolate')
@@ -279,7 +281,7 @@ _CONFIG_DEFAULTS = {
 }
 
 
-def _site_kind(sites: Sequence[SiteRecord]) -> Optional[str]:
+def _site_kind(sites: Sequence[SiteRecord]) -> Optional[BlockKind]:
     """``'conv'`` when every site position is a conv (``conv1``...),
     ``'transformer'`` when none is, None when unknown (no sources, as in
     ``drop`` and ``none``, or a mix)."""
@@ -288,12 +290,12 @@ def _site_kind(sites: Sequence[SiteRecord]) -> Optional[str]:
         return None
     conv = [k.startswith('conv') for k in names]
     if all(conv):
-        return 'conv'
-    return None if any(conv) else 'transformer'
+        return BlockKind.CONV
+    return None if any(conv) else BlockKind.TRANSFORMER
 
 
 def _compared_options(cfg: ReplacementConfig,
-                      kind: Optional[str]) -> List[str]:
+                      kind: Optional[BlockKind]) -> List[str]:
     """The options that can change the function of a trained model with
     ``cfg``'s mode and sites of ``kind`` (see
     :meth:`ReplacementPlan.compare`); an unknown kind counts as both."""
@@ -304,11 +306,11 @@ def _compared_options(cfg: ReplacementConfig,
         names.append('static_from')
     if cfg.mode in ('synthesize', 'interpolate', 'static'):
         names.append('neighbors')
-    if synthesized and kind != 'transformer':
+    if synthesized and kind != BlockKind.TRANSFORMER:
         names.append('residual')
-    if synthesized and kind != 'conv':
+    if synthesized and kind != BlockKind.CONV:
         names.append('vit_weights')
-    if cfg.mode == 'synthesize' and kind != 'conv':
+    if cfg.mode == 'synthesize' and kind != BlockKind.CONV:
         names.append('num_scalars')
     return names
 

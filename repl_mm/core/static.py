@@ -1,5 +1,5 @@
 """``mode='static'``: sites whose operator is an ordinary weight, computed
-once from a trained RepL model for deployment (paper A.5.3, issue 8 §5).
+once from a trained RepL model for deployment (paper A.5.3).
 
 A static site holds no neighbour references and synthesizes nothing: what
 a trained site computes in eval mode is folded, once, into plain 1x1

@@ -1,7 +1,9 @@
 """Apply a replacement plan to a backbone's blocks: the one place that edits
-a model (spec §1-§3). Backbones (and, later, the hook) call
-:func:`replace_blocks`; it never learns which codebase a block came from:
-the adapter hands it block slots and a ``describe`` function.
+a model (spec §1-§3). Backbones (on the registry and the hook routes
+alike) call :func:`replace_blocks`; it never learns which codebase a block
+came from: the adapter hands it block slots and a ``describe`` function
+returning typed descriptions (:mod:`.contract`). What stands in a block's
+place is built by ``BUILDERS[mode][kind]``.
 
 Every tensor a site creates is created on the device and in the dtype of
 the block it replaces (its first conv or qkv weight), whenever surgery
@@ -9,13 +11,14 @@ runs (spec §8): the hook route edits a model mmengine has already moved.
 """
 import copy
 import numbers
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from .cnn_site import ConvSite
+from .contract import (BlockDescription, BlockKind, BlockSlot, ConvBlock,
+                       TransformerBlock)
 from .device import weight_factory
 from .interpolate import InterpolatedBlock
 from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
@@ -23,23 +26,7 @@ from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
 from .recompute import fuse_into_segment, use_non_reentrant_checkpoint
 from .static import StaticConvSite, StaticTransformerSite
 from .vit_site import TransformerSite
-
-
-@dataclass
-class BlockSlot:
-    """Where block ``stage``.``block`` (1-based) lives: ``parent[key]``.
-
-    ``tap`` marks a block whose output is read outside its container's
-    sequence (a ViT ``out_indices`` layer); the last block of a container
-    needs no mark.
-    """
-
-    parent: Any
-    key: int
-    stage: int
-    block: int
-    replaceable: bool
-    tap: bool = False
+from .walk import SITE_TYPES
 
 
 def pick_sources(prev_ok: bool, next_ok: bool,
@@ -59,30 +46,34 @@ def pick_sources(prev_ok: bool, next_ok: bool,
     return ()
 
 
-def _conv_sources(mode, site_desc, nbrs, cfg):
+def _conv_sources(mode: str, desc: ConvBlock, nbrs: dict,
+                  cfg: ReplacementConfig) -> list:
     """Per conv position: [(name, neighbour conv)] that can serve it."""
     out = []
-    for j, conv in enumerate(site_desc['convs']):
+    for j, conv in enumerate(desc.convs):
         shape = tuple(conv.weight.shape)
 
-        def serves(desc):
-            if desc is None or j >= len(desc['convs']):
+        def serves(nbr: Optional[ConvBlock]) -> bool:
+            if nbr is None or j >= len(nbr.convs):
                 return False
-            w = desc['convs'][j].weight.shape
+            w = nbr.convs[j].weight.shape
             # synthesize needs (Cout, Cin); interpolate the whole kernel.
             return tuple(w) == shape if mode == 'interpolate' else \
                 tuple(w[:2]) == shape[:2]
 
         names = pick_sources(
             serves(nbrs['prev']), serves(nbrs['next']), cfg.neighbors)
-        out.append([(n, nbrs[n]['convs'][j]) for n in names])
+        out.append([(n, nbrs[n].convs[j]) for n in names])
     return out
 
 
-def _vit_sources(nbrs, cfg, ops):
+def _vit_sources(nbrs: dict, cfg: ReplacementConfig,
+                 ops: Sequence[str]) -> dict:
+    """Per operator (``'attn'``, ``'mlp'``): [(name, neighbour's linear
+    pair)] that serve it."""
     names = pick_sources(nbrs['prev'] is not None, nbrs['next'] is not None,
                          cfg.neighbors)
-    return {op: [(n, nbrs[n][op]) for n in names] for op in ops}
+    return {op: [(n, getattr(nbrs[n], op)) for n in names] for op in ops}
 
 
 # Attributes of the SyncBN types that hold their process group: torch's
@@ -140,99 +131,161 @@ def _named(sources) -> Tuple[str, ...]:
     return tuple(n for n, _ in sources) or ('own', )
 
 
-def block_factory(kind: str, desc: dict) -> dict:
+def block_factory(desc: BlockDescription) -> dict:
     """``dict(device=..., dtype=...)`` of the block ``desc`` describes: of
-    its first conv weight (``'conv'``) or its qkv weight
-    (``'transformer'``). Every tensor its site creates takes them."""
-    lin = desc['convs'][0] if kind == 'conv' else desc['attn'][0]
+    its first conv weight (:class:`ConvBlock`) or its qkv weight
+    (:class:`TransformerBlock`). Every tensor its site creates takes
+    them."""
+    lin = desc.convs[0] if desc.kind == BlockKind.CONV else desc.attn[0]
     return weight_factory(lin.weight)
 
 
-def _build_static(kind, old, desc, nbrs, cfg):
-    """The static stand-in of block ``old`` (``mode='static'``) and the
-    sources its weights were computed from (as the ``static_from`` site
-    records them). Built empty: a static checkpoint fills it."""
-    if cfg.static_from == 'interpolate':
-        # The original block: the interpolated weights are loaded into it.
-        if kind == 'conv':
-            srcs = _conv_sources('interpolate', desc, nbrs, cfg)
-            return old, {f'conv{j}': _named(s) for j, s in enumerate(srcs, 1)}
-        names = _named(_vit_sources(nbrs, cfg, ('attn', ))['attn'])
-        return old, {'qkv': names, 'proj': names}
-    if kind == 'conv':
-        srcs = _conv_sources('synthesize', desc, nbrs, cfg)
-        site = StaticConvSite(
-            [tuple(c.weight.shape[:2]) for c in desc['convs']],
-            fresh_norm(desc['norm']),
-            copy.deepcopy(desc['act']),
-            residual=cfg.residual,
-            **block_factory(kind, desc))
-        return site, {f'conv{j}': _named(s) for j, s in enumerate(srcs, 1)}
-    srcs = _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights])
-    site = StaticTransformerSite(desc['dim'], fresh_norm(desc['norm']),
-                                 copy.deepcopy(desc['act']),
-                                 **block_factory(kind, desc))
-    return site, {op: _named(srcs.get(op, ())) for op in ('attn', 'mlp')}
-
-
-def _build_site(kind, old, desc, nbrs, cfg, with_cp):
-    """The module that takes block ``old``'s place, and its sources."""
-    drop_path = copy.deepcopy(desc.get('drop_path'))
+def _site_drop_path(desc: BlockDescription) -> Optional[nn.Module]:
+    """A copy of the block's stochastic depth for its site."""
+    drop_path = copy.deepcopy(desc.drop_path)
     if isinstance(getattr(drop_path, 'drop_prob', None), numbers.Real):
         # Upstream rates come from np.linspace: a numpy float, on which
         # torch.compile breaks the graph (mmcv's drop_path branches on it).
         # The same rate as a Python float keeps the site in one graph.
         drop_path.drop_prob = float(drop_path.drop_prob)
-    if cfg.mode == 'drop':
-        return nn.Identity(), {}
-    if cfg.mode == 'static':
-        return _build_static(kind, old, desc, nbrs, cfg)
+    return drop_path
+
+
+# -- the builders: (block, its description, the kept neighbours'
+# descriptions, config, with_cp) -> (module in its place, its sources) --
+
+
+def _keep(old, desc, nbrs, cfg, with_cp):
+    """``mode='none'``: the block stays (the E2E twin of a plan)."""
+    return old, {}
+
+
+def _drop(old, desc, nbrs, cfg, with_cp):
+    """``mode='drop'``: nothing in the block's place."""
+    return nn.Identity(), {}
+
+
+def _conv_targets(desc: ConvBlock, nbrs, cfg):
+    """Each conv with the neighbour convs of its kernel shape."""
+    srcs = _conv_sources('interpolate', desc, nbrs, cfg)
+    names = [f'conv{j}' for j in range(1, len(srcs) + 1)]
+    return list(zip(desc.convs, srcs)), names
+
+
+def _attn_targets(desc: TransformerBlock, nbrs, cfg):
+    """qkv and proj with the neighbours' qkv and proj."""
+    per_op = _vit_sources(nbrs, cfg, ('attn', ))['attn']
+    return ([(m, [(n, t[i]) for n, t in per_op])
+             for i, m in enumerate(desc.attn)], ['qkv', 'proj'])
+
+
+_INTERPOLATION_TARGETS = {
+    BlockKind.CONV: _conv_targets,
+    BlockKind.TRANSFORMER: _attn_targets
+}
+
+
+def _interpolation(desc: BlockDescription, nbrs, cfg):
+    """The weights an interpolated block interpolates, as [(own module,
+    [(name, neighbour module)])], and its sources by position."""
+    targets, names = _INTERPOLATION_TARGETS[desc.kind](desc, nbrs, cfg)
+    return targets, {k: _named(s) for k, (_, s) in zip(names, targets)}
+
+
+def _interpolated(old, desc, nbrs, cfg, with_cp):
+    """``mode='interpolate'``: the block, some weights interpolated."""
     # before InterpolatedBlock deletes the block's weights
-    factory = block_factory(kind, desc)
-    if cfg.mode == 'interpolate':
-        if kind == 'conv':
-            srcs = _conv_sources('interpolate', desc, nbrs, cfg)
-            targets = list(zip(desc['convs'], srcs))
-            names = [f'conv{j}' for j in range(1, len(srcs) + 1)]
-        else:
-            per_op = _vit_sources(nbrs, cfg, ('attn', ))['attn']
-            targets = [(m, [(n, t[i]) for n, t in per_op])
-                       for i, m in enumerate(desc['attn'])]
-            names = ['qkv', 'proj']
-        site = InterpolatedBlock(old, targets, with_cp=with_cp, **factory)
-        return site, {
-            k: tuple(n for n, _ in s) or ('own', )
-            for k, (_, s) in zip(names, targets)
-        }
-    if kind == 'conv':
-        srcs = _conv_sources('synthesize', desc, nbrs, cfg)
-        shapes = [tuple(c.weight.shape[:2]) for c in desc['convs']]
-        site = ConvSite(
-            shapes,
-            srcs,
-            fresh_norm(desc['norm']),
-            copy.deepcopy(desc['act']),
-            residual=cfg.residual,
-            zero_init=cfg.zero_init,
-            scale=cfg.scale,
-            drop_path=drop_path,
-            with_cp=with_cp,
-            recompute=cfg.recompute,
-            **factory)
-        return site, {f'conv{j}': s for j, s in enumerate(site.sources, 1)}
+    factory = block_factory(desc)
+    targets, sources = _interpolation(desc, nbrs, cfg)
+    return InterpolatedBlock(old, targets, with_cp=with_cp, **factory), sources
+
+
+def _static_conv_site(desc: ConvBlock, nbrs, cfg):
+    srcs = _conv_sources('synthesize', desc, nbrs, cfg)
+    site = StaticConvSite([tuple(c.weight.shape[:2]) for c in desc.convs],
+                          fresh_norm(desc.norm),
+                          copy.deepcopy(desc.act),
+                          residual=cfg.residual,
+                          **block_factory(desc))
+    return site, {f'conv{j}': _named(s) for j, s in enumerate(srcs, 1)}
+
+
+def _static_transformer_site(desc: TransformerBlock, nbrs, cfg):
+    srcs = _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights])
+    site = StaticTransformerSite(desc.dim, fresh_norm(desc.norm),
+                                 copy.deepcopy(desc.act),
+                                 **block_factory(desc))
+    return site, {op: _named(srcs.get(op, ())) for op in ('attn', 'mlp')}
+
+
+_STATIC_SITES = {
+    BlockKind.CONV: _static_conv_site,
+    BlockKind.TRANSFORMER: _static_transformer_site
+}
+
+
+def _static(old, desc, nbrs, cfg, with_cp):
+    """``mode='static'``: the static stand-in, built empty (a static
+    checkpoint fills it), and the sources its weights were computed from
+    (as the ``static_from`` site records them). Of ``static_from=
+    'interpolate'``: the original block, into which the interpolated
+    weights are loaded."""
+    if cfg.static_from == 'interpolate':
+        return old, _interpolation(desc, nbrs, cfg)[1]
+    return _STATIC_SITES[desc.kind](desc, nbrs, cfg)
+
+
+def _conv_site(old, desc: ConvBlock, nbrs, cfg, with_cp):
+    """``mode='synthesize'`` of a conv block: a :class:`ConvSite`."""
+    site = ConvSite([tuple(c.weight.shape[:2]) for c in desc.convs],
+                    _conv_sources('synthesize', desc, nbrs, cfg),
+                    fresh_norm(desc.norm),
+                    copy.deepcopy(desc.act),
+                    residual=cfg.residual,
+                    zero_init=cfg.zero_init,
+                    scale=cfg.scale,
+                    drop_path=_site_drop_path(desc),
+                    with_cp=with_cp,
+                    recompute=cfg.recompute,
+                    **block_factory(desc))
+    return site, {f'conv{j}': s for j, s in enumerate(site.sources, 1)}
+
+
+def _transformer_site(old, desc: TransformerBlock, nbrs, cfg, with_cp):
+    """``mode='synthesize'`` of an encoder layer: a
+    :class:`TransformerSite`."""
     site = TransformerSite(
-        desc['dim'],
+        desc.dim,
         _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights]),
-        fresh_norm(desc['norm']),
-        copy.deepcopy(desc['act']),
+        fresh_norm(desc.norm),
+        copy.deepcopy(desc.act),
         num_scalars=cfg.num_scalars,
         zero_init=cfg.zero_init,
         scale=cfg.scale,
-        drop_path=drop_path,
+        drop_path=_site_drop_path(desc),
         with_cp=with_cp,
         recompute=cfg.recompute,
-        **factory)
+        **block_factory(desc))
     return site, site.sources
+
+
+#: mode -> block kind -> builder (see above). What differs by kind below
+#: the mode is in ``_INTERPOLATION_TARGETS`` and ``_STATIC_SITES``.
+BUILDERS: Dict[str, Dict[BlockKind, Callable]] = {
+    'none': dict.fromkeys(BlockKind, _keep),
+    'drop': dict.fromkeys(BlockKind, _drop),
+    'static': dict.fromkeys(BlockKind, _static),
+    'interpolate': dict.fromkeys(BlockKind, _interpolated),
+    'synthesize': {
+        BlockKind.CONV: _conv_site,
+        BlockKind.TRANSFORMER: _transformer_site
+    },
+}
+
+_DESCRIPTIONS = {
+    BlockKind.CONV: ConvBlock,
+    BlockKind.TRANSFORMER: TransformerBlock
+}
 
 
 def _params_by_id(module: nn.Module) -> Dict[int, nn.Parameter]:
@@ -244,33 +297,40 @@ def _params_by_id(module: nn.Module) -> Dict[int, nn.Parameter]:
 def replace_blocks(slots: Sequence[BlockSlot],
                    options: Optional[dict],
                    kind: str,
-                   describe: Callable[[nn.Module], dict],
+                   describe: Callable[[nn.Module], BlockDescription],
                    with_cp: bool = False) -> ReplacementPlan:
     """Plan the sites of ``slots`` and put computing layers in their place.
 
     Args:
         slots (Sequence[BlockSlot]): Every residual block, forward order.
         options (dict | ReplacementConfig | None): ``replacement=dict(...)``.
-        kind (str): ``'conv'`` (BasicBlock/Bottleneck) or ``'transformer'``.
-        describe (Callable): Block -> dict. For ``'conv'``: ``convs`` (the
-            block's convs in order), ``norm`` (its last norm, cloned fresh
-            for the site), ``act``, optional ``drop_path``. For
-            ``'transformer'``: ``dim``, ``attn`` ((qkv, proj) linears),
-            ``mlp`` ((fc1, fc2) linears), ``norm`` (a LayerNorm of width
-            d, cloned fresh), ``act``, optional ``drop_path``.
+        kind (str | BlockKind): ``'conv'`` (BasicBlock/Bottleneck) or
+            ``'transformer'``.
+        describe (Callable): Block -> its description: a
+            :class:`ConvBlock` for ``'conv'``, a :class:`TransformerBlock`
+            for ``'transformer'``.
         with_cp (bool): Checkpoint every block non-reentrantly (spec §8):
             sites and, when they checkpoint, kept blocks.
 
     Returns:
         ReplacementPlan: The record of what was done.
     """
-    if kind not in ('conv', 'transformer'):
-        raise ValueError(f"kind must be 'conv' or 'transformer', got {kind!r}")
+    try:
+        kind = BlockKind(kind)
+    except ValueError:
+        raise ValueError("kind must be 'conv' or 'transformer', got "
+                         f'{kind!r}') from None
     cfg = ReplacementConfig.from_dict(options)
     n = len(slots)
     indices, notes = select_sites([s.replaceable for s in slots], cfg)
     blocks = [s.parent[s.key] for s in slots]
     descs = [describe(b) for b in blocks]
+    for i, desc in enumerate(descs, 1):
+        if not isinstance(desc, _DESCRIPTIONS[kind]):
+            raise TypeError(f'describe returned a {type(desc).__name__} for '
+                            f'block {i}; kind={kind.value!r} needs a '
+                            f'{_DESCRIPTIONS[kind].__name__}')
+    build = BUILDERS[cfg.mode][kind]
     built: List[Tuple[BlockSlot, nn.Module]] = []
     records = []
     for i in indices:
@@ -281,11 +341,7 @@ def replace_blocks(slots: Sequence[BlockSlot],
             'next': descs[nxt - 1] if nxt else None
         }
         before = _params_by_id(old)
-        if cfg.mode == 'none':
-            new, sources = old, {}
-        else:
-            new, sources = _build_site(kind, old, descs[i - 1], nbrs, cfg,
-                                       with_cp)
+        new, sources = build(old, descs[i - 1], nbrs, cfg, with_cp)
         after = _params_by_id(new)
         records.append(
             SiteRecord(
@@ -306,16 +362,12 @@ def replace_blocks(slots: Sequence[BlockSlot],
     if with_cp:
         for slot in slots:
             block = slot.parent[slot.key]
-            if not isinstance(block, _SITES + (nn.Identity, )):
+            if not isinstance(block, SITE_TYPES + (nn.Identity, )):
                 block.with_cp = True
                 use_non_reentrant_checkpoint(block)
         if cfg.mode in ('synthesize', 'interpolate'):
             _fuse_sites(slots, indices)
     return ReplacementPlan(cfg, n, records, notes)
-
-
-_SITES = (ConvSite, TransformerSite, InterpolatedBlock, StaticConvSite,
-          StaticTransformerSite)
 
 
 def _fuse_sites(slots: Sequence[BlockSlot], indices: Sequence[int]):

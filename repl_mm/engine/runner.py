@@ -7,11 +7,9 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from mmengine.model import is_model_wrapper, revert_sync_batchnorm
+from mmengine.model import revert_sync_batchnorm
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
-from mmengine.runner.checkpoint import (_load_checkpoint,
-                                        _load_checkpoint_to_model)
 
 from ..apis import scope_of
 from .checkpoint_globals import allow_mmengine_checkpoints
@@ -19,9 +17,10 @@ from .checkpoint_globals import allow_mmengine_checkpoints
 #: Where each launcher's processes find their local rank (the GPU they
 #: drive) when ``LOCAL_RANK`` (torchrun's) is not set, in lookup order.
 LOCAL_RANK_ENV = {
-    'mpi': ('OMPI_COMM_WORLD_LOCAL_RANK',  # OpenMPI
-            'MPI_LOCALRANKID',  # MPICH, Intel MPI (Hydra)
-            'SLURM_LOCALID'),  # MPI processes started by srun
+    'mpi': (
+        'OMPI_COMM_WORLD_LOCAL_RANK',  # OpenMPI
+        'MPI_LOCALRANKID',  # MPICH, Intel MPI (Hydra)
+        'SLURM_LOCALID'),  # MPI processes started by srun
     'slurm': ('SLURM_LOCALID', ),
 }
 
@@ -129,6 +128,9 @@ class RepLRunner(Runner):
     a ``runner_type``; other tools can set ``runner_type='RepLRunner'``.
     """
 
+    #: (filename, map_location) while :meth:`load_checkpoint` runs
+    _loading: Optional[tuple] = None
+
     def wrap_model(self, model_wrapper_cfg, model):
         if self.distributed and not torch.cuda.is_available():
             model = revert_sync_batchnorm(model)
@@ -170,26 +172,33 @@ class RepLRunner(Runner):
                         map_location='cpu',
                         strict: bool = False,
                         revise_keys: list = [(r'^module.', '')]):
-        """mmengine 0.10.7's ``load_checkpoint`` (same arguments), with our
-        checkpoints' globals allowed and a ``ValueError`` for a checkpoint
-        on the meta device."""
-        with allow_mmengine_checkpoints():
-            checkpoint = _load_checkpoint(filename, map_location=map_location)
-        meta = next(meta_tensors(checkpoint), None)
-        if meta is not None:
-            raise ValueError(
-                f'map_location={map_location!r}: {filename} was loaded onto '
-                f'the meta device (first meta tensor: {meta}), which holds '
-                "no data to load or resume from; use map_location='cpu' or "
-                'a real device')
-        self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
-        model = self.model.module if is_model_wrapper(
-            self.model) else self.model
-        checkpoint = _load_checkpoint_to_model(
-            model, checkpoint, strict, revise_keys=revise_keys)
-        self._has_loaded = True
-        self.logger.info(f'Load checkpoint from {filename}')
-        return checkpoint
+        """mmengine's ``load_checkpoint`` (same arguments), run with our
+        checkpoints' globals allowed; a checkpoint on the meta device is
+        refused before any hook sees it (:meth:`call_hook`)."""
+        self._loading = (filename, map_location)
+        try:
+            with allow_mmengine_checkpoints():
+                return super().load_checkpoint(filename, map_location, strict,
+                                               revise_keys)
+        finally:
+            self._loading = None
+
+    def call_hook(self, fn_name: str, **kwargs) -> None:
+        """mmengine's ``call_hook``. Before the hooks'
+        ``after_load_checkpoint`` (the first thing mmengine does with a
+        loaded checkpoint, before the model loads it), a ``ValueError``
+        naming the first tensor on the meta device, if there is one."""
+        if fn_name == 'after_load_checkpoint':
+            meta = next(meta_tensors(kwargs['checkpoint']), None)
+            if meta is not None:
+                filename, map_location = self._loading or ('a checkpoint',
+                                                           None)
+                raise ValueError(
+                    f'map_location={map_location!r}: {filename} was loaded '
+                    f'onto the meta device (first meta tensor: {meta}), '
+                    'which holds no data to load or resume from; use '
+                    "map_location='cpu' or a real device")
+        super().call_hook(fn_name, **kwargs)
 
 
 def build_runner(cfg, train: bool) -> Runner:

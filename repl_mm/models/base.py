@@ -4,24 +4,17 @@ checkpoint, and train-mode rules for the sites' fresh norms (spec §3, §6).
 Imports mmengine only (for logging), never a task codebase.
 """
 import json
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from mmengine.logging import print_log
 from torch import nn
 
-from ..core import (BlockSlot, ConvSite, InterpolatedBlock, ReplacementPlan,
-                    StaticConvSite, StaticTransformerSite, TransformerSite,
+from ..core import (SITE_TYPES, BlockKind, BlockSlot, ConvBlock, ConvSite,
+                    InterpolatedBlock, ReplacementPlan, TransformerSite,
                     replace_blocks)
 
 PLAN_KEY = 'replacement_plan'
-
-# Modules that RepL builds in place of a block and that hold weights of
-# their own to initialise. Not an original block: in ``mode='none'`` a
-# site is the block itself, and a static site of ``static_from=
-# 'interpolate'`` is a plain block; upstream initialises both.
-SITE_TYPES = (ConvSite, TransformerSite, InterpolatedBlock, StaticConvSite,
-              StaticTransformerSite)
 
 
 def encode_plan(plan: ReplacementPlan) -> torch.Tensor:
@@ -40,9 +33,11 @@ def decode_plan(tensor) -> dict:
 class RepLBackboneMixin:
     """Mixin placed before the upstream backbone class.
 
-    Subclasses define :meth:`setup_replacement`, which calls
-    :meth:`_replace` with their block slots and a ``describe`` function (see
-    :func:`repl_mm.core.replace_blocks`), call it at the end of
+    Subclasses define :meth:`block_slots` (every residual block, forward
+    order: the one enumeration of a backbone's blocks) and
+    :meth:`setup_replacement`, which calls :meth:`_replace` with those
+    slots, a kind and a ``describe`` function (see
+    :func:`repl_mm.core.replace_blocks`); they call it at the end of
     ``__init__``, and define :meth:`_block_frozen`. Because everything RepL
     adds happens in ``setup_replacement``, an already built upstream
     backbone becomes the RepL one by changing its class and calling it
@@ -57,12 +52,20 @@ class RepLBackboneMixin:
         """The upstream backbone class this one extends."""
         return cls.__bases__[-1]
 
+    def block_slots(self) -> List[BlockSlot]:
+        """Every residual block of this backbone, forward order, numbered
+        as its plan numbers them. Also valid after the surgery (a site
+        stands in its block's slot) and on an instance of the upstream
+        class (``cls.block_slots(upstream_backbone)``: see
+        :func:`block_slots`)."""
+        raise NotImplementedError
+
     def setup_replacement(self, replacement) -> ReplacementPlan:
         """Plan and replace the sites of this (built) backbone."""
         raise NotImplementedError
 
-    def _replace(self, slots: Sequence[BlockSlot], replacement, kind: str,
-                 describe, with_cp: bool) -> ReplacementPlan:
+    def _replace(self, slots: Sequence[BlockSlot], replacement,
+                 kind: BlockKind, describe, with_cp: bool) -> ReplacementPlan:
         names = {id(m): n for n, m in self.named_modules()}
         prefixes = [names[id(s.parent[s.key])] + '.' for s in slots]
         plan = replace_blocks(slots, replacement, kind, describe, with_cp)
@@ -129,13 +132,15 @@ class RepLBackboneMixin:
         norm, and upstream's recursion never reaches sites held in a plain
         ``nn.Sequential``: so the sites (phi = alpha = beta = 0.5, norm gamma
         0 with ``zero_init``; a static site's zero weights) are initialised
-        after upstream's. Only modules RepL built are (``SITE_TYPES``),
-        never an original block: in ``mode='none'`` the model is
-        upstream's, draw for draw. An ``InterpolatedBlock`` initialises its
-        block as upstream's recursion would have (when it reaches it):
-        here only its alpha and beta are reset. With a ``Pretrained``
-        init_cfg (an upstream E2E or a RepL checkpoint) the generic
-        initialisers do not run and the sites keep what they were built
+        after upstream's. Only modules RepL built are
+        (:data:`repl_mm.core.SITE_TYPES`), never an original block: in
+        ``mode='none'`` the model is upstream's, draw for draw (a site is
+        the block itself, and a static site of ``static_from=
+        'interpolate'`` is a plain block). An ``InterpolatedBlock``
+        initialises its block as upstream's recursion would have (when it
+        reaches it): here only its alpha and beta are reset. With a
+        ``Pretrained`` init_cfg (an upstream E2E or a RepL checkpoint) the
+        generic initialisers do not run and the sites keep what they were built
         with or what the checkpoint holds. Runs once, like upstream's.
         """
         first = not getattr(self, '_is_init', False)
@@ -248,14 +253,14 @@ class RepLBackboneMixin:
         return unused
 
 
-def describe_resnet_block(block: nn.Module) -> dict:
+def describe_resnet_block(block: nn.Module) -> ConvBlock:
     """BasicBlock / Bottleneck of mmdet, mmseg and mmpretrain alike."""
     convs = [block.conv1, block.conv2]
     last_norm = block.norm2
     if hasattr(block, 'conv3'):
         convs.append(block.conv3)
         last_norm = block.norm3
-    return dict(
+    return ConvBlock(
         convs=convs,
         norm=last_norm,
         act=block.relu,
@@ -267,16 +272,20 @@ class RepLResNetMixin(RepLBackboneMixin):
     ``ResLayer`` sequences; a block is replaceable iff it has no
     ``downsample`` (identity shortcut: stride 1, same channels)."""
 
-    def setup_replacement(self, replacement) -> ReplacementPlan:
+    def block_slots(self) -> List[BlockSlot]:
         slots = []
         for stage, name in enumerate(self.res_layers, 1):
             layer = getattr(self, name)
             for b in range(len(layer)):
+                # a site (after the surgery) has no shortcut: replaceable
+                shortcut = getattr(layer[b], 'downsample', None)
                 slots.append(
-                    BlockSlot(layer, b, stage, b + 1, layer[b].downsample
-                              is None))
-        plan = self._replace(slots, replacement, 'conv', describe_resnet_block,
-                             self.with_cp)
+                    BlockSlot(layer, b, stage, b + 1, shortcut is None))
+        return slots
+
+    def setup_replacement(self, replacement) -> ReplacementPlan:
+        plan = self._replace(self.block_slots(), replacement, BlockKind.CONV,
+                             describe_resnet_block, self.with_cp)
         self._freeze_stages()  # sites in frozen stages freeze with them
         return plan
 
@@ -300,6 +309,55 @@ def repl_classes() -> List[type]:
     return out
 
 
+def adapter_class(backbone: nn.Module) -> Optional[type]:
+    """The RepL class of ``backbone``: its own class if it is a RepL
+    backbone, else the RepL class that extends exactly its upstream class,
+    else None."""
+    if isinstance(backbone, RepLBackboneMixin):
+        return type(backbone)
+    return {c.upstream_class(): c for c in repl_classes()}.get(type(backbone))
+
+
+def sequential_slots(layers: nn.ModuleList, taps=()) -> List[BlockSlot]:
+    """One stage of blocks ``layers[0], layers[1], ...``, every one
+    replaceable (shape-preserving: a ViT's encoder layers); ``taps``: the
+    0-based positions whose output is read outside ``layers``."""
+    return [
+        BlockSlot(layers, i, 1, i + 1, True, tap=i in taps)
+        for i in range(len(layers))
+    ]
+
+
+def block_slots(backbone: nn.Module) -> List[BlockSlot]:
+    """Every residual block of ``backbone`` as the surgery numbers them:
+    forward order, 1-based like the plan.
+
+    A RepL backbone, or an upstream one a RepL backbone extends, is
+    enumerated by its adapter (:meth:`RepLBackboneMixin.block_slots`). Any
+    other module by the same enumerations, chosen by structure:
+    ``res_layers`` (:class:`RepLResNetMixin`'s), else a ``layers``
+    ``ModuleList`` (:func:`sequential_slots`).
+
+    Raises:
+        ValueError: If ``backbone`` has neither.
+
+    Example:
+        >>> from repl_mm.models.cls_resnet import RepLResNet_CIFAR
+        >>> slots = block_slots(RepLResNet_CIFAR(depth=20))
+        >>> len(slots), [s.block for s in slots if not s.replaceable]
+        (9, [1, 1])
+    """
+    cls = adapter_class(backbone)
+    if cls is not None:
+        return cls.block_slots(backbone)
+    if hasattr(backbone, 'res_layers'):
+        return RepLResNetMixin.block_slots(backbone)
+    if isinstance(getattr(backbone, 'layers', None), nn.ModuleList):
+        return sequential_slots(backbone.layers)
+    raise ValueError(f'{type(backbone).__name__} has neither res_layers '
+                     '(ResNet) nor layers (ViT): no residual blocks known')
+
+
 def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
     """Turn a built upstream backbone into its RepL twin, in place.
 
@@ -319,10 +377,12 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
         raise ValueError(f'{type(backbone).__name__} is already a RepL '
                          'backbone: use either the RepL backbone in the '
                          'config or ReplacementHook, not both')
-    classes = {c.upstream_class(): c for c in repl_classes()}
-    cls = classes.get(type(backbone))
+    cls = adapter_class(backbone)
     if cls is None:
-        known = sorted(f'{u.__module__}.{u.__name__}' for u in classes)
+        known = sorted({
+            f'{c.upstream_class().__module__}.{c.upstream_class().__name__}'
+            for c in repl_classes()
+        })
         raise ValueError(
             f'no RepL backbone extends {type(backbone).__module__}.'
             f'{type(backbone).__name__}; supported upstream backbones: '
@@ -332,7 +392,7 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
 
 
 __all__ = [
-    'SITE_TYPES', 'RepLBackboneMixin', 'RepLResNetMixin',
-    'describe_resnet_block', 'encode_plan', 'decode_plan', 'repl_classes',
-    'to_repl_backbone'
+    'SITE_TYPES', 'RepLBackboneMixin', 'RepLResNetMixin', 'adapter_class',
+    'block_slots', 'describe_resnet_block', 'encode_plan', 'decode_plan',
+    'repl_classes', 'sequential_slots', 'to_repl_backbone'
 ]

@@ -3,11 +3,11 @@ from mmcv.cnn.bricks.transformer import FFN
 from mmpretrain.models.backbones import VisionTransformer
 from mmpretrain.registry import MODELS
 
-from ..core import BlockSlot
-from .base import RepLBackboneMixin
+from ..core import BlockKind, TransformerBlock
+from .base import RepLBackboneMixin, sequential_slots
 
 
-def describe_vit_layer(layer) -> dict:
+def describe_vit_layer(layer) -> TransformerBlock:
     """mmpretrain ``TransformerEncoderLayer``: fused qkv, proj, 2-fc FFN."""
     ffn = layer.ffn
     if not isinstance(ffn, FFN) or ffn.num_fcs != 2:
@@ -15,7 +15,7 @@ def describe_vit_layer(layer) -> dict:
                          "with num_fcs=2 (fc1, act, fc2); got "
                          f'{type(ffn).__name__}')
     fc1, act = ffn.layers[0][0], ffn.layers[0][1]
-    return dict(
+    return TransformerBlock(
         dim=layer.embed_dims,
         attn=(layer.attn.qkv, layer.attn.proj),
         mlp=(fc1, ffn.layers[1]),
@@ -56,15 +56,14 @@ class RepLVisionTransformer(RepLBackboneMixin, VisionTransformer):
         super().__init__(*args, **kwargs)
         self.setup_replacement(replacement, with_cp)
 
+    def block_slots(self):
+        return sequential_slots(self.layers, self.out_indices)
+
     def setup_replacement(self, replacement, with_cp=False):
         self.with_cp = with_cp
-        slots = [
-            BlockSlot(
-                self.layers, i, 1, i + 1, True, tap=i in self.out_indices)
-            for i in range(len(self.layers))
-        ]
-        plan = self._replace(slots, replacement, 'transformer',
-                             describe_vit_layer, with_cp)
+        plan = self._replace(self.block_slots(), replacement,
+                             BlockKind.TRANSFORMER, describe_vit_layer,
+                             with_cp)
         if self.frozen_stages > 0:
             self._freeze_stages()
         return plan

@@ -281,6 +281,18 @@ def test_residual_blocks_mirror_the_plan():
     assert would_be_sites(residual_blocks(vit)) == [2, 3]
 
 
+def test_residual_blocks_of_an_upstream_backbone():
+    """The adapter's enumeration, also for the upstream class it extends;
+    a site stands in its block's slot."""
+    from mmpretrain.models.backbones import ResNet
+
+    from repl_mm.models.cls_resnet import RepLResNet
+    assert residual_blocks(ResNet(depth=18)) == residual_blocks(
+        RepLResNet(depth=18))
+    with pytest.raises(ValueError, match='has neither res_layers'):
+        residual_blocks(torch.nn.Sequential())
+
+
 # -- the tool --------------------------------------------------------------
 @pytest.fixture(scope='module')
 def test_root(tmp_path_factory):

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from repl_mm.core.plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
@@ -289,3 +291,55 @@ def test_recorded_plan_without_an_option_holds_its_default(option, value):
     assert model.diff(old) == [] and model.load_warnings(old) == []
     changed = make_plan(kind, mode=mode, **{option: value})
     assert changed.diff(old) or changed.load_warnings(old)
+
+
+def test_block_kinds_are_their_strings():
+    from repl_mm.core import BlockKind
+    assert [k.value for k in BlockKind] == ['conv', 'transformer']
+    assert BlockKind.CONV == 'conv' and f'{BlockKind.TRANSFORMER}' == \
+        'transformer'
+    assert json.dumps(BlockKind.CONV) == '"conv"'
+
+
+def test_every_mode_builds_every_kind():
+    from repl_mm.core import MODES, BlockKind
+    from repl_mm.core.surgery import BUILDERS
+    assert set(BUILDERS) == set(MODES)
+    assert all(set(b) == set(BlockKind) for b in BUILDERS.values())
+
+
+def test_replace_blocks_checks_kind_and_descriptions():
+    import torch
+    from torch import nn
+
+    from repl_mm.core import BlockSlot, ConvBlock, replace_blocks
+
+    class Block(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+            self.norm1 = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.norm1(self.conv1(x)) + x)
+
+    def describe(b):
+        return ConvBlock(convs=[b.conv1], norm=b.norm1, act=b.relu)
+
+    def blocks():
+        seq = nn.Sequential(*[Block() for _ in range(4)])
+        return seq, [BlockSlot(seq, i, 1, i + 1, True) for i in range(4)]
+
+    with pytest.raises(ValueError, match="kind must be 'conv' or "):
+        replace_blocks(blocks()[1], None, 'mlp', describe)
+    with pytest.raises(TypeError, match='needs a TransformerBlock'):
+        replace_blocks(blocks()[1], dict(interval=2), 'transformer', describe)
+    with pytest.raises(TypeError, match='describe returned a dict'):
+        replace_blocks(blocks()[1], dict(interval=2), 'conv', lambda b: {})
+    seq, slots = blocks()
+    plan = replace_blocks(slots, dict(interval=2), 'conv', describe)
+    assert plan.indices == (2, )
+    x = torch.randn(2, 4, 8, 8)
+    assert seq(x).shape == x.shape

@@ -5,19 +5,17 @@ from mmengine.hooks import Hook, LoggerHook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ...models.base import RepLBackboneMixin
+from ...core import iter_sites
 
 
 def site_summaries(model) -> dict:
     """``{'repl_site{i}_{name}': value}`` for every site of every RepL
     backbone in ``model`` (phi_prev/phi_next means, alpha/beta)."""
     out = {}
-    for m in model.modules():
-        if isinstance(m, RepLBackboneMixin):
-            for i, site in m.site_modules().items():
-                for name, value in getattr(site, 'mixing_summary',
-                                           dict)().items():
-                    out[f'repl_site{i}_{name}'] = value
+    for ref in iter_sites(model):
+        summary = getattr(ref.module, 'mixing_summary', dict)()
+        for name, value in summary.items():
+            out[f'repl_site{ref.index}_{name}'] = value
     return out
 
 

@@ -1,4 +1,4 @@
-"""Upstream options keep working with replacement on (issue 2, §3)."""
+"""Upstream options keep working with replacement on."""
 import pytest
 import torch
 from torch.utils import checkpoint as torch_cp

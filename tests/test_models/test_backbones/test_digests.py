@@ -1,0 +1,110 @@
+"""State-dict keys, shapes and dtypes, plan record and plan table of every
+registered backbone under each mode: pinned by digest, so a refactor of the
+surgery or of an adapter cannot change what checkpoints hold.
+
+A deliberate change of a key, shape or plan changes a digest: update the
+entry with the value the failure prints, and say why in the commit.
+"""
+import hashlib
+import json
+
+import pytest
+import torch
+
+from .cases import CASES, IDS
+
+OPTIONS = [
+    dict(),
+    dict(mode='interpolate'),
+    dict(mode='drop'),
+    dict(mode='none'),
+    dict(mode='static'),
+    dict(mode='static', static_from='interpolate'),
+    dict(interval=2, neighbors='prev'),
+]
+
+DIGESTS = {
+    'det-r18/0': '335e9bf62eefd8df',
+    'det-r18/1': 'a21c692aac31cf17',
+    'det-r18/2': 'e907d0aa6a050255',
+    'det-r18/3': '97a3fcaf7b109f69',
+    'det-r18/4': '77d721d2448930e8',
+    'det-r18/5': 'a311d91bb68f17e9',
+    'det-r18/6': 'd05e545e707a2ec3',
+    'det-r50/0': 'dfc5899290887970',
+    'det-r50/1': '44e6195cbbf34b16',
+    'det-r50/2': '94bb8a34ec5f4c85',
+    'det-r50/3': '6364334ce8e6999d',
+    'det-r50/4': 'f17a83369123dd5c',
+    'det-r50/5': 'f470ff042ae5c40c',
+    'det-r50/6': '75deead58ca62458',
+    'seg-r50v1c/0': '1482407b92cb8515',
+    'seg-r50v1c/1': '08b1a351e93c52a4',
+    'seg-r50v1c/2': 'bc3c43abdeb206a5',
+    'seg-r50v1c/3': '8a4def5084800c94',
+    'seg-r50v1c/4': '7e231f8a5c99136d',
+    'seg-r50v1c/5': '8e0553811ffcf16e',
+    'seg-r50v1c/6': '81d82accd47ab5ca',
+    'cls-r18/0': '335e9bf62eefd8df',
+    'cls-r18/1': 'a21c692aac31cf17',
+    'cls-r18/2': 'e907d0aa6a050255',
+    'cls-r18/3': '97a3fcaf7b109f69',
+    'cls-r18/4': '77d721d2448930e8',
+    'cls-r18/5': 'a311d91bb68f17e9',
+    'cls-r18/6': 'd05e545e707a2ec3',
+    'cls-r50/0': 'dfc5899290887970',
+    'cls-r50/1': '44e6195cbbf34b16',
+    'cls-r50/2': '94bb8a34ec5f4c85',
+    'cls-r50/3': '6364334ce8e6999d',
+    'cls-r50/4': 'f17a83369123dd5c',
+    'cls-r50/5': 'f470ff042ae5c40c',
+    'cls-r50/6': '75deead58ca62458',
+    'cls-cifar-r18/0': '22311d5a927a3341',
+    'cls-cifar-r18/1': '00a6ce76708fbc4c',
+    'cls-cifar-r18/2': 'ddfc3cb9e32de187',
+    'cls-cifar-r18/3': '2c2f29f9a94e3139',
+    'cls-cifar-r18/4': '335cd4a9d9f9caaf',
+    'cls-cifar-r18/5': '874f82d9875c1dd2',
+    'cls-cifar-r18/6': '18c65b627f6756ad',
+    'cls-cifar-r20/0': '888e5651170fbb1a',
+    'cls-cifar-r20/1': '70d5a3b0aeee2bf6',
+    'cls-cifar-r20/2': '02bb267178f7c6d6',
+    'cls-cifar-r20/3': 'd616c940bc8a2dc5',
+    'cls-cifar-r20/4': 'd9551e9ad4e48280',
+    'cls-cifar-r20/5': 'b8ca5218c1e0805a',
+    'cls-cifar-r20/6': 'e557446d5036a74f',
+    'cls-vit/0': '2bef86393efbd173',
+    'cls-vit/1': '578f2e20e5438bb6',
+    'cls-vit/2': 'c2d944579d11b0ee',
+    'cls-vit/3': 'b82e175a78cb1545',
+    'cls-vit/4': '8f3ec4788b3da50c',
+    'cls-vit/5': 'a28fb2a77132127a',
+    'cls-vit/6': '07dd65f59e49c397',
+}
+
+
+def fingerprint(model) -> str:
+    plan = model.replacement_plan
+    data = dict(
+        keys=[(k, list(v.shape), str(v.dtype))
+              for k, v in model.state_dict().items()],
+        plan=plan.to_dict(),
+        table=str(plan))
+    text = json.dumps(data, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_digests_cover_the_cases():
+    assert set(DIGESTS) == {
+        f'{c.name}/{i}'
+        for c in CASES
+        for i in range(len(OPTIONS))
+    }
+
+
+@pytest.mark.parametrize('case', CASES, ids=IDS)
+def test_keys_and_plans_are_pinned(case):
+    for i, options in enumerate(OPTIONS):
+        torch.manual_seed(0)
+        got = fingerprint(case.build(**options))
+        assert got == DIGESTS[f'{case.name}/{i}'], (options, got)
