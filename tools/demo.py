@@ -23,17 +23,18 @@ import subprocess
 import sys
 import time
 
-# Keep the profiler's backend quiet (it logs every start/stop to stderr).
-os.environ.setdefault('KINETO_LOG_LEVEL', '5')
+# Keep the profiler's backend quiet: it logs every start/stop to stderr,
+# and only level 6 also silences the USDT profiler_start/stop lines
+# (torch 2.14; torch 2.1 prints none).
+os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 
-from mmengine.logging import MMLogger, print_log  # noqa: E402
+from mmengine.logging import MMLogger, print_log
 
-from repl_mm.analysis.benchmark import finalize, run_case  # noqa: E402
-from repl_mm.analysis.cases import make_case  # noqa: E402
-from repl_mm.analysis.experiments import (Run, cls_budget,  # noqa: E402
-                                          train_and_test)
-from repl_mm.analysis.report import (load_note, machine_info,  # noqa: E402
-                                     time_ratio_text, write_outputs)
+from repl_mm.analysis.benchmark import finalize, run_case
+from repl_mm.analysis.cases import make_case
+from repl_mm.analysis.experiments import Run, cls_budget, train_and_test
+from repl_mm.analysis.report import (load_note, machine_info, time_ratio_text,
+                                     write_outputs)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = {
@@ -47,14 +48,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--epochs', type=int, default=4,
-                        help='training epochs of each model (default 4, '
-                        'the budget of the main-r32 accuracy table)')
+    parser.add_argument(
+        '--epochs',
+        type=int,
+        default=4,
+        help='training epochs of each model (default 4, '
+        'the budget of the main-r32 accuracy table)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--batch-size', type=int, default=64,
-                        help='batch of the efficiency measurements')
-    parser.add_argument('--repeats', type=int, default=7,
-                        help='timed trials of each model')
+    parser.add_argument(
+        '--batch-size',
+        type=int,
+        default=64,
+        help='batch of the efficiency measurements')
+    parser.add_argument(
+        '--repeats', type=int, default=7, help='timed trials of each model')
     parser.add_argument('--data-root', default='data/mnist5k')
     parser.add_argument('--out-dir', default='work_dirs/demo')
     args = parser.parse_args(argv)
@@ -73,7 +80,8 @@ def ensure_data(root: str):
         sys.executable,
         osp.join(ROOT, 'tools', 'dataset_converters', 'make_datasets.py'),
         'mnist5k', '--out', root
-    ], check=True)
+    ],
+                   check=True)
 
 
 def render(bench: dict, acc: dict, epochs: int) -> str:
@@ -128,12 +136,15 @@ def main(argv=None):
     os.chdir(ROOT)
     os.makedirs(args.out_dir, exist_ok=True)
     MMLogger.get_instance(
-        'repl_mm_demo', log_file=osp.join(args.out_dir, 'demo.log'),
+        'repl_mm_demo',
+        log_file=osp.join(args.out_dir, 'demo.log'),
         log_level='INFO')
     t0 = time.perf_counter()
     ensure_data(args.data_root)
-    data = {f'{k}.dataset.data_root': args.data_root
-            for k in ('train_dataloader', 'test_dataloader')}
+    data = {
+        f'{k}.dataset.data_root': args.data_root
+        for k in ('train_dataloader', 'test_dataloader')
+    }
     acc, runs = {}, {}
     for m, config in CONFIGS.items():
         run = Run(CASE, m, config, args.seed,
@@ -141,16 +152,26 @@ def main(argv=None):
         res = train_and_test(run, osp.join(args.out_dir, m))
         acc[m] = res['metrics']['accuracy/top1']
         runs[m] = res
-    case = make_case(CONFIGS['repl'], name=CASE, input_size=32,
-                     batch_size=args.batch_size, repeats=args.repeats)
+    case = make_case(
+        CONFIGS['repl'],
+        name=CASE,
+        input_size=32,
+        batch_size=args.batch_size,
+        repeats=args.repeats)
     case.config_plan = True  # measure the sites that were trained
     bench = run_case(case, methods=('e2e', 'repl'))
     results = finalize(dict(meta=machine_info(), cases=[bench]))
     results['meta']['seconds'] = time.perf_counter() - t0
     written = write_outputs(results, args.out_dir, {CASE: acc})
     with open(osp.join(args.out_dir, 'demo.json'), 'w') as f:
-        json.dump(dict(accuracy=acc, runs=runs, meta=results['meta'],
-                       load=bench['load']), f, indent=1)
+        json.dump(
+            dict(
+                accuracy=acc,
+                runs=runs,
+                meta=results['meta'],
+                load=bench['load']),
+            f,
+            indent=1)
     table = render(results['cases'][0], acc, args.epochs)
     with open(osp.join(args.out_dir, 'demo.md'), 'w') as f:
         f.write(table + '\n')
@@ -158,7 +179,8 @@ def main(argv=None):
         f'\n{table}\n\nplots and tables: {", ".join(written)}\n'
         f'training logs and checkpoints: {args.out_dir}/e2e, '
         f'{args.out_dir}/repl\ndone in '
-        f'{results["meta"]["seconds"] / 60:.1f} min', logger='current')
+        f'{results["meta"]["seconds"] / 60:.1f} min',
+        logger='current')
 
 
 if __name__ == '__main__':

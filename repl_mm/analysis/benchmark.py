@@ -53,8 +53,7 @@ from .profiling import (measure_memory, ratio_stats, synthesis_kept_bytes,
                         time_round_robin, time_stats, train_step, watch_load,
                         weights_of)
 from .report import (load_accuracies, machine_info, plot_accuracy_memory,
-                     plot_ratios, time_ratio_text, to_markdown,
-                     write_outputs)
+                     plot_ratios, time_ratio_text, to_markdown, write_outputs)
 
 # method -> overrides of the backbone's ``replacement`` dict, and whether it
 # turns on activation checkpointing (``cp``) or stochastic depth (``sd``).
@@ -141,7 +140,8 @@ def saving_efficiency(e2e: float, x: Optional[float],
 # -- one case --------------------------------------------------------------
 def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                           lr=1e-3, momentum=0.9)
+                           lr=1e-3,
+                           momentum=0.9)
 
 
 def _first_line(e: BaseException) -> str:
@@ -168,8 +168,10 @@ def _compile_method(case: Case, cfg: dict, batch: tuple, backend: str,
         mem = measure_memory(model, opt, batch, device, forward=compiled)
     except Exception as e:  # any failure of the compiler is a result
         return dict(failed=_first_line(e))
-    return dict(compile_seconds=seconds, **mem,
-                step=lambda: train_step(model, opt, batch, forward=compiled))
+    return dict(
+        compile_seconds=seconds,
+        **mem,
+        step=lambda: train_step(model, opt, batch, forward=compiled))
 
 
 class _Guarded:
@@ -219,10 +221,12 @@ def run_case(case: Case,
     device = resolve_device(device)
     logger = MMLogger.get_current_instance()
     h, w = case.input_size
-    print_log(f'[{case.name}] {case.backbone_type} ({case.task}), input '
-              f'{case.batch_size}x3x{h}x{w}, {case.repeats} trials, on '
-              f'{device}' + (f', also compiled ({compile_backend})'
-                             if compile_backend else ''), logger=logger)
+    print_log(
+        f'[{case.name}] {case.backbone_type} ({case.task}), input '
+        f'{case.batch_size}x3x{h}x{w}, {case.repeats} trials, on '
+        f'{device}' +
+        (f', also compiled ({compile_backend})' if compile_backend else ''),
+        logger=logger)
     steps, batch, flop_cache, out, comp = {}, None, {}, {}, {}
     for i, m in enumerate(methods, 1):
         cfg = method_model_cfg(case, m)
@@ -240,8 +244,8 @@ def run_case(case: Case,
         backbone = model.backbone
         plan = backbone.replacement_plan
         rep = cfg['backbone']['replacement']
-        key = tuple(sorted((k, str(v)) for k, v in rep.items()
-                           if k != 'recompute'))
+        key = tuple(
+            sorted((k, str(v)) for k, v in rep.items() if k != 'recompute'))
         with track_recompute(model) as recomputed:
             train_step(model, opt, batch)  # warm-up: momentum buffers
         flops = step_flops(model, batch[0], recomputed, flop_cache, key)
@@ -251,22 +255,26 @@ def run_case(case: Case,
             plan_sites=list(plan.indices),
             params=sum(p.numel() for p in model.parameters()),
             backbone_params=sum(p.numel() for p in backbone.parameters()),
-            flops=flops, **mem)
-        steps[m] = (lambda model=model, opt=opt: train_step(model, opt,
-                                                            batch))
+            flops=flops,
+            **mem)
+        steps[m] = (lambda model=model, opt=opt: train_step(model, opt, batch))
         print_log(
             f'[{case.name}] ({i}/{len(methods)}) {m}: sites '
             f'{out[m]["sites"]}, {out[m]["params"] / 1e6:.2f} M params, '
             f'{flops["step"] / 1e9:.2f} GFLOPs/step, activations '
             f'{mem["saved_bytes"] / 2**20:.1f} MB, peak '
             f'{mem["peak_bytes"] / 2**20:.1f} MB '
-            f'({time.perf_counter() - t0:.1f} s)', logger=logger)
+            f'({time.perf_counter() - t0:.1f} s)',
+            logger=logger)
         if compile_backend:
             res = _compile_method(case, cfg, batch, compile_backend, device)
             step = res.pop('step', None)
-            comp[m] = dict({k: out[m][k] for k in (
-                'sites', 'plan_sites', 'params', 'backbone_params',
-                'flops')}, **res)
+            comp[m] = dict(
+                {
+                    k: out[m][k]
+                    for k in ('sites', 'plan_sites', 'params',
+                              'backbone_params', 'flops')
+                }, **res)
             if step is not None:
                 steps['compiled', m] = step
             print_log(
@@ -275,19 +283,26 @@ def run_case(case: Case,
                  f"{res['compile_seconds']:.1f} s to compile and warm up, "
                  f"activations {res['saved_bytes'] / 2**20:.1f} MB"),
                 logger=logger)
-    print_log(f'[{case.name}] timing {len(steps)} models x {case.repeats} '
-              f'trials (+{warmup} warm-up), round robin', logger=logger)
+    print_log(
+        f'[{case.name}] timing {len(steps)} models x {case.repeats} '
+        f'trials (+{warmup} warm-up), round robin',
+        logger=logger)
     failures: Dict[str, str] = {}
-    guarded = {k: (_Guarded(s, k[1], failures) if isinstance(k, tuple)
-                   else s) for k, s in steps.items()}
+    guarded = {
+        k: (_Guarded(s, k[1], failures) if isinstance(k, tuple) else s)
+        for k, s in steps.items()
+    }
     with watch_load() as load:
         times = time_round_robin(guarded, case.repeats, warmup, device)
     for m, r in out.items():
         r['time_ms'] = time_stats(times[m])
         r['time_ratio'] = ratio_stats(times[m], times['e2e'])
     for m, why in failures.items():
-        comp[m] = {k: comp[m][k] for k in ('sites', 'plan_sites', 'params',
-                                           'backbone_params', 'flops')}
+        comp[m] = {
+            k: comp[m][k]
+            for k in ('sites', 'plan_sites', 'params', 'backbone_params',
+                      'flops')
+        }
         comp[m]['failed'] = why
     ref = None if comp.get('e2e', {}).get('failed') else times.get(
         ('compiled', 'e2e'))
@@ -298,20 +313,29 @@ def run_case(case: Case,
             r['time_ratio'] = None if ref is None else ratio_stats(t, ref)
     for m, r in out.items():
         if m != 'e2e':
-            print_log(f"[{case.name}] {m} step time "
-                      f"{time_ratio_text(r['time_ratio']['median'], load)}",
-                      logger=logger)
+            print_log(
+                f"[{case.name}] {m} step time "
+                f"{time_ratio_text(r['time_ratio']['median'], load)}",
+                logger=logger)
     for m, r in comp.items():
         if m != 'e2e' and r.get('time_ratio'):
             print_log(
                 f"[{case.name}] {m} compiled step time " + time_ratio_text(
-                    r['time_ratio']['median'], load,
-                    unit=' x compiled E2E'), logger=logger)
-    record = dict(name=case.name, source=case.source, task=case.task,
-                  backbone=case.backbone_type, depth=case.depth,
-                  input_size=list(case.input_size),
-                  batch_size=case.batch_size, repeats=case.repeats,
-                  warmup=warmup, device=str(device), load=load, methods=out)
+                    r['time_ratio']['median'], load, unit=' x compiled E2E'),
+                logger=logger)
+    record = dict(
+        name=case.name,
+        source=case.source,
+        task=case.task,
+        backbone=case.backbone_type,
+        depth=case.depth,
+        input_size=list(case.input_size),
+        batch_size=case.batch_size,
+        repeats=case.repeats,
+        warmup=warmup,
+        device=str(device),
+        load=load,
+        methods=out)
     if compile_backend:
         record['compiled'] = dict(backend=compile_backend, methods=comp)
     return record
@@ -331,8 +355,11 @@ def _derive(out: Dict[str, dict]):
     ref = ok.get('e2e')
     for r in ok.values():
         if ref is None:
-            r.update(mem_ratio=None, peak_ratio=None,
-                     mem_ratio_large_batch=None, flops_ratio=None)
+            r.update(
+                mem_ratio=None,
+                peak_ratio=None,
+                mem_ratio_large_batch=None,
+                flops_ratio=None)
             continue
         r['mem_ratio'] = _div(r['saved_bytes'], ref['saved_bytes'])
         r['peak_ratio'] = _div(r['peak_bytes'], ref['peak_bytes'])
@@ -365,25 +392,29 @@ def check_targets(case: dict) -> List[dict]:
     ms, rows = case['methods'], []
     repl = ms.get('repl')
     if repl is not None and repl['S_mem'] is not None:
-        goal = S_MEM_TARGETS.get(backbone_family(case['backbone'],
-                                              case.get('depth')))
+        goal = S_MEM_TARGETS.get(
+            backbone_family(case['backbone'], case.get('depth')))
         if goal is not None:
-            rows.append(dict(target=f'repl S_mem >= {goal:.2f}',
-                             value=repl['S_mem'], met=repl['S_mem'] >= goal))
+            rows.append(
+                dict(
+                    target=f'repl S_mem >= {goal:.2f}',
+                    value=repl['S_mem'],
+                    met=repl['S_mem'] >= goal))
         if repl['S_time'] is not None:
-            row = dict(target=f'repl S_time >= {S_TIME_TARGET} (aim)',
-                       value=repl['S_time'],
-                       met=repl['S_time'] >= S_TIME_TARGET)
+            row = dict(
+                target=f'repl S_time >= {S_TIME_TARGET} (aim)',
+                value=repl['S_time'],
+                met=repl['S_time'] >= S_TIME_TARGET)
             reliable = (case.get('load') or {}).get('reliable')
             if reliable is not None:
                 row['reliable'] = reliable
             rows.append(row)
     if 'cp' in ms and 'repl+cp' in ms:
-        rows.append(dict(target='act. mem repl+cp / cp < 1',
-                         value=ms['repl+cp']['saved_bytes'] /
-                         ms['cp']['saved_bytes'],
-                         met=ms['repl+cp']['saved_bytes'] <
-                         ms['cp']['saved_bytes']))
+        rows.append(
+            dict(
+                target='act. mem repl+cp / cp < 1',
+                value=ms['repl+cp']['saved_bytes'] / ms['cp']['saved_bytes'],
+                met=ms['repl+cp']['saved_bytes'] < ms['cp']['saved_bytes']))
     for r in rows:
         r['case'] = case['name']
     return rows
@@ -419,26 +450,27 @@ def run_benchmark(cases: Sequence[Case],
     t0 = time.perf_counter()
     for case in cases:
         results['cases'].append(
-            run_case(case, methods, warmup, device,
-                     compile_backend=compile_backend))
+            run_case(
+                case, methods, warmup, device,
+                compile_backend=compile_backend))
     results['meta']['load_after'] = os.getloadavg()
     results['meta']['seconds'] = time.perf_counter() - t0
     written = write_outputs(finalize(results), out_dir, accuracies)
-    print_log(f'benchmark done in {results["meta"]["seconds"]:.0f} s: '
-              f'{", ".join(written)}\n{to_markdown(results)}',
-              logger='current')
+    print_log(
+        f'benchmark done in {results["meta"]["seconds"]:.0f} s: '
+        f'{", ".join(written)}\n{to_markdown(results)}',
+        logger='current')
     return results
 
 
 __all__ = [
     'METHODS', 'SUITE', 'TWINS', 'Case', 'make_case', 'suite_cases',
     'method_model_cfg', 'build_model', 'make_batch', 'step_flops',
-    'track_recompute', 'synthesis_flops', 'measure_memory',
-    'peak_allocated', 'peak_memory', 'device_timer', 'resolve_device',
-    'to_device', 'synthesis_kept_bytes', 'time_round_robin', 'ratio_stats',
+    'track_recompute', 'synthesis_flops', 'measure_memory', 'peak_allocated',
+    'peak_memory', 'device_timer', 'resolve_device', 'to_device',
+    'synthesis_kept_bytes', 'time_round_robin', 'ratio_stats',
     'saving_efficiency', 'run_case', 'check_targets', 'to_markdown',
-    'plot_ratios', 'plot_accuracy_memory', 'load_accuracies',
-    'run_benchmark', 'finalize', 'write_outputs', 'backbone_family',
-    'default_input_size', 'load_config', 'prepare_model_cfg',
-    'training_loss', 'machine_info'
+    'plot_ratios', 'plot_accuracy_memory', 'load_accuracies', 'run_benchmark',
+    'finalize', 'write_outputs', 'backbone_family', 'default_input_size',
+    'load_config', 'prepare_model_cfg', 'training_loss', 'machine_info'
 ]

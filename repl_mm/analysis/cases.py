@@ -40,7 +40,9 @@ TASKS = {'mmpretrain': 'cls', 'mmdet': 'det', 'mmseg': 'seg'}
 DEFAULT_SIZE = {'cls': 224, 'det': 320, 'seg': 256}
 
 
-def _cls_model(backbone: dict, in_channels: int, num_classes: int,
+def _cls_model(backbone: dict,
+               in_channels: int,
+               num_classes: int,
                vit: bool = False) -> dict:
     head = dict(
         type='VisionTransformerClsHead' if vit else 'LinearClsHead',
@@ -57,31 +59,55 @@ def _cls_model(backbone: dict, in_channels: int, num_classes: int,
 # name -> config and, for the full and the quick run, (input size, batch,
 # timed trials); sized so the full suite takes ~20 min on 2 CPU cores.
 SUITE: Dict[str, dict] = {
-    'cifar-r32': dict(
-        config=dict(default_scope='mmpretrain', model=_cls_model(
-            dict(type='RepLResNet_CIFAR', depth=32), 64, 10)),
-        full=(32, 64, 10), quick=(32, 8, 2)),
-    'cifar-r110': dict(
-        config=dict(default_scope='mmpretrain', model=_cls_model(
-            dict(type='RepLResNet_CIFAR', depth=110), 64, 10)),
-        full=(32, 32, 6), quick=(32, 4, 2)),
-    'resnet50': dict(
-        config=dict(default_scope='mmpretrain', model=_cls_model(
-            dict(type='RepLResNet', depth=50), 2048, 1000)),
-        full=(224, 4, 4), quick=(112, 2, 2)),
-    'deit-s': dict(
-        config=dict(default_scope='mmpretrain', model=_cls_model(
-            dict(type='RepLVisionTransformer', arch='deit-small',
-                 img_size=224, patch_size=16), 384, 1000, vit=True)),
-        full=(224, 4, 4), quick=(224, 2, 2)),
-    'retinanet-r50': dict(
+    'cifar-r32':
+    dict(
+        config=dict(
+            default_scope='mmpretrain',
+            model=_cls_model(dict(type='RepLResNet_CIFAR', depth=32), 64, 10)),
+        full=(32, 64, 10),
+        quick=(32, 8, 2)),
+    'cifar-r110':
+    dict(
+        config=dict(
+            default_scope='mmpretrain',
+            model=_cls_model(dict(type='RepLResNet_CIFAR', depth=110), 64,
+                             10)),
+        full=(32, 32, 6),
+        quick=(32, 4, 2)),
+    'resnet50':
+    dict(
+        config=dict(
+            default_scope='mmpretrain',
+            model=_cls_model(dict(type='RepLResNet', depth=50), 2048, 1000)),
+        full=(224, 4, 4),
+        quick=(112, 2, 2)),
+    'deit-s':
+    dict(
+        config=dict(
+            default_scope='mmpretrain',
+            model=_cls_model(
+                dict(
+                    type='RepLVisionTransformer',
+                    arch='deit-small',
+                    img_size=224,
+                    patch_size=16),
+                384,
+                1000,
+                vit=True)),
+        full=(224, 4, 4),
+        quick=(224, 2, 2)),
+    'retinanet-r50':
+    dict(
         config='mmdet::retinanet/retinanet_r50_fpn_1x_coco.py',
-        full=(320, 2, 3), quick=(192, 1, 2)),
+        full=(320, 2, 3),
+        quick=(192, 1, 2)),
     # batch >= 2: ASPP's image-pool BN needs more than one value
-    'deeplabv3-r50': dict(
+    'deeplabv3-r50':
+    dict(
         config='mmseg::deeplabv3/deeplabv3_r50-d8_4xb2-80k_cityscapes-'
         '512x1024.py',
-        full=(256, 2, 3), quick=(128, 2, 2)),
+        full=(256, 2, 3),
+        quick=(128, 2, 2)),
 }
 
 
@@ -232,9 +258,14 @@ def make_case(config,
     if name is None:
         name = 'config' if isinstance(config, dict) else os.path.splitext(
             os.path.basename(config))[0]
-    return Case(name, cfg.default_scope, model, tuple(input_size),
-                batch_size, repeats,
-                source=config if isinstance(config, str) else 'built-in')
+    return Case(
+        name,
+        cfg.default_scope,
+        model,
+        tuple(input_size),
+        batch_size,
+        repeats,
+        source=config if isinstance(config, str) else 'built-in')
 
 
 def suite_cases(names: Sequence[str] = (), quick: bool = False) -> List[Case]:
@@ -289,8 +320,9 @@ def make_batch(case: Case, model: nn.Module, seed: int = 0) -> tuple:
             xy = torch.rand(4, 2, generator=g) * torch.tensor([w, h]) * 0.6
             wh = (torch.rand(4, 2, generator=g) * 0.35 + 0.05) * torch.tensor(
                 [w, h])
-            s = DetDataSample(metainfo=dict(
-                meta, batch_input_shape=(h, w), scale_factor=(1., 1.)))
+            s = DetDataSample(
+                metainfo=dict(
+                    meta, batch_input_shape=(h, w), scale_factor=(1., 1.)))
             s.gt_instances = InstanceData(
                 bboxes=torch.cat([xy, xy + wh], 1),  # (4, 4) x1y1x2y2
                 labels=torch.randint(n, (4, ), generator=g))
@@ -318,7 +350,8 @@ def to_device(batch: tuple, device) -> tuple:
     return inputs.to(device), [s.to(device) for s in samples]
 
 
-def training_loss(model: nn.Module, batch: tuple,
+def training_loss(model: nn.Module,
+                  batch: tuple,
                   forward: Optional[Callable] = None) -> torch.Tensor:
     """The scalar loss of ``model.loss`` on a synthetic batch.
 
@@ -334,5 +367,3 @@ def training_loss(model: nn.Module, batch: tuple,
         *batch, mode='loss')
     loss, _ = model.parse_losses(losses)
     return loss
-
-

@@ -38,8 +38,10 @@ def weights_of(model: nn.Module) -> list:
 
 
 # -- memory ----------------------------------------------------------------
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-               batch: tuple, meter: Optional[SavedTensorMeter] = None,
+def train_step(model: nn.Module,
+               optimizer: torch.optim.Optimizer,
+               batch: tuple,
+               meter: Optional[SavedTensorMeter] = None,
                forward: Optional[Callable] = None):
     """Zero grad, forward (inside ``meter`` if given), backward, SGD step;
     gradients are freed again afterwards. ``forward`` replaces
@@ -56,8 +58,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure_memory(model: nn.Module, optimizer: torch.optim.Optimizer,
-                   batch: tuple, device='cpu',
+def measure_memory(model: nn.Module,
+                   optimizer: torch.optim.Optimizer,
+                   batch: tuple,
+                   device='cpu',
                    forward: Optional[Callable] = None) -> dict:
     """``saved_bytes`` (saved for backward by the forward, weights
     excluded) and ``peak_bytes`` (:func:`~repl_mm.analysis.device.
@@ -101,7 +105,8 @@ def synthesis_kept_bytes(model: nn.Module) -> int:
 
 
 # -- time ------------------------------------------------------------------
-def time_round_robin(steps: Dict[str, Callable[[], None]], repeats: int,
+def time_round_robin(steps: Dict[str, Callable[[], None]],
+                     repeats: int,
                      warmup: int = 1,
                      device='cpu') -> Dict[str, List[float]]:
     """Seconds per call of each step: ``warmup`` untimed rounds, then
@@ -150,7 +155,8 @@ def sample_load() -> Optional[float]:
         return None
 
 
-def load_record(before: Optional[float], after: Optional[float],
+def load_record(before: Optional[float],
+                after: Optional[float],
                 threads: Optional[int] = None) -> dict:
     """The load around a timing and whether the timing is reliable.
 
@@ -177,8 +183,12 @@ def load_record(before: Optional[float], after: Optional[float],
     threads = torch.get_num_threads() if threads is None else threads
     known = [x for x in (before, after) if x is not None]
     peak = max(known) if known else None
-    return dict(before=before, after=after, max=peak, threads=threads,
-                reliable=None if peak is None else peak <= threads)
+    return dict(
+        before=before,
+        after=after,
+        max=peak,
+        threads=threads,
+        reliable=None if peak is None else peak <= threads)
 
 
 @contextmanager

@@ -44,8 +44,10 @@ def load_note(load: Optional[dict]) -> str:
     return f"unreliable: load {load['max']:.1f} > {_threads(load['threads'])}"
 
 
-def time_ratio_text(value: float, load: Optional[dict] = None,
-                    spec: str = '.2f', unit: str = ' x E2E') -> str:
+def time_ratio_text(value: float,
+                    load: Optional[dict] = None,
+                    spec: str = '.2f',
+                    unit: str = ' x E2E') -> str:
     """A time ratio for a printout: ``'1.08 x E2E'``, or ``'1.08 x E2E
     (unreliable: load 3.1 > 2 threads)'`` when the timing is unreliable.
 
@@ -95,12 +97,12 @@ def _method_rows(methods: Dict[str, dict], load: Optional[dict]) -> list:
             f"{r['synthesis_kept_bytes'] / MB:.1f} | "
             f"{r['peak_bytes'] / MB:.1f} | {r['peak_ratio']:.3f} | "
             f"{r['time_ms']['median']:.0f} | " + _mark(
-                f"{tr['median']:.3f} [{tr['q1']:.3f}, {tr['q3']:.3f}]",
-                mark) + ' | ' +
-            ' | '.join([_fmt(r[k]) for k in ('S_mem', 'S_mem_large_batch',
-                                              'S_peak')] +
-                       [_mark(_fmt(r['S_time']), mark),
-                        _fmt(r['S_flops'])]) + ' |')
+                f"{tr['median']:.3f} [{tr['q1']:.3f}, {tr['q3']:.3f}]", mark) +
+            ' | ' + ' | '.join(
+                [_fmt(r[k])
+                 for k in ('S_mem', 'S_mem_large_batch', 'S_peak')] +
+                [_mark(_fmt(r['S_time']), mark),
+                 _fmt(r['S_flops'])]) + ' |')
     return rows
 
 
@@ -114,12 +116,11 @@ def _compiled_rows(methods: Dict[str, dict], load: Optional[dict]) -> list:
         tr, mark = r['time_ratio'], _reference_free(m, load)
         ratio = '-' if tr is None else _mark(
             f"{tr['median']:.3f} [{tr['q1']:.3f}, {tr['q3']:.3f}]", mark)
-        rows.append(
-            f"| {m} | {r['compile_seconds']:.1f} | "
-            f"{r['saved_bytes'] / MB:.1f} | {_fmt(r['mem_ratio'])} | "
-            f"{r['peak_bytes'] / MB:.1f} | {_fmt(r['peak_ratio'])} | "
-            f"{r['time_ms']['median']:.0f} | {ratio} | "
-            f"{_mark(_fmt(r['S_time']), mark)} | {_fmt(r['S_mem'])} |")
+        rows.append(f"| {m} | {r['compile_seconds']:.1f} | "
+                    f"{r['saved_bytes'] / MB:.1f} | {_fmt(r['mem_ratio'])} | "
+                    f"{r['peak_bytes'] / MB:.1f} | {_fmt(r['peak_ratio'])} | "
+                    f"{r['time_ms']['median']:.0f} | {ratio} | "
+                    f"{_mark(_fmt(r['S_time']), mark)} | {_fmt(r['S_mem'])} |")
     return rows
 
 
@@ -155,8 +156,10 @@ def to_markdown(results: dict) -> str:
             lines += _compiled_rows(comp['methods'], load)
             lines.append('')
     if results.get('targets'):
-        lines += ['### Targets', '',
-                  '| case | target | value | met |', '|---|---|---|---|']
+        lines += [
+            '### Targets', '', '| case | target | value | met |',
+            '|---|---|---|---|'
+        ]
         for t in results['targets']:
             met = 'yes' if t['met'] else 'no'
             if t.get('reliable') is False:
@@ -183,13 +186,15 @@ def blocks_markdown(result: dict) -> str:
     head += [f'bytes site/block ({o})' for o in opts]
     lines += ['| ' + ' | '.join(head) + ' |', '|---' * len(head) + '|']
     for r in result['rows']:
-        cells = [f"{r['index']} ({r['name']})", 'x'.join(map(str,
-                                                            r['shape'])),
-                 f"{r['block']['time_ms']['median']:.2f}"]
+        cells = [
+            f"{r['index']} ({r['name']})", 'x'.join(map(str, r['shape'])),
+            f"{r['block']['time_ms']['median']:.2f}"
+        ]
         cells += [
-            _mark(f"{r['sites'][o]['time_ratio']['median']:.3f} "
-                  f"[{r['sites'][o]['time_ratio']['q1']:.3f}, "
-                  f"{r['sites'][o]['time_ratio']['q3']:.3f}]", load)
+            _mark(
+                f"{r['sites'][o]['time_ratio']['median']:.3f} "
+                f"[{r['sites'][o]['time_ratio']['q1']:.3f}, "
+                f"{r['sites'][o]['time_ratio']['q3']:.3f}]", load)
             for o in opts
         ]
         cells += [f"{r['sites'][o]['flops_ratio']:.3f}" for o in opts]
@@ -218,11 +223,16 @@ def plot_ratios(results: dict, path: str):
         tr = np.array([[m['time_ratio'][k] for k in ('median', 'q1', 'q3')]
                        for m in ms])
         unreliable = ' (unreliable)' if load_note(c.get('load')) else ''
-        ax.bar(x - 0.27, tr[:, 0], 0.27, label='step time' + unreliable,
-               yerr=[tr[:, 0] - tr[:, 1], tr[:, 2] - tr[:, 0]], capsize=2)
+        ax.bar(
+            x - 0.27,
+            tr[:, 0],
+            0.27,
+            label='step time' + unreliable,
+            yerr=[tr[:, 0] - tr[:, 1], tr[:, 2] - tr[:, 0]],
+            capsize=2)
         ax.bar(x, [m['mem_ratio'] for m in ms], 0.27, label='act. memory')
-        ax.bar(x + 0.27, [m['peak_ratio'] for m in ms], 0.27,
-               label='peak memory')
+        ax.bar(
+            x + 0.27, [m['peak_ratio'] for m in ms], 0.27, label='peak memory')
         ax.axhline(1.0, color='k', lw=0.6)
         ax.set_xticks(x, names, rotation=45, ha='right', fontsize=7)
         ax.set_title(c['name'], fontsize=9)
@@ -248,14 +258,16 @@ def load_accuracies(path: str) -> Dict[str, Dict[str, float]]:
 
 
 def plot_accuracy_memory(results: dict, accuracies: Dict[str, Dict[str,
-                                                                    float]],
+                                                                   float]],
                          path: str) -> bool:
     """Accuracy against activation memory (ratio to E2E), bubble area
     proportional to step time, one panel per case with accuracies (like
     the paper's Fig. 1). Returns False (and writes nothing) when no case
     has both results and accuracies."""
-    cases = [c for c in results['cases']
-             if set(accuracies.get(c['name'], {})) & set(c['methods'])]
+    cases = [
+        c for c in results['cases']
+        if set(accuracies.get(c['name'], {})) & set(c['methods'])
+    ]
     if not cases:
         return False
     import matplotlib
@@ -268,14 +280,16 @@ def plot_accuracy_memory(results: dict, accuracies: Dict[str, Dict[str,
             r = c['methods'].get(m)
             if r is None:
                 continue
-            ax.scatter(r['mem_ratio'], a, s=400 * r['time_ratio']['median'],
-                       alpha=0.5)
+            ax.scatter(
+                r['mem_ratio'],
+                a,
+                s=400 * r['time_ratio']['median'],
+                alpha=0.5)
             ax.annotate(m, (r['mem_ratio'], a), fontsize=7, ha='center')
         ax.set_xlabel('activation memory (x E2E)')
         ax.set_ylabel('accuracy')
         unreliable = ', unreliable' if load_note(c.get('load')) else ''
-        ax.set_title(f"{c['name']} (area: step time{unreliable})",
-                     fontsize=9)
+        ax.set_title(f"{c['name']} (area: step time{unreliable})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -292,21 +306,26 @@ def machine_info() -> dict:
     def git(*args):
         try:
             return subprocess.run(['git', '-C', root, *args],
-                                  capture_output=True, text=True,
+                                  capture_output=True,
+                                  text=True,
                                   timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ''
 
     dirty = git('status', '--porcelain', '--', 'repl_mm')
     return dict(
-        python=platform.python_version(), torch=torch.__version__,
-        cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
-        platform=platform.platform(), argv=sys.argv,
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cpus=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        platform=platform.platform(),
+        argv=sys.argv,
         commit=git('rev-parse', 'HEAD') + ('+dirty' if dirty else ''),
         date=time.strftime('%Y-%m-%d %H:%M:%S'))
 
 
-def write_outputs(results: dict, out_dir: str,
+def write_outputs(results: dict,
+                  out_dir: str,
                   accuracies: Optional[dict] = None) -> List[str]:
     """Write ``benchmark.json``, ``benchmark.md``, ``ratios.png`` and,
     given accuracies, ``accuracy_memory.png`` under ``out_dir``."""
@@ -317,8 +336,9 @@ def write_outputs(results: dict, out_dir: str,
     with open(path('benchmark.md'), 'w') as f:
         f.write(to_markdown(results))
     plot_ratios(results, path('ratios.png'))
-    written = [path(n) for n in ('benchmark.json', 'benchmark.md',
-                                 'ratios.png')]
+    written = [
+        path(n) for n in ('benchmark.json', 'benchmark.md', 'ratios.png')
+    ]
     if accuracies and plot_accuracy_memory(results, accuracies,
                                            path('accuracy_memory.png')):
         written.append(path('accuracy_memory.png'))

@@ -143,9 +143,11 @@ def cuda_bf16_native() -> bool:
         torch.cuda.get_device_capability()[0] >= 8
 
 
-__all__ = ['TORCH_VERSION', 'torch_version', 'is_autocast_enabled',
-           'autocast_disabled', 'safe_globals', 'event_start_ns',
-           'cuda_bf16_native', 'numpy_multiarray']
+__all__ = [
+    'TORCH_VERSION', 'torch_version', 'is_autocast_enabled',
+    'autocast_disabled', 'safe_globals', 'event_start_ns', 'cuda_bf16_native',
+    'numpy_multiarray'
+]
 
 
 def is_compiling() -> bool:

@@ -36,10 +36,11 @@ def test_method_configs_of_upstream_detector():
     assert method_model_cfg(case, 'sd') is None  # no drop_path_rate
     cp = method_model_cfg(case, 'repl+cp')['backbone']
     assert cp['with_cp'] and cp['replacement'] == dict(interval=4)
-    assert method_model_cfg(case, 'e2e')['backbone']['replacement'] == dict(
-        mode='none')
-    assert method_model_cfg(case, 'repl-norecompute')['backbone'][
-        'replacement'] == dict(interval=4, recompute=False)
+    assert method_model_cfg(
+        case, 'e2e')['backbone']['replacement'] == dict(mode='none')
+    assert method_model_cfg(
+        case, 'repl-norecompute')['backbone']['replacement'] == dict(
+            interval=4, recompute=False)
 
 
 def test_config_plan_keeps_the_config_sites():
@@ -60,8 +61,9 @@ def test_segmentor_config_offline_and_batch():
     assert 'SyncBN' not in json.dumps(case.model)
     assert case.model.get('pretrained') is None
     # our shipped config: already a RepL twin, replacement options kept
-    ours = make_case(str(ROOT / 'configs/deeplabv3/deeplabv3_repl-r50-d8_'
-                         '4xb2-80k_cityscapes-512x1024.py'))
+    ours = make_case(
+        str(ROOT / 'configs/deeplabv3/deeplabv3_repl-r50-d8_'
+            '4xb2-80k_cityscapes-512x1024.py'))
     assert ours.input_size == (256, 256)
     assert method_model_cfg(ours, 'drop')['backbone']['replacement'] == dict(
         mode='drop', interval=4)
@@ -69,12 +71,18 @@ def test_segmentor_config_offline_and_batch():
 
 def test_sd_only_where_the_backbone_has_drop_path():
     case = make_case(
-        dict(default_scope='mmpretrain',
-             model=dict(type='ImageClassifier',
-                        backbone=dict(type='VisionTransformer',
-                                      arch='deit-tiny', drop_path_rate=0.1),
-                        head=dict(type='VisionTransformerClsHead',
-                                  num_classes=10, in_channels=192))))
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=dict(
+                    type='VisionTransformer',
+                    arch='deit-tiny',
+                    drop_path_rate=0.1),
+                head=dict(
+                    type='VisionTransformerClsHead',
+                    num_classes=10,
+                    in_channels=192))))
     assert case.backbone_type == 'RepLVisionTransformer'
     assert case.input_size == (224, 224)
     sd = method_model_cfg(case, 'repl+sd')['backbone']
@@ -84,29 +92,32 @@ def test_sd_only_where_the_backbone_has_drop_path():
 
 
 def test_unsupported_backbone_raises():
-    cfg = dict(default_scope='mmpretrain',
-               model=dict(type='ImageClassifier',
-                          backbone=dict(type='MobileNetV2')))
+    cfg = dict(
+        default_scope='mmpretrain',
+        model=dict(type='ImageClassifier', backbone=dict(type='MobileNetV2')))
     with pytest.raises(ValueError, match='MobileNetV2'):
         make_case(cfg)
 
 
 def r20_case(batch_size=2):
     return make_case(
-        dict(default_scope='mmpretrain',
-             model=dict(type='ImageClassifier',
-                        backbone=dict(type='ResNet_CIFAR', depth=20),
-                        neck=dict(type='GlobalAveragePooling'),
-                        head=dict(type='LinearClsHead', num_classes=10,
-                                  in_channels=64))),
-        name='r20', batch_size=batch_size, repeats=2)
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=dict(type='ResNet_CIFAR', depth=20),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=10, in_channels=64))),
+        name='r20',
+        batch_size=batch_size,
+        repeats=2)
 
 
 def test_end_to_end_tiny(tmp_path):
     methods = ['e2e', 'repl', 'drop', 'cp', 'repl+cp', 'repl-norecompute']
     acc = {'r20': {'e2e': 91.0, 'repl': 91.5, 'drop': 90.0}}
-    res = run_benchmark([r20_case()], str(tmp_path), methods,
-                        accuracies=acc)
+    res = run_benchmark([r20_case()], str(tmp_path), methods, accuracies=acc)
     for name in ('benchmark.json', 'benchmark.md', 'ratios.png',
                  'accuracy_memory.png'):
         assert (tmp_path / name).stat().st_size > 0
@@ -153,7 +164,7 @@ def test_end_to_end_tiny(tmp_path):
 
 
 @pytest.mark.parametrize('config, size, batch', [(RETINANET, 64, 1),
-                                                   (DEEPLAB, 32, 2)])
+                                                 (DEEPLAB, 32, 2)])
 def test_task_loss_on_synthetic_batch(config, size, batch):
     case = make_case(config, input_size=size, batch_size=batch)
     model = build_model(case.scope, method_model_cfg(case, 'repl'))
@@ -206,8 +217,8 @@ def test_cli_compile_and_blocks_options(capsys):
     cli = load_cli()
     args = cli.parse_args(['--suite', 'cifar-r32', '--compile'])
     assert args.compile and args.compile_backend == 'inductor'
-    args = cli.parse_args(['--suite', 'cifar-r32', '--compile',
-                           '--compile-backend', 'eager'])
+    args = cli.parse_args(
+        ['--suite', 'cifar-r32', '--compile', '--compile-backend', 'eager'])
     assert args.compile_backend == 'eager'
     assert cli.parse_args(['--suite', 'cifar-r32', '--blocks']).blocks
     with pytest.raises(SystemExit):
@@ -265,8 +276,8 @@ def test_compiled_eager_backend_end_to_end():
     """A real torch.compile of E2E, drop and RepL without recompute;
     derived figures against the compiled E2E and drop."""
     methods = ['e2e', 'drop', 'repl-norecompute']
-    res = benchmark.finalize(dict(cases=[
-        run_case(r20_case(), methods, compile_backend='eager')]))
+    res = benchmark.finalize(
+        dict(cases=[run_case(r20_case(), methods, compile_backend='eager')]))
     r = res['cases'][0]['compiled']['methods']
     assert not any(m.get('failed') for m in r.values()), r
     assert r['repl-norecompute']['S_time'] == pytest.approx(

@@ -11,13 +11,16 @@ from repl_mm.analysis.cases import make_case
 
 def r20_case():
     return make_case(
-        dict(default_scope='mmpretrain',
-             model=dict(type='ImageClassifier',
-                        backbone=dict(type='ResNet_CIFAR', depth=20),
-                        neck=dict(type='GlobalAveragePooling'),
-                        head=dict(type='LinearClsHead', num_classes=10,
-                                  in_channels=64))),
-        name='r20', batch_size=2)
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=dict(type='ResNet_CIFAR', depth=20),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=10, in_channels=64))),
+        name='r20',
+        batch_size=2)
 
 
 def test_blocks_of_resnet20(monkeypatch):
@@ -38,10 +41,10 @@ def test_blocks_of_resnet20(monkeypatch):
         # recompute keeps less than no recompute, both less than the block
         assert 0 < rc['bytes'] < no['bytes'] < r['block']['bytes']
         for s in (rc, no):
-            assert s['bytes_ratio'] == pytest.approx(
-                s['bytes'] / r['block']['bytes'])
-            assert s['flops_ratio'] == pytest.approx(
-                s['flops'] / r['block']['flops'])
+            assert s['bytes_ratio'] == pytest.approx(s['bytes'] /
+                                                     r['block']['bytes'])
+            assert s['flops_ratio'] == pytest.approx(s['flops'] /
+                                                     r['block']['flops'])
             assert set(s['time_ratio']) == {'median', 'q1', 'q3'}
             assert s['time_ms']['median'] > 0
 

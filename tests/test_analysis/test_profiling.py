@@ -48,8 +48,8 @@ def memory_of(net, x):
 def test_saved_bytes_conv_relu():
     # conv saves its input x (2*3*8*8 floats), its weight is a parameter
     # (excluded); relu saves its output (2*4*6*6 floats)
-    mem = memory_of(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()),
-                    torch.rand(2, 3, 8, 8))
+    mem = memory_of(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.rand(2, 3, 8, 8))
     assert mem['saved_bytes'] == (2 * 3 * 8 * 8 + 2 * 4 * 6 * 6) * 4 + \
         _loss_parsing_bytes()
     assert mem['synthesis_kept_bytes'] == 0
@@ -77,12 +77,15 @@ def test_time_round_robin_interleaves():
     times = time_round_robin(steps, repeats=3, warmup=1)
     assert {n: len(t) for n, t in times.items()} == dict(a=3, b=3, c=3)
     # every round runs every method once, the start rotated each round
-    assert calls == list('abc' 'bca' 'cab' 'abc')
+    assert calls == list('abc'
+                         'bca'
+                         'cab'
+                         'abc')
 
 
 def test_time_stats_in_ms():
-    assert time_stats([0.001, 0.002, 0.003]) == pytest.approx(
-        dict(median=2.0, q1=1.5, q3=2.5))
+    assert time_stats([0.001, 0.002, 0.003
+                       ]) == pytest.approx(dict(median=2.0, q1=1.5, q3=2.5))
 
 
 def test_measure_memory_with_another_forward():
@@ -104,14 +107,16 @@ def test_measure_memory_with_another_forward():
                                                 (x, ))['saved_bytes']
 
 
-@pytest.mark.parametrize('before, after, threads, reliable', [
-    (1.2, 1.9, 2, True),
-    (2.0, 2.0, 2, True),  # the timing's own threads: at most `threads`
-    (1.2, 3.1, 2, False),
-    (3.1, 0.5, 2, False),
-    (None, None, 2, None),  # no load average on this platform
-    (None, 2.5, 2, False),
-])
+@pytest.mark.parametrize(
+    'before, after, threads, reliable',
+    [
+        (1.2, 1.9, 2, True),
+        (2.0, 2.0, 2, True),  # the timing's own threads: at most `threads`
+        (1.2, 3.1, 2, False),
+        (3.1, 0.5, 2, False),
+        (None, None, 2, None),  # no load average on this platform
+        (None, 2.5, 2, False),
+    ])
 def test_load_record(before, after, threads, reliable):
     r = load_record(before, after, threads)
     assert r['reliable'] is reliable
@@ -129,8 +134,8 @@ def test_watch_load_samples_before_and_after(monkeypatch):
     monkeypatch.setattr(profiling.os, 'getloadavg', lambda: next(loads))
     with watch_load(threads=2) as load:
         assert load == {}  # filled when the timing ends
-    assert load == dict(before=1.5, after=3.1, max=3.1, threads=2,
-                        reliable=False)
+    assert load == dict(
+        before=1.5, after=3.1, max=3.1, threads=2, reliable=False)
 
 
 def test_watch_load_without_getloadavg(monkeypatch):

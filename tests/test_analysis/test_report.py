@@ -11,18 +11,32 @@ IDLE = dict(before=1.1, after=1.9, max=1.9, threads=2, reliable=True)
 
 
 def method(ratio=1.0, s_time=None):
-    return dict(time_ratio=dict(median=ratio, q1=ratio, q3=ratio),
-                flops=dict(step=1e9, synthesis_step=0.0), saved_bytes=2**20,
-                mem_ratio=1.0, synthesis_kept_bytes=0, peak_bytes=2**20,
-                peak_ratio=1.0, time_ms=dict(median=10.0), sites=[],
-                S_mem=None, S_mem_large_batch=None, S_peak=None,
-                S_time=s_time, S_flops=None, params=1)
+    return dict(
+        time_ratio=dict(median=ratio, q1=ratio, q3=ratio),
+        flops=dict(step=1e9, synthesis_step=0.0),
+        saved_bytes=2**20,
+        mem_ratio=1.0,
+        synthesis_kept_bytes=0,
+        peak_bytes=2**20,
+        peak_ratio=1.0,
+        time_ms=dict(median=10.0),
+        sites=[],
+        S_mem=None,
+        S_mem_large_batch=None,
+        S_peak=None,
+        S_time=s_time,
+        S_flops=None,
+        params=1)
 
 
 def case(load=None):
-    c = dict(name='c', backbone='B', batch_size=2, input_size=[8, 8],
-             repeats=3, methods=dict(e2e=method(s_time=0.0),
-                                     repl=method(1.08, 0.25)))
+    c = dict(
+        name='c',
+        backbone='B',
+        batch_size=2,
+        input_size=[8, 8],
+        repeats=3,
+        methods=dict(e2e=method(s_time=0.0), repl=method(1.08, 0.25)))
     if load is not None:
         c['load'] = load
     return c
@@ -39,9 +53,17 @@ def test_time_ratio_text():
 
 
 def test_markdown_marks_times_of_a_loaded_machine():
-    md = to_markdown(dict(cases=[case(LOADED)], targets=[
-        dict(case='c', target='repl S_time >= 0.8 (aim)', value=0.25,
-             met=False, reliable=False)]))
+    md = to_markdown(
+        dict(
+            cases=[case(LOADED)],
+            targets=[
+                dict(
+                    case='c',
+                    target='repl S_time >= 0.8 (aim)',
+                    value=0.25,
+                    met=False,
+                    reliable=False)
+            ]))
     lines = md.splitlines()
     assert lines[0] == '### c: B, batch 2 x 3x8x8, 3 trials'
     assert lines[2].startswith('Step times unreliable: load 3.1 > 2 '
@@ -61,8 +83,10 @@ def test_markdown_of_an_idle_machine_or_an_old_run_has_no_mark():
 
 def test_compiled_table():
     c = case()
-    comp = {m: dict(copy.deepcopy(r), compile_seconds=12.5)
-            for m, r in c['methods'].items()}
+    comp = {
+        m: dict(copy.deepcopy(r), compile_seconds=12.5)
+        for m, r in c['methods'].items()
+    }
     comp['drop'] = dict(failed='RuntimeError: a | b')
     c['compiled'] = dict(backend='inductor', methods=comp)
     md = to_markdown(dict(cases=[c]))
@@ -73,14 +97,27 @@ def test_compiled_table():
 
 
 def test_blocks_table():
-    site = dict(time_ratio=dict(median=0.5, q1=0.4, q3=0.6),
-                flops_ratio=0.25, bytes_ratio=0.75)
-    result = dict(name='r20', backbone='RepLResNet_CIFAR', repeats=5,
-                  options=['recompute', 'no recompute'], load=LOADED,
-                  rows=[dict(index=5, name='layer2.1', shape=[2, 32, 16, 16],
-                             block=dict(time_ms=dict(median=1.234)),
-                             sites={'recompute': site,
-                                    'no recompute': site})])
+    site = dict(
+        time_ratio=dict(median=0.5, q1=0.4, q3=0.6),
+        flops_ratio=0.25,
+        bytes_ratio=0.75)
+    result = dict(
+        name='r20',
+        backbone='RepLResNet_CIFAR',
+        repeats=5,
+        options=['recompute', 'no recompute'],
+        load=LOADED,
+        rows=[
+            dict(
+                index=5,
+                name='layer2.1',
+                shape=[2, 32, 16, 16],
+                block=dict(time_ms=dict(median=1.234)),
+                sites={
+                    'recompute': site,
+                    'no recompute': site
+                })
+        ])
     lines = blocks_markdown(result).splitlines()
     assert lines[0] == ('### r20: RepLResNet_CIFAR, single blocks, 5 trials '
                         '(zero_init=False)')

@@ -117,11 +117,13 @@ class Case:
 
 
 CASES = {
-    'retinanet': Case(
+    'retinanet':
+    Case(
         'configs/retinanet/retinanet_repl-r50_fpn_4xb2-scratch-adam-100e_'
-        'coco.py', DET_TINY, 'coco/bbox_mAP', 1, 'epoch_1.pth',
-        'epoch_2.pth', 'resumed epoch: 1, iter: 2'),
-    'deeplabv3plus': Case(
+        'coco.py', DET_TINY, 'coco/bbox_mAP', 1, 'epoch_1.pth', 'epoch_2.pth',
+        'resumed epoch: 1, iter: 2'),
+    'deeplabv3plus':
+    Case(
         'configs/deeplabv3plus/deeplabv3plus_repl-r50-d8_1xb16-30k_'
         'cityscapes-768x768.py', SEG_TINY, 'mIoU', 2, 'iter_2.pth',
         'iter_4.pth', 'resumed epoch: 0, iter: 2'),
@@ -170,8 +172,7 @@ def test_train_then_test_reports_metric(trained, data, tmp_path):
     assert 'backbone.layer2.1.conv1.weight' not in sd
     out = tmp_path / 'metrics.json'
     run('tools/test.py', tiny_config(name, tmp_path, data, case.length),
-        str(work / case.ckpt), '--work-dir', str(tmp_path), '--out',
-        str(out))
+        str(work / case.ckpt), '--work-dir', str(tmp_path), '--out', str(out))
     value = json.loads(out.read_text())[case.metric]
     assert math.isfinite(value) and 0 <= value <= 100, value
 
@@ -226,16 +227,15 @@ def infer(name, cfg, weights, img):
             model=cfg, weights=weights, device='cpu', show_progress=False)
     else:
         from mmseg.apis import MMSegInferencer
-        inferencer = MMSegInferencer(model=cfg, weights=weights,
-                                     device='cpu')
+        inferencer = MMSegInferencer(model=cfg, weights=weights, device='cpu')
     return inferencer(img, return_vis=False)['predictions']
 
 
 def test_publish_loads_in_upstream_inferencer(trained, data, tmp_path):
     name, work = trained
     case = CASES[name]
-    out = run('tools/model_converters/publish_model.py',
-              str(work / case.ckpt), str(tmp_path / f'{name}.pth'))
+    out = run('tools/model_converters/publish_model.py', str(work / case.ckpt),
+              str(tmp_path / f'{name}.pth'))
     published = Path(out.stdout.strip().splitlines()[-1])
     assert published.name.startswith(f'{name}-') and published.exists()
     ckpt = torch.load(published, weights_only=True)  # no allow-list
@@ -263,8 +263,8 @@ def test_publish_loads_in_upstream_inferencer(trained, data, tmp_path):
     if name == 'retinanet':
         static_pred = static_pred[0]
         assert len(static_pred['scores']) == len(pred['scores'])
-        np.testing.assert_allclose(sorted(static_pred['scores']),
-                                   sorted(pred['scores']), rtol=1e-4)
+        np.testing.assert_allclose(
+            sorted(static_pred['scores']), sorted(pred['scores']), rtol=1e-4)
     else:
         assert np.mean(np.asarray(static_pred) == np.asarray(pred)) > 0.999
 
@@ -272,15 +272,15 @@ def test_publish_loads_in_upstream_inferencer(trained, data, tmp_path):
 # (shipped config, its codebase, stock backbone type, how the config names
 # the backbone's pretrained weights)
 PRETRAINED = [
-    ('configs/retinanet/retinanet_repl-r50_fpn_1x_coco.py', 'mmdet',
-     'ResNet', 'model.backbone.init_cfg.checkpoint'),
+    ('configs/retinanet/retinanet_repl-r50_fpn_1x_coco.py', 'mmdet', 'ResNet',
+     'model.backbone.init_cfg.checkpoint'),
     ('configs/deeplabv3/deeplabv3_repl-r50-d8_4xb2-80k_cityscapes-512x1024.'
      'py', 'mmseg', 'ResNetV1c', 'model.pretrained'),
 ]
 
 
-@pytest.mark.parametrize('config,scope,stock_type,key', PRETRAINED,
-                         ids=['mmdet', 'mmseg'])
+@pytest.mark.parametrize(
+    'config,scope,stock_type,key', PRETRAINED, ids=['mmdet', 'mmseg'])
 def test_upstream_pretrained_backbone_loads_kept_blocks(
         config, scope, stock_type, key, tmp_path):
     """An upstream E2E backbone checkpoint (torchvision / open-mmlab style:
@@ -295,7 +295,8 @@ def test_upstream_pretrained_backbone_loads_kept_blocks(
         cfg.model.backbone.norm_cfg.type = 'BN'
     with DefaultScope.overwrite_default_scope(scope):
         stock_cfg = {
-            k: v for k, v in cfg.model.backbone.items()
+            k: v
+            for k, v in cfg.model.backbone.items()
             if k not in ('type', 'replacement', 'init_cfg')
         }
         stock = registry.build(dict(stock_cfg, type=stock_type))
@@ -315,8 +316,10 @@ def test_upstream_pretrained_backbone_loads_kept_blocks(
     for k, v in expected.items():
         if k not in unused:
             assert torch.equal(ours[k], v), k  # kept block: loaded
-    changed = [k for k in ours if k in expected
-               and not torch.equal(before[k], expected[k])]
+    changed = [
+        k for k in ours
+        if k in expected and not torch.equal(before[k], expected[k])
+    ]
     assert changed  # the weights did change from the random init
 
 
@@ -324,6 +327,7 @@ def test_v3plus_paper_config_has_upstream_v3plus_model():
     """The paper-setting DeepLabV3+ config swaps the DeepLabV3 head: its
     model is upstream's DeepLabV3+ model but for the RepL backbone, the
     pretrained weights and the crop."""
+
     def model(path):
         cfg = Config.fromfile(str(ROOT / path)).model.to_dict()
         for key in ('pretrained', 'data_preprocessor'):

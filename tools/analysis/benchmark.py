@@ -30,18 +30,19 @@ import json
 import os
 import sys
 
-# Keep the profiler's backend quiet (it logs every start/stop to stderr).
-os.environ.setdefault('KINETO_LOG_LEVEL', '5')
+# Keep the profiler's backend quiet: it logs every start/stop to stderr,
+# and only level 6 also silences the USDT profiler_start/stop lines
+# (torch 2.14; torch 2.1 prints none).
+os.environ.setdefault('KINETO_LOG_LEVEL', '6')
 
-from mmengine.logging import MMLogger, print_log  # noqa: E402
+from mmengine.logging import MMLogger, print_log
 
-from repl_mm.analysis.benchmark import (METHODS, finalize,  # noqa: E402
-                                        run_benchmark)
-from repl_mm.analysis.blocks import measure_blocks  # noqa: E402
-from repl_mm.analysis.cases import SUITE, make_case, suite_cases  # noqa: E402
-from repl_mm.analysis.device import resolve_device  # noqa: E402
-from repl_mm.analysis.report import (blocks_markdown,  # noqa: E402
-                                     load_accuracies, write_outputs)
+from repl_mm.analysis.benchmark import METHODS, finalize, run_benchmark
+from repl_mm.analysis.blocks import measure_blocks
+from repl_mm.analysis.cases import SUITE, make_case, suite_cases
+from repl_mm.analysis.device import resolve_device
+from repl_mm.analysis.report import (blocks_markdown, load_accuracies,
+                                     write_outputs)
 
 BLOCKS_REPEATS = 10  # --blocks trials unless --repeats says otherwise
 
@@ -50,66 +51,96 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split('\n')[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='Built-in suite cases: ' + ', '.join(SUITE) +
-        '\nMethods: ' + ', '.join(METHODS))
+        epilog='Built-in suite cases: ' + ', '.join(SUITE) + '\nMethods: ' +
+        ', '.join(METHODS))
     parser.add_argument(
-        'configs', nargs='*',
+        'configs',
+        nargs='*',
         help='model configs (files or mmdet::/mmseg::/mmpretrain:: paths)')
     parser.add_argument(
-        '--suite', nargs='*', metavar='CASE',
+        '--suite',
+        nargs='*',
+        metavar='CASE',
         help='run the built-in suite (all cases, or the ones named)')
     parser.add_argument(
-        '--quick', action='store_true',
+        '--quick',
+        action='store_true',
         help='suite: smaller batches and fewer trials')
     parser.add_argument(
-        '--methods', nargs='+', default=list(METHODS), metavar='METHOD',
+        '--methods',
+        nargs='+',
+        default=list(METHODS),
+        metavar='METHOD',
         help='methods to compare (must include e2e; drop for S)')
     parser.add_argument(
-        '--indices', type=int, nargs='+', default=None, metavar='I',
+        '--indices',
+        type=int,
+        nargs='+',
+        default=None,
+        metavar='I',
         help='1-based sites of method repl_idx (added to --methods), e.g. '
         "span_diagnostic.py's choice; without it repl_idx is skipped")
     parser.add_argument(
-        '--batch-size', type=int, default=None,
+        '--batch-size',
+        type=int,
+        default=None,
         help='samples per step (configs: default 2; suite: per case)')
     parser.add_argument(
-        '--input-size', type=int, nargs='+', default=None, metavar='N',
+        '--input-size',
+        type=int,
+        nargs='+',
+        default=None,
+        metavar='N',
         help='input H [W] for configs (default: 32 CIFAR, ViT img_size, '
         'cls 224, det 320, seg 256)')
     parser.add_argument(
-        '--repeats', type=int, default=None,
+        '--repeats',
+        type=int,
+        default=None,
         help='timed trials (configs: default 3; suite: per case)')
     parser.add_argument(
-        '--warmup', type=int, default=0,
+        '--warmup',
+        type=int,
+        default=0,
         help='extra untimed rounds before the trials (every model has '
         'already run two untimed steps: warm-up and memory)')
     parser.add_argument(
-        '--config-plan', action='store_true',
+        '--config-plan',
+        action='store_true',
         help="configs: the k=4 methods (repl, drop, ...) keep the config's "
         'own sites (e.g. indices=[3, 7, 11]) instead of interval=4')
     parser.add_argument(
-        '--compile', action='store_true',
+        '--compile',
+        action='store_true',
         help='also measure every method as torch.compile(model) (ratios '
         'and S against compiled E2E and drop); compilation runs in the '
         'untimed warm-up; a method that fails to compile is reported as '
         'failed with the error\'s first line')
     parser.add_argument(
-        '--compile-backend', default='inductor', metavar='BACKEND',
+        '--compile-backend',
+        default='inductor',
+        metavar='BACKEND',
         help='torch.compile backend of --compile (default inductor)')
     parser.add_argument(
-        '--blocks', action='store_true',
+        '--blocks',
+        action='store_true',
         help='instead of the step benchmark: each site of the RepL model '
         'against the E2E block it replaces (fwd+bwd time, FLOPs, saved '
         f'bytes; recompute on and off, zero_init=False; --repeats trials, '
         f'default {BLOCKS_REPEATS})')
     parser.add_argument(
-        '--accuracies', default=None,
+        '--accuracies',
+        default=None,
         help='JSON {case: {method: accuracy}} for the accuracy-memory plot')
     parser.add_argument(
-        '--from-json', default=None, metavar='JSON',
+        '--from-json',
+        default=None,
+        metavar='JSON',
         help="render the outputs again from a run's benchmark.json "
         '(derived figures recomputed; nothing measured)')
     parser.add_argument(
-        '--device', default='cpu',
+        '--device',
+        default='cpu',
         help="where models and batch live: 'cpu' (default), 'cuda' or "
         "'cuda:N'; on CUDA every timed step is synchronized and peak "
         'memory is the CUDA allocator\'s')
@@ -135,8 +166,9 @@ def parse_args(argv=None):
         fail('give config files or --suite (or --from-json)')
     if args.blocks:
         for opt, given in (('--compile', args.compile),
-                           ('--from-json', args.from_json is not None),
-                           ('--accuracies', args.accuracies is not None)):
+                           ('--from-json', args.from_json
+                            is not None), ('--accuracies', args.accuracies
+                                           is not None)):
             if given:
                 fail(f'--blocks measures single blocks: it takes no {opt}')
     if args.suite:
@@ -148,8 +180,7 @@ def parse_args(argv=None):
         fail(f'--methods: unknown method(s) {unknown}; known: '
              f'{list(METHODS)}')
     if args.indices is not None:
-        if min(args.indices) < 1 or len(set(args.indices)) < len(
-                args.indices):
+        if min(args.indices) < 1 or len(set(args.indices)) < len(args.indices):
             fail('--indices takes distinct 1-based block indices, got '
                  f'{args.indices}')
         if 'repl_idx' not in args.methods:
@@ -165,8 +196,8 @@ def parse_args(argv=None):
             fail(f'--{name.replace("_", "-")} must be >= 1, got {v}')
     if args.warmup < 0:
         fail(f'--warmup must be >= 0, got {args.warmup}')
-    if args.input_size is not None and (len(args.input_size) > 2 or min(
-            args.input_size) < 1):
+    if args.input_size is not None and (len(args.input_size) > 2
+                                        or min(args.input_size) < 1):
         fail('--input-size takes one or two positive ints (H [W]), got '
              f'{args.input_size}')
     for c in args.configs:
@@ -204,16 +235,25 @@ def main(argv=None):
         size = (size[0], size[-1])
     for path in args.configs:
         cases.append(
-            make_case(path, input_size=size, batch_size=args.batch_size or 2,
-                      repeats=args.repeats or 3))
+            make_case(
+                path,
+                input_size=size,
+                batch_size=args.batch_size or 2,
+                repeats=args.repeats or 3))
         cases[-1].indices = indices
         cases[-1].config_plan = args.config_plan
     if args.blocks:
         run_blocks(cases, args)
         return
     backend = args.compile_backend if args.compile else None
-    run_benchmark(cases, args.out_dir, args.methods, args.warmup, accuracies,
-                  device=args.device, compile_backend=backend)
+    run_benchmark(
+        cases,
+        args.out_dir,
+        args.methods,
+        args.warmup,
+        accuracies,
+        device=args.device,
+        compile_backend=backend)
 
 
 def run_blocks(cases, args):
@@ -222,8 +262,11 @@ def run_blocks(cases, args):
     results, tables = [], []
     for case in cases:
         results.append(
-            measure_blocks(case, args.repeats or BLOCKS_REPEATS,
-                           warmup=max(args.warmup, 1), device=args.device))
+            measure_blocks(
+                case,
+                args.repeats or BLOCKS_REPEATS,
+                warmup=max(args.warmup, 1),
+                device=args.device))
         tables.append(blocks_markdown(results[-1]))
     with open(os.path.join(args.out_dir, 'blocks.json'), 'w') as f:
         json.dump(dict(cases=results), f, indent=1)
