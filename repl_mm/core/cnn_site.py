@@ -7,9 +7,10 @@ from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
 from .device import Fp32Synthesis, ScaleBuffer, factory_kwargs
+from .lean import conv_update, lean_traceable, per_sample_drop_path
 from .recompute import CheckpointedSite, needs_graph, recompute_in_backward
-from .synthesis import (apply_chain, at_least_fp32, fold_chain, pointwise_mix,
-                        should_fold)
+from .synthesis import (apply_chain, at_least_fp32, best_grouping, fold_groups,
+                        pointwise_mix)
 
 # A position's sources: (neighbour name, the neighbour's conv module).
 Sources = Sequence[Tuple[str, nn.Module]]
@@ -32,8 +33,9 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
 
     (``residual=False`` drops ``+ h``: the literal Eq. 7/12). Synthesis runs
     every forward from the neighbours' live weights, so autograd carries
-    the gradient of Eq. 8 to phi and to the neighbours. The chain is folded
-    into one matrix when that costs fewer multiply-adds.
+    the gradient of Eq. 8 to phi and to the neighbours. The chain is cut
+    into groups, each folded into one matrix, where that costs fewer
+    multiply-adds (:func:`~repl_mm.core.synthesis.best_grouping`).
 
     The neighbours' convs are held outside ``_modules``: they are not
     registered, counted, optimised or saved twice, and ``copy.deepcopy`` of
@@ -72,10 +74,14 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         drop_path (nn.Module, optional): Stochastic depth on the update.
         with_cp (bool): Checkpoint the site (non-reentrant). Defaults to
             False.
-        recompute (bool): Store only the input and output for backward and
-            re-run the light update (chain, norm, drop path) in backward,
-            with the norm's running statistics updated once. Same outputs
-            and gradients. Defaults to True.
+        recompute (bool): Store only the input and output for backward
+            (and, with a plain ``nn.BatchNorm2d``, per-channel statistics)
+            and re-run the light update in backward: the chain only, the
+            norm and drop path differentiated by hand
+            (:class:`~repl_mm.core.lean.ConvUpdate`, see
+            :meth:`lean_applies`), else chain, norm and drop path (a
+            checkpoint); the norm's running statistics are updated once.
+            Same outputs and gradients. Defaults to True.
         device (torch.device, optional): Where the site's own tensors
             (phi, owned weights, ``scale``) are created. Defaults to the
             device of the first source conv's weight (torch's default when
@@ -220,13 +226,21 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
     def _update(self, h: Tensor, *mats: Tensor) -> Tensor:
         """scale * norm(What^J ... What^1 h), through drop path.
 
-        Folding the chain is weight-space math: at least fp32, autocast
-        off. Without autocast, the matrices are applied in ``h``'s dtype.
+        The chain is cut into the groups that cost the fewest
+        multiply-adds, each folded into one matrix
+        (:func:`~repl_mm.core.synthesis.best_grouping`). Folding is
+        weight-space math: at least fp32, autocast off. Without autocast,
+        the matrices are applied in ``h``'s dtype.
         """
-        mats = list(mats)
-        if should_fold(mats, h.shape[0] * h.shape[2] * h.shape[3]):
-            with autocast_disabled(h.device.type, mats[0].device.type):
-                mats = [fold_chain([at_least_fp32(m) for m in mats])]
+        groups = best_grouping(mats, h.shape[0] * h.shape[2] * h.shape[3])
+        if len(groups) < len(mats):
+            mats = [at_least_fp32(m) for m in mats]
+            types = (h.device.type, mats[0].device.type)
+            if any(is_autocast_enabled(t) for t in types):
+                with autocast_disabled(*types):
+                    mats = fold_groups(mats, groups)
+            else:  # no context manager to trace (dynamo 2.1 cannot)
+                mats = fold_groups(mats, groups)
         if not is_autocast_enabled(h.device.type):
             mats = [m.to(h.dtype) for m in mats]
         x_hat = apply_chain(h, mats, fold=False)
@@ -247,16 +261,41 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             conv.weight for srcs in self._sources for _, conv in srcs
         ]
 
+    def lean_applies(self, h: Tensor) -> bool:
+        """Whether ``recompute`` runs through the lean update
+        (:class:`~repl_mm.core.lean.ConvUpdate`) for input ``h``: the norm
+        is exactly ``nn.BatchNorm2d`` (mmcv's ``'BN'``; not a SyncBN or
+        any subclass), ``h`` is not on ``meta``, drop path is
+        ``nn.Identity`` or per-sample
+        (:func:`~repl_mm.core.lean.per_sample_drop_path`), autocast is
+        off for ``h``'s device type and, under ``torch.compile``, dynamo
+        traces the Function (:func:`~repl_mm.core.lean.lean_traceable`)."""
+        # meta: torch.batch_norm_update_stats has no meta kernel
+        return type(self.site_norm) in (nn.BatchNorm2d, ) and \
+            h.dim() == 4 and h.device.type != 'meta' and \
+            per_sample_drop_path(self.drop_path) and \
+            not is_autocast_enabled(h.device.type) and lean_traceable()
+
     def forward_with(self, h: Tensor, *mats: Tensor) -> Tensor:
         """act(update + h) with the given matrices (``weights(h)``).
 
         With ``recompute`` (and no ``with_cp``, which checkpoints all of
-        this), only ``h`` and the matrices are stored for backward: the
-        chain, the norm and drop path re-run in backward."""
+        this), only ``h``, the matrices and per-channel statistics are
+        stored for backward: the chain re-runs in backward, the norm and
+        drop path are differentiated by hand
+        (:class:`~repl_mm.core.lean.ConvUpdate`, where
+        :meth:`lean_applies`), or else the chain, the norm and drop path
+        re-run in backward (a checkpoint)."""
         if self.recompute and not self.with_cp and needs_graph(
                 h, *self.trainable_tensors()):
-            update = recompute_in_backward(
-                self._update, h, *mats, stateful=self.site_norm)
+            if self.lean_applies(h):
+                groups = best_grouping(mats,
+                                       h.shape[0] * h.shape[2] * h.shape[3])
+                update = conv_update(h, mats, groups, self.site_norm,
+                                     self.scale, self.drop_path)
+            else:
+                update = recompute_in_backward(
+                    self._update, h, *mats, stateful=self.site_norm)
         else:
             update = self._update(h, *mats)
         return self.act(update + h if self.residual else update)

@@ -348,3 +348,72 @@ def fold_affine(weight: Tensor, a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
     a = a.expand(cout) if a.dim() == 0 else a
     b = b.expand(cout) if b.dim() == 0 else b
     return a[:, None] * weight, b.clone()  # (Cout,) -> (Cout, 1)
+
+
+def chain_groupings(n: int) -> Tuple[Tuple[Tuple[int, int], ...], ...]:
+    """Every way to cut a chain of ``n`` matrices into contiguous groups,
+    as tuples of half-open ``(start, stop)`` index ranges, the plain chain
+    (one matrix a group) first and the fully folded chain last; 2^(n-1)
+    of them (n = 3: sequential, (W3 W2) W1, W3 (W2 W1), W3 W2 W1).
+
+    Example:
+        >>> chain_groupings(2)
+        (((0, 1), (1, 2)), ((0, 2),))
+    """
+    if n < 1:
+        raise ValueError('a chain has at least one matrix')
+    out = []
+    for mask in range(2**(n - 1) - 1, -1, -1):
+        # bit i set: cut between matrix i and i + 1
+        cuts = [i + 1 for i in range(n - 1) if mask >> i & 1]
+        bounds = [0] + cuts + [n]
+        out.append(tuple(zip(bounds[:-1], bounds[1:])))
+    return tuple(out)
+
+
+def grouping_macs(shapes: Sequence[Tuple[int, int]],
+                  groups: Sequence[Tuple[int, int]], pixels: int) -> int:
+    """Multiply-adds of applying a chain cut into ``groups`` to ``pixels``
+    pixels: each group folded once as :func:`fold_chain` does (W_a, then
+    W_j @ (...) for j = a+1..b-1: ``sum Cout_j * Cin_j * Cin_a``), then
+    ``Cout_{b-1} * Cin_a`` per pixel for the group.
+
+    Args:
+        shapes (Sequence[tuple[int, int]]): (Cout_j, Cin_j), j = 1..J.
+        groups (Sequence[tuple[int, int]]): ``(start, stop)`` ranges, as
+            :func:`chain_groupings` gives them.
+        pixels (int): B x H x W.
+    """
+    total = 0
+    for start, stop in groups:
+        cin = shapes[start][1]
+        total += sum(shapes[j][0] * shapes[j][1] * cin
+                     for j in range(start + 1, stop))
+        total += pixels * shapes[stop - 1][0] * cin
+    return total
+
+
+def best_grouping(mats: Sequence[Tensor],
+                  pixels: int) -> Tuple[Tuple[int, int], ...]:
+    """The cheapest way by multiply-adds (:func:`grouping_macs`) to cut
+    the chain into folded groups (:func:`chain_groupings`), a tie going to
+    the grouping listed first there (the plain chain before any folding).
+    For two matrices this folds exactly when :func:`should_fold` does.
+
+    Args:
+        mats (Sequence[Tensor]): The (Cout_j, Cin_j) matrices, j = 1..J.
+        pixels (int): B x H x W.
+    """
+    shapes = [(int(w.shape[0]), int(w.shape[1])) for w in mats]
+    best, best_macs = None, None
+    for groups in chain_groupings(len(shapes)):  # a loop: dynamo 2.1
+        macs = grouping_macs(shapes, groups, pixels)  # traces no min(key=)
+        if best_macs is None or macs < best_macs:
+            best, best_macs = groups, macs
+    return best
+
+
+def fold_groups(mats: Sequence[Tensor], groups: Sequence[Tuple[int,
+                                                               int]]) -> list:
+    """One matrix per group: :func:`fold_chain` of ``mats[start:stop]``."""
+    return [fold_chain(mats[start:stop]) for start, stop in groups]

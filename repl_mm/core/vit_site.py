@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
 from .device import Fp32Synthesis, ScaleBuffer, factory_kwargs
+from .lean import lean_traceable, per_sample_drop_path, token_update
 from .recompute import CheckpointedSite, needs_graph, recompute_in_backward
 from .synthesis import at_least_fp32, operator_mix
 
@@ -53,9 +54,13 @@ class TransformerSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         drop_path (nn.Module, optional): The replaced layer's stochastic
             depth.
         with_cp (bool): Checkpoint the site (non-reentrant).
-        recompute (bool): Store only the input for backward and re-run the
-            light update in backward. Same outputs and gradients.
-            Defaults to True.
+        recompute (bool): Store only the input for backward (and, with
+            an affine ``nn.LayerNorm`` and ``nn.GELU``, per-token
+            statistics) and re-run the light update in backward: the two
+            matmuls only, GELU, LN and drop path differentiated by hand
+            (:class:`~repl_mm.core.lean.TokenUpdate`, see
+            :meth:`lean_applies`), else the whole update (a checkpoint).
+            Same outputs and gradients. Defaults to True.
         device (torch.device, optional): Where the site's own tensors
             (alpha, beta, owned operators, ``scale``) are created.
             Defaults to the device of the first source linear's weight
@@ -191,14 +196,38 @@ class TransformerSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             for lin in pair
         ]
 
+    def lean_applies(self, h: Tensor) -> bool:
+        """Whether ``recompute`` runs through the lean update
+        (:class:`~repl_mm.core.lean.TokenUpdate`) for input ``h``: the norm
+        is exactly an affine ``nn.LayerNorm`` over the last dim, ``act``
+        exactly ``nn.GELU`` (erf or tanh), drop path ``nn.Identity`` or
+        per-sample (:func:`~repl_mm.core.lean.per_sample_drop_path`),
+        autocast off for ``h``'s device type, and, under ``torch.compile``,
+        a torch whose dynamo traces the Function
+        (:func:`~repl_mm.core.lean.lean_traceable`)."""
+        norm, act = self.site_norm, self.act
+        return type(norm) in (nn.LayerNorm, ) and \
+            tuple(norm.normalized_shape) == (h.shape[-1], ) and \
+            norm.elementwise_affine and type(act) in (nn.GELU, ) and \
+            act.approximate in ('none', 'tanh') and \
+            per_sample_drop_path(self.drop_path) and \
+            not is_autocast_enabled(h.device.type) and lean_traceable()
+
     def forward_with(self, h: Tensor, attn: Tensor, mlp: Tensor) -> Tensor:
         """h + update with the given operators (``weights(h)``).
 
         With ``recompute`` (and no ``with_cp``, which checkpoints all of
-        this), only ``h`` and the operators are stored for backward: the
-        update re-runs in backward."""
+        this), only ``h``, the operators and per-token statistics are
+        stored for backward: the two matmuls re-run in backward, GELU, the
+        norm and drop path are differentiated by hand
+        (:class:`~repl_mm.core.lean.TokenUpdate`, where
+        :meth:`lean_applies`), or else the whole update re-runs in backward
+        (a checkpoint)."""
         if self.recompute and not self.with_cp and needs_graph(
                 h, *self.trainable_tensors()):
+            if self.lean_applies(h):
+                return h + token_update(h, attn, mlp, self.site_norm, self.act,
+                                        self.scale, self.drop_path)
             return h + recompute_in_backward(self._update, h, attn, mlp)
         return h + self._update(h, attn, mlp)
 
