@@ -186,15 +186,22 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
             return self.interpolate()
 
     def forward_with(self, x: Tensor, *weights: Tensor) -> Tensor:
-        """The block with the given target weights."""
-        for (mod, _), w in zip(self._targets, weights):
-            mod.weight = w
-        try:
-            return self.block(x)
-        finally:
-            # Leave no graph tensor behind (deepcopy, init_weights).
-            for mod, _ in self._targets:
-                mod.weight = None
+        """The block with the given target weights.
+
+        Through ``torch.func.functional_call``: the weights are swapped in
+        for the call and the block is left as it was, which dynamo can
+        trace inside a checkpoint region (setting module attributes there
+        is a side effect it refuses)."""
+        return torch.func.functional_call(
+            self.block, dict(zip(self._target_names(), weights)), (x, ))
+
+    def _target_names(self) -> List[str]:
+        """The targets' weight names relative to ``self.block``."""
+        names = {id(m): n for n, m in self.block.named_modules()}
+        return [
+            f'{names[id(mod)]}.weight' if names[id(mod)] else 'weight'
+            for mod, _ in self._targets
+        ]
 
     def trainable_tensors(self) -> List[Tensor]:
         """Its own parameters (block and scalars) and the neighbours'

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..utils.compat import is_compiling
+from ..utils.compat import compiles_sites, is_compiling
 
 
 class NonReentrantCheckpoint:
@@ -47,6 +47,11 @@ class NonReentrantCheckpoint:
     """
 
     def forward(self, x):
+        if is_compiling() and not compiles_sites():
+            return run_eagerly(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x):
         # Unlike upstream's reentrant path, which needs an input that
         # requires grad, any trainable tensor in the segment is enough (the
         # first block after frozen stages is checkpointed too).
@@ -127,6 +132,11 @@ class CheckpointedSite:
     fused = False
 
     def forward(self, x):
+        if is_compiling() and not compiles_sites():
+            return run_eagerly(self._forward, x)
+        return self._forward(x)
+
+    def _forward(self, x):
         if self.fused:
             return x
         if self.with_cp and needs_graph(x, *self.trainable_tensors()):
@@ -252,7 +262,8 @@ def recompute_in_backward(fn, *args, stateful: Union[nn.Module,
     compiler recomputes in its backward graph; the buffer updates are part
     of the compiled forward only (functionalized), so they happen once
     without :class:`FrozenBuffers`, whose ``context_fn`` dynamo cannot
-    trace.
+    trace. (Where torch cannot trace the sites, they never reach this
+    under compile: :func:`run_eagerly`.)
     """
     if is_compiling():
         return checkpoint(fn, *args, use_reentrant=False)
@@ -266,6 +277,16 @@ def recompute_in_backward(fn, *args, stateful: Union[nn.Module,
         return nullcontext(), FrozenBuffers(*stateful)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
+
+
+@torch._dynamo.disable
+def run_eagerly(fn, *args):
+    """``fn(*args)`` outside any ``torch.compile`` graph: where torch cannot
+    trace RepL's sites and checkpointed blocks
+    (:func:`~repl_mm.utils.compat.compiles_sites`), compiled models run
+    them eagerly, with their eager recompute, between compiled graphs (a
+    graph break at each)."""
+    return fn(*args)
 
 
 def needs_graph(*tensors) -> bool:

@@ -140,15 +140,27 @@ def block_factory(desc: BlockDescription) -> dict:
     return weight_factory(lin.weight)
 
 
+def python_float_rates(module: Optional[nn.Module]) -> Optional[nn.Module]:
+    """Make every stochastic-depth rate in ``module`` a Python float.
+
+    Upstream rates come from ``np.linspace``: numpy floats, on which
+    ``torch.compile`` breaks the graph (mmcv's ``drop_path`` branches on
+    the rate). The same rate as a Python float keeps the module in one
+    graph. Applied to what RepL builds or wraps: sites, interpolated
+    blocks and the blocks it checkpoints.
+    """
+    if module is None:
+        return None
+    for m in module.modules():
+        rate = getattr(m, 'drop_prob', None)
+        if isinstance(rate, numbers.Real) and not isinstance(rate, bool):
+            m.drop_prob = float(rate)
+    return module
+
+
 def _site_drop_path(desc: BlockDescription) -> Optional[nn.Module]:
     """A copy of the block's stochastic depth for its site."""
-    drop_path = copy.deepcopy(desc.drop_path)
-    if isinstance(getattr(drop_path, 'drop_prob', None), numbers.Real):
-        # Upstream rates come from np.linspace: a numpy float, on which
-        # torch.compile breaks the graph (mmcv's drop_path branches on it).
-        # The same rate as a Python float keeps the site in one graph.
-        drop_path.drop_prob = float(drop_path.drop_prob)
-    return drop_path
+    return python_float_rates(copy.deepcopy(desc.drop_path))
 
 
 # -- the builders: (block, its description, the kept neighbours'
@@ -197,7 +209,8 @@ def _interpolated(old, desc, nbrs, cfg, with_cp):
     # before InterpolatedBlock deletes the block's weights
     factory = block_factory(desc)
     targets, sources = _interpolation(desc, nbrs, cfg)
-    return InterpolatedBlock(old, targets, with_cp=with_cp, **factory), sources
+    return InterpolatedBlock(
+        python_float_rates(old), targets, with_cp=with_cp, **factory), sources
 
 
 def _static_conv_site(desc: ConvBlock, nbrs, cfg):
@@ -364,7 +377,7 @@ def replace_blocks(slots: Sequence[BlockSlot],
             block = slot.parent[slot.key]
             if not isinstance(block, SITE_TYPES + (nn.Identity, )):
                 block.with_cp = True
-                use_non_reentrant_checkpoint(block)
+                use_non_reentrant_checkpoint(python_float_rates(block))
         if cfg.mode in ('synthesize', 'interpolate'):
             _fuse_sites(slots, indices)
     return ReplacementPlan(cfg, n, records, notes)

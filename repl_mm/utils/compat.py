@@ -34,6 +34,16 @@ guard                           what differs between torch versions
                                 native answer.
 :func:`is_compiling`            ``torch.compiler.is_compiling()`` from 2.3;
                                 2.1-2.2: ``torch._dynamo.is_compiling()``.
+:func:`compiles_sites`          whether ``torch.compile`` traces RepL's
+                                sites and checkpointed blocks: yes on 2.14
+                                (tested, no graph break inside a site);
+                                torch 2.1's dynamo breaks on context
+                                managers, cannot trace the custom autograd
+                                Functions of synthesis and fails on BN
+                                statistics updated in a checkpointed
+                                region. Releases in between are untested
+                                and treated like 2.1: the sites run
+                                eagerly inside compiled models.
 :func:`numpy_multiarray`        numpy's ``multiarray`` module (what its
                                 pickles reference): ``numpy._core`` from
                                 numpy 2, ``numpy.core`` in 1.x (1.26 has a
@@ -156,6 +166,12 @@ def is_compiling() -> bool:
     if compiler is not None and hasattr(compiler, 'is_compiling'):
         return compiler.is_compiling()
     return torch._dynamo.is_compiling()
+
+
+def compiles_sites() -> bool:
+    """Whether ``torch.compile`` traces RepL's sites and checkpointed
+    blocks (see the table above)."""
+    return torch_version() >= (2, 14)
 
 
 def numpy_multiarray():
