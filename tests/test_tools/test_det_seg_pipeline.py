@@ -1,8 +1,8 @@
 """Detection and segmentation end to end through the tools, as a user runs
-them (issue 5): the tiny COCO / Cityscapes sets of ``make_datasets.py`` ->
+them: the tiny COCO / Cityscapes sets of ``make_datasets.py`` ->
 ``train.py`` -> ``test.py`` from the checkpoint (``coco/bbox_mAP``,
 ``mIoU``) -> ``--resume`` -> ``publish_model.py`` -> upstream inferencers
-(the published and its static model, issue 8 §5);
+(the published and its ``mode='static'`` model);
 and upstream ImageNet weights loading into the kept blocks (spec §6).
 
 A user's tiny config inherits a shipped RepL config and shrinks it to
@@ -254,7 +254,7 @@ def test_publish_loads_in_upstream_inferencer(trained, data, tmp_path):
     else:
         assert np.asarray(pred).shape == (64, 128)  # the input's H x W
         assert set(np.unique(pred)) <= set(range(19))
-    # its static model (issue 8 §5) in the same inferencer: same prediction
+    # its mode='static' model in the same inferencer: same prediction
     from repl_mm.converters.to_static import convert_checkpoint
     static = convert_checkpoint(cfg, str(published), str(tmp_path / 'static'))
     static_pred = infer(name, static['config'], static['checkpoint'], img)
