@@ -246,10 +246,11 @@ def _forward(model: nn.Module, inputs: Tensor):
 
 
 @torch.no_grad()
-def relative_error(model: nn.Module, static_model: nn.Module,
-                   inputs: Tensor) -> float:
+def max_output_error(model: nn.Module, static_model: nn.Module,
+                     inputs: Tensor) -> float:
     """Largest |static - RepL| over all eval outputs, divided by the
-    largest |RepL| output.
+    largest |RepL| output (a max-norm error over the model's outputs;
+    ``site_fit.relative_error`` is the 2-norm error of one tensor).
 
     .. math::
         e = \\frac{\\max |y_{static} - y_{RepL}|}{\\max |y_{RepL}|}
@@ -271,12 +272,12 @@ def check_equal(model: nn.Module,
                 static_model: nn.Module,
                 inputs: Tensor,
                 tol: float = 1e-4) -> float:
-    """:func:`relative_error`, raising if it exceeds ``tol``.
+    """:func:`max_output_error`, raising if it exceeds ``tol``.
 
     Raises:
         ValueError: If the outputs differ by more than ``tol``.
     """
-    err = relative_error(model, static_model, inputs)
+    err = max_output_error(model, static_model, inputs)
     if not err <= tol:
         raise ValueError(f'static model outputs differ from the RepL '
                          f"model's by {err:.3g} (relative), above the "
@@ -344,7 +345,7 @@ def convert_checkpoint(config: str,
         input_size (int | tuple[int, int], optional): (H, W) of the output
             check. Defaults to :func:`random_inputs`'s.
         tol (float): Largest relative output difference allowed
-            (:func:`relative_error`). Defaults to 1e-4.
+            (:func:`max_output_error`). Defaults to 1e-4.
         seed (int): Seed of the random batch. Defaults to 0.
         force (bool): Overwrite existing outputs (never the source config
             or checkpoint). Defaults to False.
@@ -479,6 +480,6 @@ def ratios(results: Dict[str, dict],
 __all__ = [
     'benchmark_inference', 'check_equal', 'convert_checkpoint',
     'drop_pretrained', 'output_tensors', 'param_bytes', 'random_inputs',
-    'ratios', 'relative_error', 'static_config', 'static_name',
+    'ratios', 'max_output_error', 'static_config', 'static_name',
     'static_replacement', 'to_static'
 ]
