@@ -399,20 +399,17 @@ def _check_scale(site: nn.Module):
 
 def _conv_chain(site: ConvSite) -> List[Tuple[list, object]]:
     """Per position of a ConvSite's chain: its ``(name, neighbour conv)``
-    sources and its coefficients, the list of ``phi{j}_{name}`` parameters
-    (one per source) or, for a position without sources, the site's own
-    ``weight{j}``.
-
-    ``ConvSite`` names its sources publicly (``ConvSite.sources``) but not
-    the neighbour convs behind them, so this reads its ``_sources``.
+    sources and its coefficients, the list of phi parameters (one per
+    source) or, for a position without sources, the site's own weight
+    (``ConvSite.source_convs``, ``phi``, ``own_weight``).
     """
     chain = []
-    for j, srcs in enumerate(site._sources, 1):
+    for j in range(1, len(site.shapes) + 1):
+        srcs = site.source_convs(j)
         if srcs:
-            chain.append(
-                (srcs, [getattr(site, f'phi{j}_{name}') for name, _ in srcs]))
+            chain.append((srcs, [site.phi(j, name) for name, _ in srcs]))
         else:
-            chain.append((srcs, getattr(site, f'weight{j}')))
+            chain.append((srcs, site.own_weight(j)))
     return chain
 
 
