@@ -11,3 +11,23 @@ themselves, whatever order they run in.
 from mmengine.logging import MMLogger
 
 MMLogger.get_instance('mmengine')
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._repl_exitstatus = int(exitstatus)
+
+
+def pytest_unconfigure(config):
+    """On torch < 2.14 (the compat stack), end the process right after the
+    summary, skipping interpreter teardown: there, after the whole suite
+    has passed (torch 2.1.2, numpy 1.26), the interpreter's own teardown
+    segfaulted (no Python frame; each test directory alone exits cleanly),
+    which would turn a green run red. The exit status is pytest's."""
+    import os
+    import sys
+
+    from repl_mm.utils.compat import torch_version
+    if torch_version() < (2, 14) and hasattr(config, '_repl_exitstatus'):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(config._repl_exitstatus)
