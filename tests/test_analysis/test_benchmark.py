@@ -99,7 +99,8 @@ def test_unsupported_backbone_raises():
         make_case(cfg)
 
 
-def r20_case(batch_size=2):
+def r20_case(batch_size=2, repeats=2):
+    """A CIFAR ResNet-20 classifier case (upstream backbone), tiny."""
     return make_case(
         dict(
             default_scope='mmpretrain',
@@ -111,7 +112,7 @@ def r20_case(batch_size=2):
                     type='LinearClsHead', num_classes=10, in_channels=64))),
         name='r20',
         batch_size=batch_size,
-        repeats=2)
+        repeats=repeats)
 
 
 def test_end_to_end_tiny(tmp_path):

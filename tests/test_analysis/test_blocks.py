@@ -6,27 +6,13 @@ import pytest
 
 from repl_mm.analysis import profiling
 from repl_mm.analysis.blocks import OPTIONS, measure_blocks
-from repl_mm.analysis.cases import make_case
-
-
-def r20_case():
-    return make_case(
-        dict(
-            default_scope='mmpretrain',
-            model=dict(
-                type='ImageClassifier',
-                backbone=dict(type='ResNet_CIFAR', depth=20),
-                neck=dict(type='GlobalAveragePooling'),
-                head=dict(
-                    type='LinearClsHead', num_classes=10, in_channels=64))),
-        name='r20',
-        batch_size=2)
+from .test_benchmark import r20_case
 
 
 def test_blocks_of_resnet20(monkeypatch):
     loads = iter([(1.0, 0, 0), (5.0, 0, 0)])
     monkeypatch.setattr(profiling.os, 'getloadavg', lambda: next(loads))
-    res = measure_blocks(r20_case(), repeats=2)
+    res = measure_blocks(r20_case(repeats=3), repeats=2)
     assert res['options'] == list(OPTIONS) == ['recompute', 'no recompute']
     assert res['load']['reliable'] is False and res['load']['max'] == 5.0
     rows = res['rows']
@@ -51,4 +37,4 @@ def test_blocks_of_resnet20(monkeypatch):
 
 def test_unknown_option_raises():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['fast'\]"):
-        measure_blocks(r20_case(), options=['fast'])
+        measure_blocks(r20_case(repeats=3), options=['fast'])

@@ -13,6 +13,7 @@ from torch import nn
 from repl_mm.analysis import benchmark, device
 from repl_mm.analysis.device import (cuda_peak_allocated, device_timer,
                                      peak_memory, resolve_device)
+from .test_benchmark import r20_case
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -251,18 +252,7 @@ def test_cli_device_option(path, argv, monkeypatch, capsys):
 
 def test_benchmark_records_the_device(tmp_path):
     """The CPU run as before, with the device in the case and the meta."""
-    case = benchmark.make_case(
-        dict(
-            default_scope='mmpretrain',
-            model=dict(
-                type='ImageClassifier',
-                backbone=dict(type='ResNet_CIFAR', depth=20),
-                neck=dict(type='GlobalAveragePooling'),
-                head=dict(
-                    type='LinearClsHead', num_classes=10, in_channels=64))),
-        name='r20',
-        batch_size=2,
-        repeats=1)
+    case = r20_case(repeats=1)
     res = benchmark.run_benchmark([case], str(tmp_path), ['e2e', 'repl'])
     assert res['cases'][0]['device'] == 'cpu'
     assert res['meta']['device'] == 'cpu'
