@@ -16,7 +16,10 @@ option (:data:`OPTIONS`: ``recompute`` True and False, both with
   (:func:`~repl_mm.analysis.flops.step_flops`: 3 x forward + what
   backward re-runs + 3 x the site's synthesis);
 - bytes saved for backward by the forward (input included, weights
-  excluded; :class:`~repl_mm.analysis.memory.SavedTensorMeter`).
+  excluded; :class:`~repl_mm.analysis.memory.SavedTensorMeter`);
+- with ``profile``, where the time goes: each block's and site's step
+  under ``torch.profiler`` (:func:`~repl_mm.analysis.profiling.
+  op_profile`: self time per op category, ``aten`` calls, top ops).
 
 :func:`~repl_mm.analysis.report.blocks_markdown` renders the result.
 """
@@ -33,8 +36,8 @@ from .cases import Case, build_model, make_batch, to_device
 from .device import resolve_device
 from .flops import step_flops, track_recompute
 from .memory import SavedTensorMeter
-from .profiling import (ratio_stats, time_round_robin, time_stats, watch_load,
-                        weights_of)
+from .profiling import (op_profile, ratio_stats, time_round_robin, time_stats,
+                        watch_load, weights_of)
 
 #: option label -> the site's ``replacement`` options
 OPTIONS: Dict[str, dict] = {
@@ -128,7 +131,8 @@ def measure_blocks(case: Case,
                    repeats: int = 10,
                    warmup: int = 1,
                    options: Sequence[str] = tuple(OPTIONS),
-                   device='cpu') -> dict:
+                   device='cpu',
+                   profile: int = 0) -> dict:
     """Time, FLOPs and saved bytes of every site of ``case``'s RepL model
     over those of the E2E block it replaces (see the module docstring).
 
@@ -139,6 +143,8 @@ def measure_blocks(case: Case,
         options (Sequence[str]): Keys of :data:`OPTIONS`. Defaults to all.
         device (str | torch.device): Where models and inputs live.
             Defaults to ``'cpu'``.
+        profile (int): Rounds of the per-op profile of every block and
+            site, after the timing (0: none). CPU only. Defaults to 0.
 
     Returns:
         dict: ``name``, ``backbone``, ``repeats``, ``options``, ``load``
@@ -146,17 +152,22 @@ def measure_blocks(case: Case,
         (the block's module name in the backbone), ``shape`` (its input),
         ``block`` (``time_ms``, ``flops``, ``bytes``) and ``sites`` (per
         option the same, and ``time_ratio``, ``flops_ratio``,
-        ``bytes_ratio`` to the block).
+        ``bytes_ratio`` to the block); with ``profile``, the block and
+        every option also have ``profile``
+        (:func:`~repl_mm.analysis.profiling.op_profile`).
 
     Raises:
-        ValueError: If the RepL model has no site, or an option is
-            unknown.
+        ValueError: If the RepL model has no site, an option is
+            unknown, or ``profile`` is asked for off the CPU.
     """
     unknown = [o for o in options if o not in OPTIONS]
     if unknown:
         raise ValueError(f'unknown option(s) {unknown}; known: '
                          f'{list(OPTIONS)}')
     device = resolve_device(device)
+    if profile and device.type != 'cpu':
+        raise ValueError(f'profile={profile}: the per-op profile is of CPU '
+                         f'time, but device is {device}')
     logger = MMLogger.get_current_instance()
     models = {}
     for name, cfg in _model_cfgs(case, options).items():
@@ -200,6 +211,12 @@ def measure_blocks(case: Case,
             r['time_ratio'] = ratio_stats(times[i, o], times[i, 'block'])
             r['flops_ratio'] = r['flops'] / ref['flops']
             r['bytes_ratio'] = r['bytes'] / ref['bytes']
+    if profile:
+        for row in rows:
+            i = row['index']
+            row['block']['profile'] = op_profile(steps[i, 'block'], profile)
+            for o, r in row['sites'].items():
+                r['profile'] = op_profile(steps[i, o], profile)
     return dict(
         name=case.name,
         backbone=case.backbone_type,

@@ -11,6 +11,8 @@ trusted.
 - :func:`time_round_robin`: seconds per call of several steps, trials
   interleaved round robin; :func:`ratio_stats`: median and quartiles of the
   per-trial ratios.
+- :func:`op_profile`: where a step spends its time, op by op (self time per
+  op category, op calls), for explaining a time ratio its FLOPs do not.
 - :func:`watch_load`: the load average before and after a timing, against
   the threads torch computes with; a timing taken with more runnable
   processes than threads is marked unreliable (:func:`load_record`).
@@ -143,6 +145,71 @@ def time_stats(times: Sequence[float]) -> dict:
     t = np.asarray(times, dtype=float) * 1e3
     q1, med, q3 = np.percentile(t, [25, 50, 75])
     return dict(median=float(med), q1=float(q1), q3=float(q3))
+
+
+# -- per-op profile ----------------------------------------------------------
+#: op categories of :func:`op_profile`, matched in order on the lower-cased
+#: op name; everything else (elementwise ops, copies, views, the autograd
+#: engine's own bookkeeping) is ``'other'``
+OP_CATEGORIES = (
+    ('conv/matmul', ('conv', 'mm', 'linear', 'matmul', 'addmm', 'bmm')),
+    ('norm', ('batch_norm', 'layer_norm', 'group_norm')),
+)
+
+
+def op_category(name: str) -> str:
+    """The :data:`OP_CATEGORIES` entry of op ``name`` (else ``'other'``).
+
+    Example:
+        >>> op_category('aten::mkldnn_convolution'), op_category('aten::add_')
+        ('conv/matmul', 'other')
+    """
+    low = name.lower()
+    for cat, keys in OP_CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return 'other'
+
+
+def op_profile(step: Callable[[], None],
+               rounds: int = 3,
+               top: int = 5) -> dict:
+    """Where one call of ``step`` spends its time, op by op, on the CPU.
+
+    ``step`` runs once untimed, then ``rounds`` times under
+    ``torch.profiler`` (CPU activity). Self time is each op's own time
+    without the ops it calls, so the self times add up to the step's
+    time in ops and the shares are exclusive.
+
+    Returns:
+        dict: per call of ``step``: ``self_ms`` (all ops' self time),
+        ``aten_calls`` (calls of ``aten::`` ops, nested ones included:
+        what a fixed per-op cost multiplies), ``shares`` (fraction of
+        ``self_ms`` per category of :func:`op_category`) and ``top``
+        (the ``top`` ops by self time: ``op``, ``ms``, ``share``,
+        ``calls``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            step()
+    events = [(e.key, e.self_cpu_time_total / 1e3 / rounds, e.count / rounds)
+              for e in prof.key_averages()]
+    total = sum(ms for _, ms, _ in events) or float('nan')
+    shares = {cat: 0.0 for cat, _ in OP_CATEGORIES}
+    shares['other'] = 0.0
+    for key, ms, _ in events:
+        shares[op_category(key)] += ms / total
+    ranked = sorted(events, key=lambda e: -e[1])[:top]
+    return dict(
+        self_ms=total,
+        aten_calls=sum(n for k, _, n in events if k.startswith('aten::')),
+        shares=shares,
+        top=[
+            dict(op=k, ms=ms, share=ms / total, calls=n) for k, ms, n in ranked
+        ])
 
 
 # -- machine load ----------------------------------------------------------

@@ -204,6 +204,39 @@ def blocks_markdown(result: dict) -> str:
     return '\n'.join(lines)
 
 
+def profile_markdown(result: dict, top: int = 3) -> str:
+    """The per-op profile of a :func:`repl_mm.analysis.blocks.
+    measure_blocks` run with ``profile``: per site, the block's step and
+    each option's site step, with the ops' self time per call, the
+    ``aten`` calls, the share of conv/matmul, norm and other ops, and the
+    ``top`` ops. Empty when the run has no profile."""
+    rows = result['rows']
+    if not rows or 'profile' not in rows[0]['block']:
+        return ''
+    opts = result['options']
+    lines = [
+        f"### {result['name']}: where the time goes (per-op profile, "
+        'self CPU time per fwd+bwd)', '',
+        '| block | module | ops self time (ms) | aten calls | conv/matmul '
+        '| norm | other | top ops |', '|---' * 8 + '|'
+    ]
+    for r in rows:
+        modules = [('block', r['block'])]
+        modules += [(f'site ({o})', r['sites'][o]) for o in opts]
+        for label, m in modules:
+            p = m['profile']
+            ops = ', '.join(f"{t['op'].replace('aten::', '')} "
+                            f"{t['share']:.0%}" for t in p['top'][:top])
+            lines.append('| ' + ' | '.join([
+                f"{r['index']} ({r['name']})", label, f"{p['self_ms']:.2f}",
+                f"{p['aten_calls']:.0f}", *(f'{p["shares"][c]:.0%}'
+                                            for c in ('conv/matmul', 'norm',
+                                                      'other')), ops
+            ]) + ' |')
+    lines.append('')
+    return '\n'.join(lines)
+
+
 # -- plots -----------------------------------------------------------------
 def plot_ratios(results: dict, path: str):
     """Bars of time (median, IQR whiskers), activation-memory and peak

@@ -226,6 +226,16 @@ def test_cli_compile_and_blocks_options(capsys):
         cli.parse_args(['--suite', 'cifar-r32', '--blocks', '--compile'])
     assert '--blocks measures single blocks: it takes no --compile' in \
         capsys.readouterr().err
+    assert cli.parse_args(['--suite', 'cifar-r32', '--blocks',
+                           '--profile']).profile == 3
+    assert cli.parse_args(['--suite', 'cifar-r32']).profile is None
+    for argv, err in ((['--profile'], '--profile profiles single blocks: '
+                       'give --blocks too'),
+                      (['--blocks', '--profile',
+                        '0'], '--profile: ROUNDS must be at least 1, got 0')):
+        with pytest.raises(SystemExit):
+            cli.parse_args(['--suite', 'cifar-r32', *argv])
+        assert err in capsys.readouterr().err
 
 
 def test_compiled_variants(monkeypatch):

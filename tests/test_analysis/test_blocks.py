@@ -3,8 +3,9 @@
 their input shapes, and how the options order the counted figures.
 Nothing here asserts a speed."""
 import pytest
+import torch
 
-from repl_mm.analysis import profiling
+from repl_mm.analysis import blocks, profiling
 from repl_mm.analysis.blocks import OPTIONS, measure_blocks
 from .test_benchmark import r20_case
 
@@ -38,3 +39,29 @@ def test_blocks_of_resnet20(monkeypatch):
 def test_unknown_option_raises():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['fast'\]"):
         measure_blocks(r20_case(repeats=3), options=['fast'])
+
+
+def test_profile_of_resnet20():
+    """The per-op profile: exclusive shares that add up to one, the top
+    ops by self time, and the block's time mostly in its 3x3 convs (a
+    block is three big ops and a few small ones; what the site's shares
+    are is what the profile is for, so it is not asserted)."""
+    res = measure_blocks(
+        r20_case(repeats=3), repeats=1, options=['recompute'], profile=1)
+    for r in res['rows']:
+        for p in (r['block']['profile'], r['sites']['recompute']['profile']):
+            assert p['self_ms'] > 0 and p['aten_calls'] > 0
+            assert sum(p['shares'].values()) == pytest.approx(1.0)
+            ms = [t['ms'] for t in p['top']]
+            assert ms == sorted(ms, reverse=True) and len(ms) == 5
+            assert sum(t['share'] for t in p['top']) <= 1 + 1e-9
+        shares = r['block']['profile']['shares']
+        assert shares['conv/matmul'] == max(shares.values())
+
+
+def test_profile_needs_the_cpu(monkeypatch):
+    # no CUDA here: the device check is reached as it would be on a GPU
+    monkeypatch.setattr(blocks, 'resolve_device',
+                        lambda d: torch.device('cuda', 0))
+    with pytest.raises(ValueError, match=r"profile=1: .* device is cuda:0"):
+        measure_blocks(r20_case(repeats=3), profile=1, device='cuda')

@@ -4,7 +4,8 @@ table. Results are written by hand; nothing is measured."""
 import copy
 
 from repl_mm.analysis.report import (blocks_markdown, load_note,
-                                     time_ratio_text, to_markdown)
+                                     profile_markdown, time_ratio_text,
+                                     to_markdown)
 
 LOADED = dict(before=2.4, after=3.1, max=3.1, threads=2, reliable=False)
 IDLE = dict(before=1.1, after=1.9, max=1.9, threads=2, reliable=True)
@@ -131,3 +132,35 @@ def test_blocks_table():
         '| 5 (layer2.1) | 2x32x16x16 | 1.23 | 0.500 [0.400, 0.600] '
         '(unreliable) | 0.500 [0.400, 0.600] (unreliable) | 0.250 | 0.250 | '
         '0.750 | 0.750 |')
+
+
+def test_profile_markdown():
+    prof = dict(
+        self_ms=2.5,
+        aten_calls=40,
+        shares={
+            'conv/matmul': 0.5,
+            'norm': 0.25,
+            'other': 0.25
+        },
+        top=[
+            dict(op='aten::mkldnn_convolution', ms=1.0, share=0.4, calls=2),
+            dict(op='aten::add_', ms=0.5, share=0.2, calls=4)
+        ])
+    result = dict(
+        name='r20',
+        options=['recompute'],
+        rows=[
+            dict(
+                index=5,
+                name='layer2.1',
+                block=dict(profile=prof),
+                sites={'recompute': dict(profile=prof)})
+        ])
+    lines = profile_markdown(result).splitlines()
+    assert lines[0].startswith('### r20: where the time goes')
+    assert lines[4] == ('| 5 (layer2.1) | block | 2.50 | 40 | 50% | 25% | '
+                        '25% | mkldnn_convolution 40%, add_ 20% |')
+    assert lines[5].startswith('| 5 (layer2.1) | site (recompute) | 2.50 |')
+    result['rows'][0]['block'].pop('profile')
+    assert profile_markdown(result) == ''

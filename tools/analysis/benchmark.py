@@ -42,7 +42,7 @@ from repl_mm.analysis.blocks import measure_blocks
 from repl_mm.analysis.cases import SUITE, make_case, suite_cases
 from repl_mm.analysis.device import resolve_device
 from repl_mm.analysis.report import (blocks_markdown, load_accuracies,
-                                     write_outputs)
+                                     profile_markdown, write_outputs)
 
 BLOCKS_REPEATS = 10  # --blocks trials unless --repeats says otherwise
 
@@ -129,6 +129,16 @@ def parse_args(argv=None):
         f'bytes; recompute on and off, zero_init=False; --repeats trials, '
         f'default {BLOCKS_REPEATS})')
     parser.add_argument(
+        '--profile',
+        type=int,
+        nargs='?',
+        const=3,
+        default=None,
+        metavar='ROUNDS',
+        help='with --blocks: also profile every block and site op by op '
+        '(torch.profiler, CPU; ROUNDS calls each, default 3) and write '
+        'where the time goes (profile.md)')
+    parser.add_argument(
         '--accuracies',
         default=None,
         help='JSON {case: {method: accuracy}} for the accuracy-memory plot')
@@ -171,6 +181,12 @@ def parse_args(argv=None):
                                            is not None)):
             if given:
                 fail(f'--blocks measures single blocks: it takes no {opt}')
+        if args.profile and args.device.type != 'cpu':
+            fail(f'--profile profiles CPU time; --device is {args.device}')
+    elif args.profile is not None:
+        fail('--profile profiles single blocks: give --blocks too')
+    if args.profile is not None and args.profile < 1:
+        fail(f'--profile: ROUNDS must be at least 1, got {args.profile}')
     if args.suite:
         unknown = [n for n in args.suite if n not in SUITE]
         if unknown:
@@ -259,19 +275,25 @@ def main(argv=None):
 def run_blocks(cases, args):
     """``--blocks``: the single-block table of every case, printed and
     written to ``blocks.md`` and ``blocks.json``."""
-    results, tables = [], []
+    results, tables, profiles = [], [], []
     for case in cases:
         results.append(
             measure_blocks(
                 case,
                 args.repeats or BLOCKS_REPEATS,
                 warmup=max(args.warmup, 1),
-                device=args.device))
+                device=args.device,
+                profile=args.profile or 0))
         tables.append(blocks_markdown(results[-1]))
+        profiles.append(profile_markdown(results[-1]))
     with open(os.path.join(args.out_dir, 'blocks.json'), 'w') as f:
         json.dump(dict(cases=results), f, indent=1)
     with open(os.path.join(args.out_dir, 'blocks.md'), 'w') as f:
         f.write('\n'.join(tables))
+    if args.profile:
+        with open(os.path.join(args.out_dir, 'profile.md'), 'w') as f:
+            f.write('\n'.join(profiles))
+        tables += profiles
     print_log('\n' + '\n'.join(tables), logger='current')
 
 
