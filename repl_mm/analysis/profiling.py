@@ -89,15 +89,13 @@ def measure_memory(model: nn.Module,
 def synthesis_kept_bytes(model: nn.Module) -> int:
     """Bytes of weight-space tensors that the sites' synthesis keeps for
     backward in a training forward: what autograd saves inside
-    ``synthesize()`` and the synthesized matrices themselves (the site's
-    chain keeps them). They do not grow with the batch. Sites that
-    recompute (``recompute=True``, the default: the synthesis re-runs in
-    backward) or checkpoint (``with_cp``) keep none."""
+    ``synthesize()`` and the synthesized matrices themselves. Every
+    synthesizing site keeps its matrices, whatever its options: synthesis
+    runs once per step, and ``recompute`` and ``with_cp`` re-run only the
+    feature-map part in backward, from the kept matrices. They do not grow
+    with the batch."""
     meter = SavedTensorMeter(weights_of(model))
-    sites = [
-        s for s in find_sites(model).values()
-        if not s.with_cp and not getattr(s, 'recompute', False)
-    ]
+    sites = list(find_sites(model).values())
     with torch.enable_grad(), meter:
         mats = [t for s in sites for t in SynthesisCall(s)()]
     for t in mats:
