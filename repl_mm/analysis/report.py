@@ -207,9 +207,13 @@ def blocks_markdown(result: dict) -> str:
 def profile_markdown(result: dict, top: int = 3) -> str:
     """The per-op profile of a :func:`repl_mm.analysis.blocks.
     measure_blocks` run with ``profile``: per site, the block's step and
-    each option's site step, with the ops' self time per call, the
-    ``aten`` calls, the share of conv/matmul, norm and other ops, and the
-    ``top`` ops. Empty when the run has no profile."""
+    each option's site step, with its timed fwd+bwd (the median of the
+    timing), the ops' self time per call and the share of the timed time
+    spent outside them (Python, the autograd engine, dispatch between
+    ops; the timing and the profile are separate runs, so on a loaded
+    machine it can even come out negative), the ``aten`` calls, the share
+    of conv/matmul, norm and other ops in the ops' time, and the ``top``
+    ops. Empty when the run has no profile."""
     rows = result['rows']
     if not rows or 'profile' not in rows[0]['block']:
         return ''
@@ -217,8 +221,9 @@ def profile_markdown(result: dict, top: int = 3) -> str:
     lines = [
         f"### {result['name']}: where the time goes (per-op profile, "
         'self CPU time per fwd+bwd)', '',
-        '| block | module | ops self time (ms) | aten calls | conv/matmul '
-        '| norm | other | top ops |', '|---' * 8 + '|'
+        '| block | module | fwd+bwd (ms) | ops self time (ms) | outside ops '
+        '| aten calls | conv/matmul | norm | other | top ops |',
+        '|---' * 10 + '|'
     ]
     for r in rows:
         modules = [('block', r['block'])]
@@ -227,8 +232,10 @@ def profile_markdown(result: dict, top: int = 3) -> str:
             p = m['profile']
             ops = ', '.join(f"{t['op'].replace('aten::', '')} "
                             f"{t['share']:.0%}" for t in p['top'][:top])
+            timed = m['time_ms']['median']
             lines.append('| ' + ' | '.join([
-                f"{r['index']} ({r['name']})", label, f"{p['self_ms']:.2f}",
+                f"{r['index']} ({r['name']})", label, f'{timed:.2f}',
+                f"{p['self_ms']:.2f}", f"{1 - p['self_ms'] / timed:.0%}",
                 f"{p['aten_calls']:.0f}", *(f'{p["shares"][c]:.0%}'
                                             for c in ('conv/matmul', 'norm',
                                                       'other')), ops

@@ -154,13 +154,16 @@ def test_profile_markdown():
             dict(
                 index=5,
                 name='layer2.1',
-                block=dict(profile=prof),
-                sites={'recompute': dict(profile=prof)})
+                block=dict(profile=prof, time_ms=dict(median=5.0)),
+                sites={
+                    'recompute': dict(profile=prof, time_ms=dict(median=2.5))
+                })
         ])
     lines = profile_markdown(result).splitlines()
     assert lines[0].startswith('### r20: where the time goes')
-    assert lines[4] == ('| 5 (layer2.1) | block | 2.50 | 40 | 50% | 25% | '
-                        '25% | mkldnn_convolution 40%, add_ 20% |')
-    assert lines[5].startswith('| 5 (layer2.1) | site (recompute) | 2.50 |')
+    assert lines[4] == ('| 5 (layer2.1) | block | 5.00 | 2.50 | 50% | 40 | '
+                        '50% | 25% | 25% | mkldnn_convolution 40%, add_ 20% |')
+    assert lines[5].startswith('| 5 (layer2.1) | site (recompute) | 2.50 | '
+                               '2.50 | 0% |')
     result['rows'][0]['block'].pop('profile')
     assert profile_markdown(result) == ''
