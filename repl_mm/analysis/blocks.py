@@ -24,7 +24,7 @@ option (:data:`OPTIONS`: ``recompute`` True and False, both with
 :func:`~repl_mm.analysis.report.blocks_markdown` renders the result.
 """
 import copy
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from mmengine.logging import MMLogger, print_log
@@ -82,11 +82,20 @@ def block_inputs(backbone: nn.Module, inputs: torch.Tensor,
 
 class _BlockStep:
     """Forward and backward of one module on a fixed input and output
-    gradient; the gradients it leaves are freed after each call."""
+    gradient; the gradients it leaves are freed after each call. With
+    ``backend``, a call runs ``torch.compile(module, backend=backend)``
+    (compiled at construction); bytes and FLOPs are the eager module's
+    (the same operator)."""
 
-    def __init__(self, model: nn.Module, module: nn.Module, x: torch.Tensor,
-                 seed: int):
+    def __init__(self,
+                 model: nn.Module,
+                 module: nn.Module,
+                 x: torch.Tensor,
+                 seed: int,
+                 backend: Optional[str] = None):
         self.model, self.module = model, module
+        self.run = module if backend is None else torch.compile(
+            module, backend=backend)
         self.x = x.clone().requires_grad_()
         with torch.no_grad():
             shape = module(self.x).shape
@@ -103,7 +112,7 @@ class _BlockStep:
             p.grad = None
 
     def __call__(self):
-        self.module(self.x).backward(self.grad)
+        self.run(self.x).backward(self.grad)
         self._free()
 
     def saved_bytes(self) -> int:
@@ -132,7 +141,8 @@ def measure_blocks(case: Case,
                    warmup: int = 1,
                    options: Sequence[str] = tuple(OPTIONS),
                    device='cpu',
-                   profile: int = 0) -> dict:
+                   profile: int = 0,
+                   compile_backend: Optional[str] = None) -> dict:
     """Time, FLOPs and saved bytes of every site of ``case``'s RepL model
     over those of the E2E block it replaces (see the module docstring).
 
@@ -145,9 +155,14 @@ def measure_blocks(case: Case,
             Defaults to ``'cpu'``.
         profile (int): Rounds of the per-op profile of every block and
             site, after the timing (0: none). CPU only. Defaults to 0.
+        compile_backend (str, optional): Time (and profile) every block
+            and site as ``torch.compile(module, backend=...)``, compiled
+            before the timing; FLOPs and bytes stay the eager modules'.
+            Defaults to None (eager).
 
     Returns:
-        dict: ``name``, ``backbone``, ``repeats``, ``options``, ``load``
+        dict: ``name``, ``backbone``, ``repeats``, ``compile_backend``,
+        ``options``, ``load``
         (around the timing) and ``rows``: per site ``index``, ``name``
         (the block's module name in the backbone), ``shape`` (its input),
         ``block`` (``time_ms``, ``flops``, ``bytes``) and ``sites`` (per
@@ -185,20 +200,22 @@ def measure_blocks(case: Case,
     steps, rows = {}, []
     for i, block in blocks.items():
         row = dict(index=i, name=block_names[i], shape=list(xs[i].shape))
-        step = _BlockStep(e2e, block, xs[i], seed=i)
+        step = _BlockStep(e2e, block, xs[i], i, compile_backend)
         steps[i, 'block'] = step
         row['block'] = dict(bytes=step.saved_bytes(), flops=step.flops())
         row['sites'] = {}
         for o in options:
             site = sites[o][i]
-            step = _BlockStep(models[o], site.module, xs[i], seed=i)
+            step = _BlockStep(models[o], site.module, xs[i], i,
+                              compile_backend)
             steps[i, o] = step
             row['sites'][o] = dict(
                 bytes=step.saved_bytes(), flops=step.flops(site.name))
         rows.append(row)
+    how = f', compiled ({compile_backend})' if compile_backend else ''
     print_log(
         f'[{case.name}] timing {len(blocks)} blocks and their sites '
-        f'x {len(options)} options, {repeats} trials (+{warmup} '
+        f'x {len(options)} options{how}, {repeats} trials (+{warmup} '
         'warm-up), round robin',
         logger=logger)
     with watch_load() as load:
@@ -223,6 +240,7 @@ def measure_blocks(case: Case,
         input_size=list(case.input_size),
         batch_size=case.batch_size,
         repeats=repeats,
+        compile_backend=compile_backend,
         options=list(options),
         device=str(device),
         load=load,

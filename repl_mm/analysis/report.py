@@ -176,8 +176,10 @@ def blocks_markdown(result: dict) -> str:
     saved bytes over those of the block it replaces, for each option."""
     opts = result['options']
     load = result.get('load')
+    backend = result.get('compile_backend')
+    how = f', compiled ({backend})' if backend else ''
     lines = [
-        f"### {result['name']}: {result['backbone']}, single blocks, "
+        f"### {result['name']}: {result['backbone']}, single blocks{how}, "
         f"{result['repeats']} trials (zero_init=False)", ''
     ] + _load_line(load, 'the time ratios')
     head = ['block', 'shape', 'block fwd+bwd (ms)']
@@ -218,8 +220,10 @@ def profile_markdown(result: dict, top: int = 3) -> str:
     if not rows or 'profile' not in rows[0]['block']:
         return ''
     opts = result['options']
+    backend = result.get('compile_backend')
+    how = f', compiled ({backend})' if backend else ''
     lines = [
-        f"### {result['name']}: where the time goes (per-op profile, "
+        f"### {result['name']}: where the time goes (per-op profile{how}, "
         'self CPU time per fwd+bwd)', '',
         '| block | module | fwd+bwd (ms) | ops self time (ms) | outside ops '
         '| aten calls | conv/matmul | norm | other | top ops |',

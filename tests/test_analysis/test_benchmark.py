@@ -225,9 +225,12 @@ def test_cli_compile_and_blocks_options(capsys):
         ['--suite', 'cifar-r32', '--compile', '--compile-backend', 'eager'])
     assert args.compile_backend == 'eager'
     assert cli.parse_args(['--suite', 'cifar-r32', '--blocks']).blocks
+    args = cli.parse_args(['--suite', 'cifar-r32', '--blocks', '--compile'])
+    assert args.blocks and args.compile
     with pytest.raises(SystemExit):
-        cli.parse_args(['--suite', 'cifar-r32', '--blocks', '--compile'])
-    assert '--blocks measures single blocks: it takes no --compile' in \
+        cli.parse_args(
+            ['--suite', 'cifar-r32', '--blocks', '--accuracies', 'a.json'])
+    assert '--blocks measures single blocks: it takes no --accuracies' in \
         capsys.readouterr().err
     assert cli.parse_args(['--suite', 'cifar-r32', '--blocks',
                            '--profile']).profile == 3

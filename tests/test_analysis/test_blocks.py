@@ -65,3 +65,30 @@ def test_profile_needs_the_cpu(monkeypatch):
                         lambda d: torch.device('cuda', 0))
     with pytest.raises(ValueError, match=r"profile=1: .* device is cuda:0"):
         measure_blocks(r20_case(repeats=3), profile=1, device='cuda')
+
+
+def test_compiled_blocks_time_the_compiled_modules(monkeypatch):
+    """With a backend every block and site is timed as its compiled
+    module (here 'eager': dynamo's tracing without code generation);
+    bytes and FLOPs stay the eager modules'."""
+    compiled = []
+    real = torch.compile
+
+    def spy(module, backend):
+        compiled.append((type(module).__name__, backend))
+        return real(module, backend=backend)
+
+    monkeypatch.setattr(torch, 'compile', spy)
+    case = r20_case(repeats=3)
+    eager = measure_blocks(case, repeats=1, options=['recompute'])
+    res = measure_blocks(
+        case, repeats=1, options=['recompute'], compile_backend='eager')
+    assert res['compile_backend'] == 'eager' and eager['compile_backend'] \
+        is None
+    assert sorted(compiled) == sorted([('BasicBlock', 'eager')] * 2 +
+                                      [('ConvSite', 'eager')] * 2)
+    for r, e in zip(res['rows'], eager['rows']):
+        assert r['block']['flops'] == e['block']['flops']
+        assert r['sites']['recompute']['bytes'] == \
+            e['sites']['recompute']['bytes']
+        assert r['sites']['recompute']['time_ms']['median'] > 0
