@@ -21,6 +21,7 @@ Torch only.
 """
 import gc
 import os
+import time
 from contextlib import contextmanager
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -180,7 +181,9 @@ def op_profile(step: Callable[[], None],
     time in ops and the shares are exclusive.
 
     Returns:
-        dict: per call of ``step``: ``self_ms`` (all ops' self time),
+        dict: per call of ``step``: ``wall_ms`` (its time under the
+        profiler, which adds a cost per op: compare it with ``self_ms``,
+        not with an unprofiled timing), ``self_ms`` (all ops' self time),
         ``aten_calls`` (calls of ``aten::`` ops, nested ones included:
         what a fixed per-op cost multiplies), ``shares`` (fraction of
         ``self_ms`` per category of :func:`op_category`) and ``top``
@@ -191,8 +194,10 @@ def op_profile(step: Callable[[], None],
 
     step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         for _ in range(rounds):
             step()
+        wall = (time.perf_counter() - start) / rounds * 1e3
     events = [(e.key, e.self_cpu_time_total / 1e3 / rounds, e.count / rounds)
               for e in prof.key_averages()]
     total = sum(ms for _, ms, _ in events) or float('nan')
@@ -202,6 +207,7 @@ def op_profile(step: Callable[[], None],
         shares[op_category(key)] += ms / total
     ranked = sorted(events, key=lambda e: -e[1])[:top]
     return dict(
+        wall_ms=wall,
         self_ms=total,
         aten_calls=sum(n for k, _, n in events if k.startswith('aten::')),
         shares=shares,

@@ -206,14 +206,21 @@ def blocks_markdown(result: dict) -> str:
     return '\n'.join(lines)
 
 
+def _op_label(name: str) -> str:
+    """An op's name for a table: without ``aten::``; inductor's generated
+    code (``## Call CompiledFxGraph <hash> ##``) as ``compiled graph``."""
+    if 'CompiledFxGraph' in name:
+        return 'compiled graph'
+    return name.replace('aten::', '')
+
+
 def profile_markdown(result: dict, top: int = 3) -> str:
     """The per-op profile of a :func:`repl_mm.analysis.blocks.
     measure_blocks` run with ``profile``: per site, the block's step and
     each option's site step, with its timed fwd+bwd (the median of the
-    timing), the ops' self time per call and the share of the timed time
-    spent outside them (Python, the autograd engine, dispatch between
-    ops; the timing and the profile are separate runs, so on a loaded
-    machine it can even come out negative), the ``aten`` calls, the share
+    timing), its time under the profiler, the ops' self time per call
+    and the share of the profiled time spent outside them (Python, the
+    autograd engine, dispatch between ops), the ``aten`` calls, the share
     of conv/matmul, norm and other ops in the ops' time, and the ``top``
     ops. Empty when the run has no profile."""
     rows = result['rows']
@@ -225,21 +232,23 @@ def profile_markdown(result: dict, top: int = 3) -> str:
     lines = [
         f"### {result['name']}: where the time goes (per-op profile{how}, "
         'self CPU time per fwd+bwd)', '',
-        '| block | module | fwd+bwd (ms) | ops self time (ms) | outside ops '
+        '| block | module | fwd+bwd (ms) | profiled (ms) | ops self time '
+        '(ms) | outside ops '
         '| aten calls | conv/matmul | norm | other | top ops |',
-        '|---' * 10 + '|'
+        '|---' * 11 + '|'
     ]
     for r in rows:
         modules = [('block', r['block'])]
         modules += [(f'site ({o})', r['sites'][o]) for o in opts]
         for label, m in modules:
             p = m['profile']
-            ops = ', '.join(f"{t['op'].replace('aten::', '')} "
-                            f"{t['share']:.0%}" for t in p['top'][:top])
+            ops = ', '.join(f"{_op_label(t['op'])} {t['share']:.0%}"
+                            for t in p['top'][:top])
             timed = m['time_ms']['median']
             lines.append('| ' + ' | '.join([
                 f"{r['index']} ({r['name']})", label, f'{timed:.2f}',
-                f"{p['self_ms']:.2f}", f"{1 - p['self_ms'] / timed:.0%}",
+                f"{p['wall_ms']:.2f}", f"{p['self_ms']:.2f}",
+                f"{1 - p['self_ms'] / p['wall_ms']:.0%}",
                 f"{p['aten_calls']:.0f}", *(f'{p["shares"][c]:.0%}'
                                             for c in ('conv/matmul', 'norm',
                                                       'other')), ops

@@ -136,6 +136,7 @@ def test_blocks_table():
 
 def test_profile_markdown():
     prof = dict(
+        wall_ms=4.0,
         self_ms=2.5,
         aten_calls=40,
         shares={
@@ -145,7 +146,11 @@ def test_profile_markdown():
         },
         top=[
             dict(op='aten::mkldnn_convolution', ms=1.0, share=0.4, calls=2),
-            dict(op='aten::add_', ms=0.5, share=0.2, calls=4)
+            dict(
+                op='## Call CompiledFxGraph fx3a ##',
+                ms=0.5,
+                share=0.2,
+                calls=4)
         ])
     result = dict(
         name='r20',
@@ -161,9 +166,10 @@ def test_profile_markdown():
         ])
     lines = profile_markdown(result).splitlines()
     assert lines[0].startswith('### r20: where the time goes')
-    assert lines[4] == ('| 5 (layer2.1) | block | 5.00 | 2.50 | 50% | 40 | '
-                        '50% | 25% | 25% | mkldnn_convolution 40%, add_ 20% |')
+    assert lines[4] == (
+        '| 5 (layer2.1) | block | 5.00 | 4.00 | 2.50 | 38% | 40 | 50% | 25% '
+        '| 25% | mkldnn_convolution 40%, compiled graph 20% |')
     assert lines[5].startswith('| 5 (layer2.1) | site (recompute) | 2.50 | '
-                               '2.50 | 0% |')
+                               '4.00 | 2.50 | 38% |')
     result['rows'][0]['block'].pop('profile')
     assert profile_markdown(result) == ''
