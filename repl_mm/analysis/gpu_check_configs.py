@@ -302,7 +302,8 @@ def checkpoint_name(model: Model, iters: int, length: int = 1) -> str:
 
 
 __all__ = [
-    'ROOT', 'TOOLS', 'Model', 'MODELS', 'ROUTES', 'CIFAR_HOOK_BACKBONE',
-    'BENCH', 'BENCH_METHODS', 'Context', 'stock_backbone', 'config_text',
-    'write_config', 'schedule', 'shapes_sizes', 'train_size', 'checkpoint_name'
+    'ROOT', 'TOOLS', 'Model', 'MODELS', 'ROUTES', 'MNIST5K_TRAIN',
+    'DIST_BATCH', 'CIFAR_HOOK_BACKBONE', 'BENCH', 'BENCH_METHODS', 'Context',
+    'stock_backbone', 'config_text', 'write_config', 'schedule',
+    'shapes_sizes', 'train_size', 'checkpoint_name'
 ]
