@@ -1,6 +1,7 @@
 """Span diagnostic of a trained E2E model and the choice of RepL sites
-under a budget (paper A.10/A.11). What is fitted, measured and
-chosen: ``repl_mm/analysis/span.py``.
+under a budget (paper A.10/A.11). What is fitted and chosen:
+``repl_mm/analysis/span_fit.py``; what is measured on the model:
+``repl_mm/analysis/span.py``.
 
 Usage:
     python tools/analysis/span_diagnostic.py \
