@@ -29,10 +29,9 @@ Derived: the saving efficiency S = (E2E - X) / (E2E - drop) of memory and
 time (:func:`saving_efficiency`), and the project's targets
 (:func:`check_targets`). ``docs/benchmark.md`` states every convention.
 
-This module also re-exports the names other modules imported from it
-before it was split (``repl_mm.converters``, ``analysis/span.py``,
-``tools/``): their homes are :mod:`.cases`, :mod:`.flops`,
-:mod:`.profiling` and :mod:`.report`.
+This module also re-exports the names ``tools/`` and the tests imported
+from it before it was split: their homes are :mod:`.cases`,
+:mod:`.flops`, :mod:`.profiling` and :mod:`.report`.
 """
 import copy
 import os
@@ -45,13 +44,12 @@ from torch import nn
 
 from .cases import (SUITE, TWINS, Case, build_model, default_input_size,
                     load_config, make_batch, make_case, prepare_model_cfg,
-                    quiet, suite_cases, to_device, training_loss)
+                    suite_cases, to_device, training_loss)
 from .device import (describe_device, device_timer, peak_allocated,
                      peak_memory, resolve_device)
 from .flops import step_flops, synthesis_flops, track_recompute
 from .profiling import (measure_memory, ratio_stats, synthesis_kept_bytes,
-                        time_round_robin, time_stats, train_step, watch_load,
-                        weights_of)
+                        time_round_robin, time_stats, train_step, watch_load)
 from .report import (load_accuracies, machine_info, plot_accuracy_memory,
                      plot_ratios, time_ratio_text, to_markdown, write_outputs)
 
@@ -82,11 +80,6 @@ DROP_PATH_TWINS = {('mmpretrain', t)
 S_MEM_TARGETS = {'cifar': 0.70, 'bottleneck': 0.65, 'vit': 0.90}
 S_TIME_TARGET = 0.8
 CIFAR_DEPTHS = (20, 32, 44, 56, 110)  # RepLResNet_CIFAR's 3-stage nets
-
-# Names imported from this module before the split, under their old
-# private spelling (``analysis/span.py`` uses them).
-_weights = weights_of
-_quiet = quiet
 
 
 def backbone_family(backbone: str, depth: Optional[int]) -> Optional[str]:
