@@ -12,9 +12,13 @@ from mmengine.registry import MODELS as ROOT_MODELS
 
 # module -> (upstream package, pip extra, backbones it registers)
 ADAPTERS = {
-    'det_resnet': ('mmdet', 'det', ('RepLResNet', )),
+    'det_resnet': ('mmdet', 'det', ('RepLResNet', 'RepLResNetV1d')),
+    'det_resnext': ('mmdet', 'det', ('RepLResNeXt', )),
     'seg_resnet': ('mmseg', 'seg', ('RepLResNetV1c', )),
-    'cls_resnet': ('mmpretrain', 'cls', ('RepLResNet', 'RepLResNet_CIFAR')),
+    'seg_resnext': ('mmseg', 'seg', ('RepLResNeXt', )),
+    'cls_resnet': ('mmpretrain', 'cls', ('RepLResNet', 'RepLResNet_CIFAR',
+                                         'RepLResNetV1c', 'RepLResNetV1d')),
+    'cls_resnext': ('mmpretrain', 'cls', ('RepLResNeXt', )),
     'cls_vit': ('mmpretrain', 'cls', ('RepLVisionTransformer', )),
 }
 PIP_NAMES = {
