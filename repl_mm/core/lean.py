@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..utils.compat import compiles_sites, is_compiling
 from .synthesis import (at_least_fp32, fold_chain, fold_grouped,
-                        folded_conv_groups)
+                        fold_grouped_backward, folded_conv_groups)
 
 _aten = torch.ops.aten
 Groups = Tuple[Tuple[int, int], ...]
@@ -135,19 +135,6 @@ def _fold_backward(mats: Sequence[Tensor], grad: Tensor) -> list:
     return grads
 
 
-def _fold_backward_grouped(mats: Sequence[Tensor], conv_groups: Sequence[int],
-                           grad: Tensor) -> list:
-    """Gradients of :func:`~repl_mm.core.synthesis.fold_grouped` (a folded
-    group with grouped positions) given dP, by autograd through the
-    (weight-sized) fold in at least fp32: the block-diagonal structure of
-    each grouped factor is the fold's own, so its gradient is exactly the
-    diagonal blocks of the dense formula's."""
-    with torch.enable_grad():
-        ws = [at_least_fp32(m).detach().requires_grad_() for m in mats]
-        prod, _ = fold_grouped(ws, conv_groups)
-        return list(torch.autograd.grad(prod, ws, at_least_fp32(grad)))
-
-
 def _fold_factor(grad: Tensor, k: Tensor, weight: Optional[Tensor],
                  width: int):
     """The output gradient and weight to hand a norm's backward kernel
@@ -218,8 +205,8 @@ class ConvUpdate(torch.autograd.Function):
       dG_k = sum over pixels dz_k z_{k-1}^T and dz_{k-1} = G_k^T dz_k
       (``convolution_backward``, as autograd's), and each folded group
       P = W_b ... W_a gives dW_j = (W_b ... W_{j+1})^T dP (W_{j-1} ...
-      W_a)^T (a group with grouped positions: autograd through its
-      weight-sized fold).
+      W_a)^T (a group with grouped positions: per group of each product,
+      :func:`~repl_mm.core.synthesis.fold_grouped_backward`).
 
     Args (of ``apply``): h, k, gamma, beta (None without affine),
     running_mean, running_var (None: no update / none tracked),
@@ -248,8 +235,9 @@ class GroupedConvUpdate(torch.autograd.Function):
     ``groups``; a grouped W_j is a (Cout_j, Cin_j / g_j) matrix, folded
     groups are :func:`~repl_mm.core.synthesis.fold_grouped`'s products,
     every G is applied (and differentiated) as a grouped 1x1 conv, and a
-    folded group with grouped positions is differentiated by autograd
-    through its weight-sized fold. Everything else as
+    folded group with grouped positions is differentiated per group
+    (:func:`~repl_mm.core.synthesis.fold_grouped_backward`). Everything
+    else as
     :class:`ConvUpdate` (a separate Function, so the dense one keeps its
     signature)."""
 
@@ -346,8 +334,9 @@ def _update_backward(ctx, grad: Tensor, n_args: int):
         elif conv_groups is None:
             parts = _fold_backward(mats[start:stop], dp)
         else:
-            parts = _fold_backward_grouped(mats[start:stop],
-                                           conv_groups[start:stop], dp)
+            parts = fold_grouped_backward(
+                [at_least_fp32(m) for m in mats[start:stop]],
+                conv_groups[start:stop], at_least_fp32(dp))
         for j, dw in zip(range(start, stop), parts):
             if need_mats[j]:
                 dmats[j] = dw.to(mats[j].dtype)

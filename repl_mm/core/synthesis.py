@@ -263,6 +263,66 @@ def fold_grouped(mats: Sequence[Tensor],
     return out, g
 
 
+def grouped_product_backward(b: Tensor, gb: int, a: Tensor, ga: int,
+                             grad: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradients (dB, dA) of :func:`grouped_product` ``B @ A`` given the
+    gradient of its (grouped) result: per group, dB_k = dP_k A_k^T and
+    dA_k = B_k^T dP_k, in the layout :func:`grouped_product` computed
+    (an A expanded to its dense form gets the diagonal blocks of its
+    dense gradient, :func:`diagonal_blocks`). Plain tensor ops, so a
+    hand-written backward can call it (and a compiler trace it)."""
+    if ga == 1 and gb == 1:
+        return grad @ a.t(), b.t() @ grad
+    expanded = ga != gb and ga > 1 and gb > 1
+    ga_in = ga
+    if expanded:
+        a, ga = block_diagonal(a, ga), 1
+    c3, c2 = b.shape[0], a.shape[0]
+    if ga == gb:
+        g = ga
+        bg = b.reshape(g, c3 // g, -1)  # (g, C3/g, C2/g)
+        ag = a.reshape(g, c2 // g, -1)  # (g, C2/g, C1/g)
+        dp = grad.reshape(g, c3 // g, -1)  # (g, C3/g, C1/g)
+        db = torch.bmm(dp, ag.transpose(1, 2)).reshape(b.shape)
+        da = torch.bmm(bg.transpose(1, 2), dp).reshape(a.shape)
+    elif ga == 1:  # grouped B, dense A
+        g = gb
+        bg = b.reshape(g, c3 // g, -1)  # (g, C3/g, C2/g)
+        ag = a.reshape(g, c2 // g, a.shape[1])  # (g, C2/g, C1)
+        dp = grad.reshape(g, c3 // g, a.shape[1])  # (g, C3/g, C1)
+        db = torch.bmm(dp, ag.transpose(1, 2)).reshape(b.shape)
+        da = torch.bmm(bg.transpose(1, 2), dp).reshape(a.shape)
+    else:  # dense B, grouped A
+        g = ga
+        bg = b.reshape(c3, g, c2 // g).transpose(0, 1)  # (g, C3, C2/g)
+        ag = a.reshape(g, c2 // g, -1)  # (g, C2/g, C1/g)
+        # (C3, C1) -> (C3, g, C1/g) -> (g, C3, C1/g)
+        dp = grad.reshape(c3, g, -1).transpose(0, 1)
+        db = torch.bmm(dp, ag.transpose(1, 2)).transpose(0, 1).reshape(b.shape)
+        da = torch.bmm(bg.transpose(1, 2), dp).reshape(a.shape)
+    if expanded:
+        da = diagonal_blocks(da, ga_in)
+    return db, da
+
+
+def fold_grouped_backward(mats: Sequence[Tensor], conv_groups: Sequence[int],
+                          grad: Tensor) -> list:
+    """Gradients of :func:`fold_grouped` (P = W_J ... W_1 folded left to
+    right) given dP: the products are formed again, then
+    :func:`grouped_product_backward` from the last one to the first."""
+    accs, gs = [mats[0]], [conv_groups[0]]
+    for w, gw in zip(mats[1:-1], conv_groups[1:-1]):
+        acc, g = grouped_product(w, gw, accs[-1], gs[-1])
+        accs.append(acc)
+        gs.append(g)
+    grads = [None] * len(mats)
+    for j in range(len(mats) - 1, 0, -1):
+        grads[j], grad = grouped_product_backward(mats[j], conv_groups[j],
+                                                  accs[j - 1], gs[j - 1], grad)
+    grads[0] = grad
+    return grads
+
+
 def chain_product_groups(conv_groups: Sequence[int]) -> int:
     """Groups of the folded chain with these positions' groups
     (:func:`fold_grouped`)."""

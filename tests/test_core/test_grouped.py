@@ -16,6 +16,7 @@ from repl_mm.core.static import StaticConvSite, should_fold_static
 from repl_mm.core.surgery import _conv_sources
 from repl_mm.core.synthesis import (apply_chain, best_grouping, block_diagonal,
                                     chain_groupings, diagonal_blocks,
+                                    fold_grouped, fold_grouped_backward,
                                     fold_groups, folded_conv_groups,
                                     grouped_product, grouping_macs, pointwise,
                                     product_macs, should_fold)
@@ -62,6 +63,22 @@ def test_grouped_product_is_exact(gb, ga):
     assert p.shape == (16, 12 // g)
     ref = block_diagonal(b, gb) @ block_diagonal(a, ga)
     assert torch.allclose(block_diagonal(p, g), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('conv_groups', [(1, 4, 1), (4, 4), (1, 4), (4, 1),
+                                         (2, 4, 1), (4, 2), (4, 4, 4)])
+def test_fold_grouped_backward_is_autograds(conv_groups):
+    mats = [
+        torch.randn(
+            8, 8 // g, dtype=F64, generator=_gen(j), requires_grad=True)
+        for j, g in enumerate(conv_groups)
+    ]
+    prod, _ = fold_grouped(mats, conv_groups)
+    grad = torch.randn(prod.shape, dtype=F64, generator=_gen(9))
+    want = torch.autograd.grad(prod, mats, grad)
+    got = fold_grouped_backward([m.detach() for m in mats], conv_groups, grad)
+    for w, g in zip(want, got):
+        assert torch.allclose(w, g, rtol=0, atol=1e-12)
 
 
 def test_product_macs_by_hand():
