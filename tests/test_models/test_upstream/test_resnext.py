@@ -42,9 +42,10 @@ def test_depth_must_be_50_101_or_152(codebase):
 
 @pytest.mark.parametrize('codebase', sorted(BACKBONES))
 def test_groups_and_output_shapes(codebase):
-    """Upstream's 32x4d ResNeXt-50 (mmdet's 32x32 input, which all three
-    give the same feature shapes for): every bottleneck's conv2 has 32
-    groups, four stages out."""
+    """Upstream's 32x4d ResNeXt-50 (mmdet's 32x32 input for all three, in
+    a batch of 2: train-mode BN of mmseg and mmpretrain, whose norms
+    train, needs more than one value on the last 1x1 map): every
+    bottleneck's conv2 has 32 groups, four stages out."""
     out = {} if codebase == 'mmdet' else dict(out_indices=(0, 1, 2, 3))
     model = _build(codebase, **out)
     blocks = [
@@ -54,18 +55,18 @@ def test_groups_and_output_shapes(codebase):
     assert all(m.conv2.groups == 32 for m in blocks)
     model.init_weights()
     model.train()
-    feats = model(torch.randn(1, 3, 32, 32))
-    assert [tuple(f.shape) for f in feats] == [(1, 256, 8, 8), (1, 512, 4, 4),
-                                               (1, 1024, 2, 2),
-                                               (1, 2048, 1, 1)]
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert [tuple(f.shape) for f in feats] == [(2, 256, 8, 8), (2, 512, 4, 4),
+                                               (2, 1024, 2, 2),
+                                               (2, 2048, 1, 1)]
 
 
 def test_mmpretrain_last_stage_only():
     model = _build('mmpretrain', out_indices=(3, ))
     model.init_weights()
     model.train()
-    feats = model(torch.randn(1, 3, 32, 32))
-    assert len(feats) == 1 and feats[0].shape == (1, 2048, 1, 1)
+    feats = model(torch.randn(2, 3, 32, 32))
+    assert len(feats) == 1 and feats[0].shape == (2, 2048, 1, 1)
 
 
 def test_conv2_widths_of_upstream_bottlenecks():
