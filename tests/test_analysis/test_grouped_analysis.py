@@ -60,3 +60,27 @@ def test_bias_of_resnext_sites():
     assert rows[1]['d_fwd'] > 1e-4 and rows[1]['d_grad'] > 1e-4
     zero = measure_bias(classifier(zero_init=True), [batch()])['rows']
     assert all(r['d_fwd'] == 0.0 for r in zero)
+
+
+def test_benchmark_resnext50_case():
+    """The suite's ResNeXt-50 32x4d: grouped sites, stochastic depth for
+    the 'sd' methods (mmpretrain's ResNeXt has drop_path_rate), and a
+    stock ResNeXt config maps to its twin."""
+    from repl_mm.analysis.benchmark import method_model_cfg
+    from repl_mm.analysis.cases import build_model, make_case, suite_cases
+    case, = suite_cases(['resnext50'], quick=True)
+    assert case.backbone_type == 'RepLResNeXt' and case.input_size == (112,
+                                                                       112)
+    sd = method_model_cfg(case, 'repl+sd')['backbone']
+    assert sd['drop_path_rate'] > 0
+    model = build_model(case.scope, method_model_cfg(case, 'repl'))
+    sites = model.backbone.site_modules()
+    assert sorted(sites) == [5, 9, 12]
+    assert all(s.conv_groups == (1, 32, 1) for s in sites.values())
+    stock = make_case(
+        dict(
+            default_scope='mmdet',
+            model=dict(
+                type='RetinaNet',
+                backbone=dict(type='ResNeXt', depth=50, groups=32))))
+    assert stock.backbone_type == 'RepLResNeXt'
