@@ -244,8 +244,7 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
 
     def _synthesize(self) -> List[Tensor]:
         """The (Cout_j, Cin_j / g_j) matrices What^j from the live
-        neighbours
-        (:meth:`synthesize` runs this with autocast off)."""
+        neighbours (:meth:`synthesize` runs this with autocast off)."""
         mats = []
         for j, srcs in enumerate(self._sources, 1):
             if srcs:

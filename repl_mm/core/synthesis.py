@@ -364,11 +364,10 @@ def should_fold(mats: Sequence[Tensor],
         return False
     if not _dense(conv_groups):
         shapes = [full_shape(w, g) for w, g in zip(mats, conv_groups)]
-        return grouping_macs(shapes, ((0, len(mats)), ), pixels,
-                             conv_groups) < grouping_macs(
-                                 shapes,
-                                 tuple((j, j + 1) for j in range(len(mats))),
-                                 pixels, conv_groups)
+        folded = ((0, len(mats)), )
+        chain = tuple((j, j + 1) for j in range(len(mats)))
+        return grouping_macs(shapes, folded, pixels, conv_groups) < \
+            grouping_macs(shapes, chain, pixels, conv_groups)
     fold_once = 0
     cin = mats[0].shape[1]
     for w in mats[1:]:
