@@ -32,6 +32,12 @@ TWINS = {
     ('mmpretrain', 'ResNet'): 'RepLResNet',
     ('mmpretrain', 'ResNet_CIFAR'): 'RepLResNet_CIFAR',
     ('mmpretrain', 'VisionTransformer'): 'RepLVisionTransformer',
+    ('mmdet', 'ResNeXt'): 'RepLResNeXt',
+    ('mmdet', 'ResNetV1d'): 'RepLResNetV1d',
+    ('mmseg', 'ResNeXt'): 'RepLResNeXt',
+    ('mmpretrain', 'ResNeXt'): 'RepLResNeXt',
+    ('mmpretrain', 'ResNetV1c'): 'RepLResNetV1c',
+    ('mmpretrain', 'ResNetV1d'): 'RepLResNetV1d',
 }
 # default scope (repl_mm.apis.SCOPES) -> the task its synthetic
 # batch and default input size follow
@@ -79,6 +85,17 @@ SUITE: Dict[str, dict] = {
         config=dict(
             default_scope='mmpretrain',
             model=_cls_model(dict(type='RepLResNet', depth=50), 2048, 1000)),
+        full=(224, 4, 4),
+        quick=(112, 2, 2)),
+    # ResNeXt-50 32x4d: the grouped-conv sites of spec §9.1
+    'resnext50':
+    dict(
+        config=dict(
+            default_scope='mmpretrain',
+            model=_cls_model(
+                dict(
+                    type='RepLResNeXt', depth=50, groups=32,
+                    width_per_group=4), 2048, 1000)),
         full=(224, 4, 4),
         quick=(112, 2, 2)),
     'deit-s':

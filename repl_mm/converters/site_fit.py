@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..core.cnn_site import ConvSite
 from ..core.interpolate import InterpolatedBlock
-from ..core.synthesis import collapse_kernel
+from ..core.synthesis import block_diagonal, collapse_kernel
 from ..core.vit_site import TransformerSite
 
 # -- chain least squares ---------------------------------------------------
@@ -413,6 +413,10 @@ def _conv_chain(site: ConvSite) -> List[Tuple[list, object]]:
     return chain
 
 
+def _site_groups(site: ConvSite) -> Tuple[int, ...]:
+    return tuple(getattr(site, 'conv_groups', (1, ) * len(site.shapes)))
+
+
 def fit_conv_site(site: ConvSite,
                   x: Tensor,
                   y: Tensor,
@@ -434,6 +438,11 @@ def fit_conv_site(site: ConvSite,
             (per channel, so each pixel is computed on its own), whole
             maps otherwise (a GN mixes the pixels of a map). Defaults to
             32768.
+
+    A grouped position (spec §9.1) enters the least squares in its dense
+    block-diagonal form (:func:`~repl_mm.core.synthesis.block_diagonal`),
+    in which diag(phi) S keeps the block structure: the same problem,
+    solved exactly.
     """
     check_max_points(max_points)
     _check_scale(site)
@@ -444,10 +453,15 @@ def fit_conv_site(site: ConvSite,
         # skip when the site has none (residual=False, Eq. 7/12).
         target = branch if site.residual else branch + x
         chain = _conv_chain(site)
-        sources = [[collapse_kernel(conv.weight).detach() for _, conv in s]
-                   for s, _ in chain]
-        coefs = [[phi.detach() for phi in c] if s else c.detach()
-                 for s, c in chain]
+        groups = _site_groups(site)
+        # (Cout, Cin / g) -> dense block-diagonal (Cout, Cin)
+        sources = [[
+            block_diagonal(collapse_kernel(conv.weight).detach(), g)
+            for _, conv in s
+        ] for (s, _), g in zip(chain, groups)]
+        coefs = [[phi.detach()
+                  for phi in c] if s else block_diagonal(c.detach(), g)
+                 for (s, c), g in zip(chain, groups)]
         coefs, d = fit_chain(to_pixels(x), to_pixels(target), sources, coefs)
         with torch.no_grad():
             for (s, params), cs in zip(chain, coefs):

@@ -1,4 +1,5 @@
-"""The computing layer that replaces a residual conv block (spec §3)."""
+"""The computing layer that replaces a residual conv block (spec §3,
+§9.1)."""
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -10,7 +11,7 @@ from .device import Fp32Synthesis, ScaleBuffer, factory_kwargs
 from .lean import conv_update, lean_traceable, per_sample_drop_path
 from .recompute import CheckpointedSite, needs_graph, recompute_in_backward
 from .synthesis import (apply_chain, at_least_fp32, best_grouping, fold_groups,
-                        pointwise_mix)
+                        folded_conv_groups, pointwise_mix)
 
 # A position's sources: (neighbour name, the neighbour's conv module).
 Sources = Sequence[Tuple[str, nn.Module]]
@@ -61,9 +62,19 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
       (ResNet-18 -> 4) valid.
     - ``drop_path`` (mmpretrain blocks) applies the replaced block's
       stochastic-depth rate to the site's update, as for ViT sites (§4).
+    - Grouped positions (spec §9.1, ResNeXt's grouped 3x3): position j
+      with g_j groups synthesizes a (Cout_j, Cin_j / g_j) matrix (the
+      neighbours' grouped kernels summed over their taps, phi of length
+      Cout_j as for a dense one) and applies it as a grouped 1x1 conv; a
+      neighbour conv serves it only with the same weight shape and the
+      same groups. A grouped position the site owns is a (Cout_j, Cin_j /
+      g_j) weight with the same g_j groups, initialised like a grouped
+      1x1 ``nn.Conv2d`` (fan-in Cin_j / g_j): the site keeps the replaced
+      block's structure and cost.
 
     Args:
-        shapes (Sequence[tuple[int, int]]): (Cout_j, Cin_j) per position.
+        shapes (Sequence[tuple[int, int]]): (Cout_j, Cin_j) per position
+            (full channel counts, also for a grouped position).
         sources (Sequence[Sources]): Per position, the neighbours' convs it
             is drawn from; empty means the site owns that weight.
         norm (nn.Module): Fresh norm of width Cout_J (never shared).
@@ -87,6 +98,8 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             device of the first source conv's weight (torch's default when
             the site owns every weight).
         dtype (torch.dtype, optional): Their dtype, defaulting likewise.
+        conv_groups (Sequence[int], optional): Conv groups g_j per
+            position (spec §9.1). Defaults to 1 for every position.
 
     Example:
         >>> prev, nxt = nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3)
@@ -108,11 +121,23 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
                  with_cp: bool = False,
                  recompute: bool = True,
                  device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None,
+                 conv_groups: Optional[Sequence[int]] = None):
         super().__init__()
         if len(shapes) != len(sources):
             raise ValueError(f'{len(shapes)} shapes but {len(sources)} '
                              'source lists')
+        conv_groups = (1, ) * len(shapes) if conv_groups is None else \
+            tuple(conv_groups)
+        if len(conv_groups) != len(shapes):
+            raise ValueError(f'conv_groups must give one int per position '
+                             f'({len(shapes)}), but got {conv_groups}')
+        for j, (g, (cout, cin)) in enumerate(zip(conv_groups, shapes), 1):
+            if isinstance(g, bool) or not isinstance(g, int) or g < 1 or \
+                    cout % g or cin % g:
+                raise ValueError(
+                    f'conv_groups of position {j} must be an int >= 1 that '
+                    f'divides its channels ({cout}, {cin}), but got {g!r}')
         for j in range(1, len(shapes)):
             if shapes[j][1] != shapes[j - 1][0]:
                 raise ValueError(f'position {j + 1} takes {shapes[j][1]} '
@@ -122,27 +147,34 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             raise ValueError('a residual site must preserve channels, got '
                              f'{shapes[0][1]} -> {shapes[-1][0]}')
         self.shapes = [tuple(s) for s in shapes]
+        self.conv_groups = conv_groups
         self._sources: List[List[Tuple[str, nn.Module]]] = [
             list(s) for s in sources
         ]
         factory = factory_kwargs(device, dtype, (conv.weight
                                                  for srcs in self._sources
                                                  for _, conv in srcs))
-        for j, ((cout, cin),
-                srcs) in enumerate(zip(self.shapes, self._sources), 1):
+        for j, ((cout, cin), srcs, g) in enumerate(
+                zip(self.shapes, self._sources, conv_groups), 1):
             for name, conv in srcs:
                 w = conv.weight
-                if tuple(w.shape[:2]) != (cout, cin):
+                if tuple(w.shape[:2]) != (cout, cin // g):
                     raise ValueError(
                         f'{name} neighbour conv{j} has weight shape '
-                        f'{tuple(w.shape)}, the site needs ({cout}, {cin})')
+                        f'{tuple(w.shape)}, the site needs ({cout}, '
+                        f'{cin // g})')
+                if getattr(conv, 'groups', 1) != g:
+                    raise ValueError(
+                        f'{name} neighbour conv{j} has groups='
+                        f'{getattr(conv, "groups", 1)}, the site needs '
+                        f'groups={g}')
                 self.register_parameter(
                     f'phi{j}_{name}',
                     nn.Parameter(torch.empty(cout, **factory)))
             if not srcs:
                 self.register_parameter(
                     f'weight{j}',
-                    nn.Parameter(torch.empty(cout, cin, **factory)))
+                    nn.Parameter(torch.empty(cout, cin // g, **factory)))
         self.site_norm = norm
         self.act = act
         self.drop_path = drop_path if drop_path is not None else nn.Identity()
@@ -207,12 +239,12 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         return getattr(self, f'phi{j}_{name}')
 
     def own_weight(self, j: int) -> nn.Parameter:
-        """The (Cout_j, Cin_j) weight of a position the site owns."""
+        """The (Cout_j, Cin_j / g_j) weight of a position the site owns."""
         return getattr(self, f'weight{j}')
 
     def _synthesize(self) -> List[Tensor]:
-        """The (Cout_j, Cin_j) matrices What^j from the live neighbours
-        (:meth:`synthesize` runs this with autocast off)."""
+        """The (Cout_j, Cin_j / g_j) matrices What^j from the live
+        neighbours (:meth:`synthesize` runs this with autocast off)."""
         mats = []
         for j, srcs in enumerate(self._sources, 1):
             if srcs:
@@ -230,21 +262,30 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         multiply-adds, each folded into one matrix
         (:func:`~repl_mm.core.synthesis.best_grouping`). Folding is
         weight-space math: at least fp32, autocast off. Without autocast,
-        the matrices are applied in ``h``'s dtype.
+        the matrices are applied in ``h``'s dtype. Grouped positions are
+        counted, folded and applied as grouped operators (spec §9.1).
         """
-        groups = best_grouping(mats, h.shape[0] * h.shape[2] * h.shape[3])
+        cg = self._conv_groups()
+        groups = best_grouping(mats, h.shape[0] * h.shape[2] * h.shape[3], cg)
         if len(groups) < len(mats):
             mats = [at_least_fp32(m) for m in mats]
             types = (h.device.type, mats[0].device.type)
             if any(is_autocast_enabled(t) for t in types):
                 with autocast_disabled(*types):
-                    mats = fold_groups(mats, groups)
+                    mats = fold_groups(mats, groups, cg)
             else:  # no context manager to trace (dynamo 2.1 cannot)
-                mats = fold_groups(mats, groups)
+                mats = fold_groups(mats, groups, cg)
+            cg = None if cg is None else folded_conv_groups(cg, groups)
         if not is_autocast_enabled(h.device.type):
             mats = [m.to(h.dtype) for m in mats]
-        x_hat = apply_chain(h, mats, fold=False)
+        x_hat = apply_chain(h, mats, fold=False, conv_groups=cg)
         return self.drop_path(self.scale * self.site_norm(x_hat))
+
+    def _conv_groups(self) -> Optional[Tuple[int, ...]]:
+        """The positions' groups, or None when every one is dense (the
+        dense code paths, unchanged)."""
+        cg = getattr(self, 'conv_groups', None)  # sites pickled before
+        return None if cg is None or all(g == 1 for g in cg) else cg
 
     def weights(self, h: Tensor) -> List[Tensor]:
         """The synthesized matrices for input ``h``: autocast off for its
@@ -289,10 +330,18 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         if self.recompute and not self.with_cp and needs_graph(
                 h, *self.trainable_tensors()):
             if self.lean_applies(h):
+                cg = self._conv_groups()
                 groups = best_grouping(mats,
-                                       h.shape[0] * h.shape[2] * h.shape[3])
-                update = conv_update(h, mats, groups, self.site_norm,
-                                     self.scale, self.drop_path)
+                                       h.shape[0] * h.shape[2] * h.shape[3],
+                                       cg)
+                update = conv_update(
+                    h,
+                    mats,
+                    groups,
+                    self.site_norm,
+                    self.scale,
+                    self.drop_path,
+                    conv_groups=cg)
             else:
                 update = recompute_in_backward(
                     self._update, h, *mats, stateful=self.site_norm)
@@ -303,4 +352,6 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
     def extra_repr(self) -> str:
         src = ', '.join(f"conv{j}<-{'+'.join(s)}"
                         for j, s in enumerate(self.sources, 1))
-        return f'{src}, residual={self.residual}'
+        groups = '' if self._conv_groups() is None else \
+            f', conv_groups={self.conv_groups}'
+        return f'{src}{groups}, residual={self.residual}'

@@ -61,10 +61,11 @@ class BlockDescription:
 
 @dataclass(kw_only=True)
 class ConvBlock(BlockDescription):
-    """A BasicBlock / Bottleneck.
+    """A BasicBlock / Bottleneck (also with a grouped conv: ResNeXt).
 
     Args:
-        convs (Sequence[nn.Conv2d]): The block's convs, forward order.
+        convs (Sequence[nn.Conv2d]): The block's convs, forward order; the
+            surgery reads each one's ``groups`` (spec §9.1).
         norm (nn.Module): Its last norm (cloned fresh for the site).
     """
 

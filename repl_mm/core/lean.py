@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..utils.compat import compiles_sites, is_compiling
-from .synthesis import at_least_fp32, fold_chain
+from .synthesis import (at_least_fp32, fold_chain, fold_grouped,
+                        fold_grouped_backward, folded_conv_groups)
 
 _aten = torch.ops.aten
 Groups = Tuple[Tuple[int, int], ...]
@@ -93,17 +94,25 @@ def sample_factor(h: Tensor, scale: Tensor, drop_path: nn.Module) -> Tensor:
     return scale * mask
 
 
-def _fold(mats: Sequence[Tensor], groups: Groups, dtype) -> list:
+def _fold(mats: Sequence[Tensor],
+          groups: Groups,
+          dtype,
+          conv_groups: Optional[Sequence[int]] = None) -> list:
     """One matrix per group (:func:`~repl_mm.core.synthesis.fold_chain` in
-    at least fp32, as the site's synthesis runs), in ``dtype``."""
+    at least fp32, as the site's synthesis runs; of grouped positions
+    :func:`~repl_mm.core.synthesis.fold_grouped`), in ``dtype``."""
     out = []
     for start, stop in groups:
         if stop - start == 1:
             out.append(mats[start].to(dtype))
-        else:
+        elif conv_groups is None:
             out.append(
                 fold_chain([at_least_fp32(m)
                             for m in mats[start:stop]]).to(dtype))
+        else:
+            out.append(
+                fold_grouped([at_least_fp32(m) for m in mats[start:stop]],
+                             conv_groups[start:stop])[0].to(dtype))
     return out
 
 
@@ -149,9 +158,11 @@ def _invstd(var: Tensor, eps: float) -> Tensor:
     return (var.double() + eps).rsqrt().to(var.dtype)
 
 
-def _pointwise(x: Tensor, w: Tensor) -> Tensor:
-    # (Cout, Cin) -> (Cout, Cin, 1, 1): a 1x1, stride-1 conv
-    return F.conv2d(x, w[:, :, None, None])
+def _pointwise(x: Tensor, w: Tensor, groups: int = 1) -> Tensor:
+    # (Cout, Cin/g) -> (Cout, Cin/g, 1, 1): a 1x1, stride-1 conv
+    if groups == 1:
+        return F.conv2d(x, w[:, :, None, None])
+    return F.conv2d(x, w[:, :, None, None], groups=groups)
 
 
 class ConvUpdate(torch.autograd.Function):
@@ -160,7 +171,8 @@ class ConvUpdate(torch.autograd.Function):
 
     The chain W_J ... W_1 is cut into ``groups``; each group is folded in
     weight space (in at least fp32) into one G, cast to ``h``'s dtype, and
-    applied as a 1x1 conv: x_hat = G_K(... G_1 h).
+    applied as a 1x1 conv: x_hat = G_K(... G_1 h). A chain with grouped
+    positions (spec §9.1) runs through :class:`GroupedConvUpdate`.
 
     Forward, per channel c over the N = B*H*W values of x_hat:
 
@@ -193,12 +205,14 @@ class ConvUpdate(torch.autograd.Function):
       dG_k = sum over pixels dz_k z_{k-1}^T and dz_{k-1} = G_k^T dz_k
       (``convolution_backward``, as autograd's), and each folded group
       P = W_b ... W_a gives dW_j = (W_b ... W_{j+1})^T dP (W_{j-1} ...
-      W_a)^T.
+      W_a)^T (a group with grouped positions: per group of each product,
+      :func:`~repl_mm.core.synthesis.fold_grouped_backward`).
 
     Args (of ``apply``): h, k, gamma, beta (None without affine),
     running_mean, running_var (None: no update / none tracked),
     batch_stats (bool), momentum (float factor), eps (float), groups
-    (tuple of (start, stop)), then the J matrices.
+    (tuple of (start, stop)), then the J matrices (dense; grouped ones go
+    through :class:`GroupedConvUpdate`).
     """
 
     @staticmethod
@@ -206,79 +220,137 @@ class ConvUpdate(torch.autograd.Function):
                 beta: Optional[Tensor], running_mean: Optional[Tensor],
                 running_var: Optional[Tensor], batch_stats: bool,
                 momentum: float, eps: float, groups: Groups, *mats):
-        x = h
-        for g in _fold(mats, groups, h.dtype):
-            x = _pointwise(x, g)
-        if batch_stats:
-            # the batch mean and biased var (and the running update)
-            mean, var = torch.batch_norm_update_stats(x, running_mean,
-                                                      running_var, momentum)
-            second = invstd = _invstd(var, eps)
-        else:
-            mean, second = running_mean.clone(), running_var.clone()
-            invstd = _invstd(second, eps)
-        a = invstd if gamma is None else gamma * invstd
-        b = -mean * a if beta is None else beta - mean * a
-        shape = (1, -1) + (1, ) * (x.dim() - 2)  # (C,) -> (1, C, 1, 1)
-        out = torch.addcmul(k * b.view(shape).to(x.dtype), x,
-                            k * a.view(shape).to(x.dtype))
-        ctx.save_for_backward(h, k, gamma, mean, second, *mats)
-        ctx.batch_stats, ctx.eps, ctx.groups = batch_stats, eps, groups
-        return out
+        return _update_forward(ctx, h, k, gamma, beta, running_mean,
+                               running_var, batch_stats, momentum, eps, groups,
+                               None, mats)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        _first_order_only()
-        h, k, gamma, mean, second, *mats = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_h, need_mats = need[0], need[10:]
-        folded = _fold(mats, ctx.groups, h.dtype)
-        zs = [h]  # zs[k] is the input of folded[k]
-        for g in folded:
-            zs.append(_pointwise(zs[-1], g))
-        x = zs.pop()
-        g, w, factor = _fold_factor(grad, k, gamma, x.shape[1])
-        if ctx.batch_stats:
-            dx, dgamma, dbeta = _aten.native_batch_norm_backward(
-                g, x, w, None, None, mean, second, True, ctx.eps,
-                [True, need[2], need[3]])
+        return _update_backward(ctx, grad, 10)
+
+
+class GroupedConvUpdate(torch.autograd.Function):
+    """:class:`ConvUpdate` of a chain with grouped positions (spec §9.1):
+    the same arguments with ``conv_groups`` (one int per matrix) after
+    ``groups``; a grouped W_j is a (Cout_j, Cin_j / g_j) matrix, folded
+    groups are :func:`~repl_mm.core.synthesis.fold_grouped`'s products,
+    every G is applied (and differentiated) as a grouped 1x1 conv, and a
+    folded group with grouped positions is differentiated per group
+    (:func:`~repl_mm.core.synthesis.fold_grouped_backward`). Everything
+    else as
+    :class:`ConvUpdate` (a separate Function, so the dense one keeps its
+    signature)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, k: Tensor, gamma: Optional[Tensor],
+                beta: Optional[Tensor], running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], batch_stats: bool,
+                momentum: float, eps: float, groups: Groups,
+                conv_groups: Tuple[int, ...], *mats):
+        return _update_forward(ctx, h, k, gamma, beta, running_mean,
+                               running_var, batch_stats, momentum, eps, groups,
+                               conv_groups, mats)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _update_backward(ctx, grad, 11)
+
+
+def _update_forward(ctx, h, k, gamma, beta, running_mean, running_var,
+                    batch_stats, momentum, eps, groups, conv_groups, mats):
+    """The forward of :class:`ConvUpdate` (``conv_groups`` None) and
+    :class:`GroupedConvUpdate`."""
+    x = h
+    for g, cg in zip(
+            _fold(mats, groups, h.dtype, conv_groups),
+            folded_conv_groups(conv_groups, groups)):
+        x = _pointwise(x, g, cg)
+    if batch_stats:
+        # the batch mean and biased var (and the running update)
+        mean, var = torch.batch_norm_update_stats(x, running_mean, running_var,
+                                                  momentum)
+        second = invstd = _invstd(var, eps)
+    else:
+        mean, second = running_mean.clone(), running_var.clone()
+        invstd = _invstd(second, eps)
+    a = invstd if gamma is None else gamma * invstd
+    b = -mean * a if beta is None else beta - mean * a
+    shape = (1, -1) + (1, ) * (x.dim() - 2)  # (C,) -> (1, C, 1, 1)
+    out = torch.addcmul(k * b.view(shape).to(x.dtype), x,
+                        k * a.view(shape).to(x.dtype))
+    ctx.save_for_backward(h, k, gamma, mean, second, *mats)
+    ctx.batch_stats, ctx.eps, ctx.groups = batch_stats, eps, groups
+    ctx.conv_groups = conv_groups
+    return out
+
+
+def _update_backward(ctx, grad: Tensor, n_args: int):
+    """The backward of :class:`ConvUpdate` and :class:`GroupedConvUpdate`,
+    whose ``apply`` takes ``n_args`` arguments before the matrices."""
+    _first_order_only()
+    h, k, gamma, mean, second, *mats = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_h, need_mats = need[0], need[n_args:]
+    conv_groups = ctx.conv_groups
+    folded = _fold(mats, ctx.groups, h.dtype, conv_groups)
+    fgroups = folded_conv_groups(conv_groups, ctx.groups)
+    zs = [h]  # zs[k] is the input of folded[k]
+    for g, cg in zip(folded, fgroups):
+        zs.append(_pointwise(zs[-1], g, cg))
+    x = zs.pop()
+    g, w, factor = _fold_factor(grad, k, gamma, x.shape[1])
+    if ctx.batch_stats:
+        dx, dgamma, dbeta = _aten.native_batch_norm_backward(
+            g, x, w, None, None, mean, second, True, ctx.eps,
+            [True, need[2], need[3]])
+    else:
+        dx, dgamma, dbeta = _aten.native_batch_norm_backward(
+            g, x, w, mean, second, None, None, False, ctx.eps,
+            [True, need[2], need[3]])
+    dgamma, dbeta = _times(dgamma, factor), _times(dbeta, factor)
+    del g, x
+    # which groups' matrices need a gradient
+    need_group = [any(need_mats[start:stop]) for start, stop in ctx.groups]
+    dfolded = [None] * len(folded)
+    dz = dx
+    for i in range(len(folded) - 1, -1, -1):
+        need_in = need_h or any(need_group[:i])
+        if not (need_in or need_group[i]):
+            break
+        w = folded[i]
+        dz, dw, _ = _aten.convolution_backward(dz, zs[i], w[:, :, None, None],
+                                               None, [1, 1], [0, 0], [1, 1],
+                                               False, [0, 0], fgroups[i],
+                                               [need_in, need_group[i], False])
+        if dw is not None:
+            dfolded[i] = dw.view(w.shape)
+        zs[i] = None
+    dmats = [None] * len(mats)
+    for (start, stop), dp in zip(ctx.groups, dfolded):
+        if dp is None:
+            continue
+        if stop - start == 1:
+            parts = [dp]
+        elif conv_groups is None:
+            parts = _fold_backward(mats[start:stop], dp)
         else:
-            dx, dgamma, dbeta = _aten.native_batch_norm_backward(
-                g, x, w, mean, second, None, None, False, ctx.eps,
-                [True, need[2], need[3]])
-        dgamma, dbeta = _times(dgamma, factor), _times(dbeta, factor)
-        del g, x
-        # which groups' matrices need a gradient
-        need_group = [any(need_mats[start:stop]) for start, stop in ctx.groups]
-        dfolded = [None] * len(folded)
-        dz = dx
-        for i in range(len(folded) - 1, -1, -1):
-            need_in = need_h or any(need_group[:i])
-            if not (need_in or need_group[i]):
-                break
-            w = folded[i]
-            dz, dw, _ = _aten.convolution_backward(
-                dz, zs[i], w[:, :, None, None], None, [1, 1], [0, 0], [1, 1],
-                False, [0, 0], 1, [need_in, need_group[i], False])
-            if dw is not None:
-                dfolded[i] = dw.view(w.shape)
-            zs[i] = None
-        dmats = [None] * len(mats)
-        for (start, stop), dp in zip(ctx.groups, dfolded):
-            if dp is None:
-                continue
-            parts = [dp] if stop - start == 1 else _fold_backward(
-                mats[start:stop], dp)
-            for j, dw in zip(range(start, stop), parts):
-                if need_mats[j]:
-                    dmats[j] = dw.to(mats[j].dtype)
-        return (dz if need_h else None, None, dgamma, dbeta, None, None, None,
-                None, None, None, *dmats)
+            parts = fold_grouped_backward(
+                [at_least_fp32(m) for m in mats[start:stop]],
+                conv_groups[start:stop], at_least_fp32(dp))
+        for j, dw in zip(range(start, stop), parts):
+            if need_mats[j]:
+                dmats[j] = dw.to(mats[j].dtype)
+    return (dz if need_h else None, None, dgamma, dbeta,
+            *(None, ) * (n_args - 4), *dmats)
 
 
-def conv_update(h: Tensor, mats: Sequence[Tensor], groups: Groups,
-                norm: nn.BatchNorm2d, scale: Tensor,
-                drop_path: nn.Module) -> Tensor:
+def conv_update(h: Tensor,
+                mats: Sequence[Tensor],
+                groups: Groups,
+                norm: nn.BatchNorm2d,
+                scale: Tensor,
+                drop_path: nn.Module,
+                conv_groups: Optional[Sequence[int]] = None) -> Tensor:
     """``drop_path(scale * norm(W_J ... W_1 h))`` through
     :class:`ConvUpdate`, ``norm`` an ``nn.BatchNorm2d`` used as its own
     forward would: ``num_batches_tracked`` incremented here in training,
@@ -295,6 +367,8 @@ def conv_update(h: Tensor, mats: Sequence[Tensor], groups: Groups,
         scale (Tensor): The update's 0-dim multiplier.
         drop_path (nn.Module): ``nn.Identity`` or a per-sample drop path
             (:func:`per_sample_drop_path`).
+        conv_groups (Sequence[int], optional): Conv groups per matrix
+            (spec §9.1); None: every matrix dense.
     """
     factor = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and \
@@ -309,10 +383,12 @@ def conv_update(h: Tensor, mats: Sequence[Tensor], groups: Groups,
         raise ValueError('Expected more than 1 value per channel when '
                          f'training, got input size {tuple(h.shape)}')
     k = sample_factor(h, scale, drop_path)
-    return ConvUpdate.apply(h, k, norm.weight, norm.bias,
-                            norm.running_mean if track else None,
-                            norm.running_var if track else None, batch_stats,
-                            factor, norm.eps, tuple(groups), *mats)
+    args = (h, k, norm.weight, norm.bias, norm.running_mean if track else None,
+            norm.running_var if track else None, batch_stats, factor, norm.eps,
+            tuple(groups))
+    if conv_groups is None or all(g == 1 for g in conv_groups):
+        return ConvUpdate.apply(*args, *mats)
+    return GroupedConvUpdate.apply(*args, tuple(conv_groups), *mats)
 
 
 class TokenUpdate(torch.autograd.Function):

@@ -24,7 +24,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..utils.compat import autocast_disabled
 from .cnn_site import ConvSite
 from .interpolate import InterpolatedBlock
-from .synthesis import batch_norm_affine, fold_affine, fold_chain
+from .synthesis import (batch_norm_affine, chain_product_groups, fold_affine,
+                        fold_chain, fold_grouped)
 from .vit_site import TransformerSite
 
 
@@ -35,13 +36,24 @@ def foldable_norm(norm: nn.Module) -> bool:
     return isinstance(norm, _BatchNorm) and norm.track_running_stats
 
 
-def should_fold_static(shapes: Sequence[Tuple[int, int]]) -> bool:
+def should_fold_static(shapes: Sequence[Tuple[int, int]],
+                       conv_groups: Optional[Sequence[int]] = None) -> bool:
     """Whether a static site stores its chain folded into one matrix: when
     that costs no more multiply-adds per pixel (BasicBlock sites: C^2
     against 2 C^2); a Bottleneck site keeps its three matrices (16 m^2
-    folded against 9 m^2 for the chain of widths 4m -> m -> m -> 4m)."""
-    chain = sum(cout * cin for cout, cin in shapes)
-    return len(shapes) > 1 and shapes[-1][0] * shapes[0][1] <= chain
+    folded against 9 m^2 for the chain of widths 4m -> m -> m -> 4m).
+
+    A grouped position (``conv_groups``, spec §9.1) costs Cout Cin / g
+    per pixel, and the folded chain Cout_J Cin_1 / g with the groups g of
+    the product (:func:`~repl_mm.core.synthesis.chain_product_groups`: 1
+    once a dense position is in it). A ResNeXt 32x4d site (C -> C/2 ->
+    C/2 grouped -> C) folds: C^2 against C^2 + C^2 / 128.
+    """
+    if conv_groups is None:
+        conv_groups = (1, ) * len(shapes)
+    chain = sum(cout * cin // g for (cout, cin), g in zip(shapes, conv_groups))
+    folded = shapes[-1][0] * shapes[0][1] // chain_product_groups(conv_groups)
+    return len(shapes) > 1 and folded <= chain
 
 
 def _scale_affine(norm: nn.Module, scale: float, what: str):
@@ -87,7 +99,9 @@ class StaticConvSite(_InferenceOnly, nn.Module):
     stored as 1x1 ``nn.Conv2d`` layers ``pointwise.{k}``: the chain
     folded into one (Cout_J, Cin_1) matrix when that costs no more per
     pixel (:func:`should_fold_static`: BasicBlock sites), else one matrix
-    per position (Bottleneck sites); the last carries the bias. A site
+    per position (Bottleneck sites); the last carries the bias. A grouped
+    position (spec §9.1) is a grouped 1x1 conv with its groups; a folded
+    chain has the groups of the product. A site
     norm that is not batch norm (e.g. GN) cannot be folded: it is kept as
     ``site_norm`` with the scale folded into its affine parameters. The
     residual and the activation are kept; drop path is the identity in
@@ -107,6 +121,8 @@ class StaticConvSite(_InferenceOnly, nn.Module):
         device (torch.device, optional): Where the pointwise convs are
             created. Defaults to torch's default.
         dtype (torch.dtype, optional): Their dtype. Defaults to torch's.
+        conv_groups (Sequence[int], optional): The trained site's groups
+            per position. Defaults to 1 for every position.
 
     Example:
         >>> site = StaticConvSite([(8, 8), (8, 8)], nn.BatchNorm2d(8),
@@ -123,21 +139,28 @@ class StaticConvSite(_InferenceOnly, nn.Module):
                  act: nn.Module,
                  residual: bool = True,
                  device: Optional[torch.device] = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None,
+                 conv_groups: Optional[Sequence[int]] = None):
         super().__init__()
         self.shapes = [tuple(s) for s in shapes]
-        self.folded = should_fold_static(self.shapes)
+        self.conv_groups = (1, ) * len(self.shapes) if conv_groups is None \
+            else tuple(conv_groups)
+        self.folded = should_fold_static(self.shapes, self.conv_groups)
         self.norm_folded = foldable_norm(norm)
-        layers = [(self.shapes[-1][0], self.shapes[0][1])] \
-            if self.folded else self.shapes
+        layers = [(self.shapes[-1][0], self.shapes[0][1],
+                   chain_product_groups(self.conv_groups))] \
+            if self.folded else [
+                (cout, cin, g)
+                for (cout, cin), g in zip(self.shapes, self.conv_groups)]
         self.pointwise = nn.ModuleList(
             nn.Conv2d(
                 cin,
                 cout,
                 1,
                 bias=self.norm_folded and k == len(layers) - 1,
+                groups=g,
                 device=device,
-                dtype=dtype) for k, (cout, cin) in enumerate(layers))
+                dtype=dtype) for k, (cout, cin, g) in enumerate(layers))
         if not self.norm_folded:
             self.site_norm = norm
         self.act = act
@@ -161,19 +184,24 @@ class StaticConvSite(_InferenceOnly, nn.Module):
             self._load_site(site)
 
     def _load_site(self, site: ConvSite):
-        if site.shapes != self.shapes or site.residual != self.residual:
+        theirs = tuple(getattr(site, 'conv_groups', (1, ) * len(site.shapes)))
+        if site.shapes != self.shapes or site.residual != self.residual or \
+                theirs != self.conv_groups:
             raise ValueError(
-                f'ConvSite with shapes {site.shapes}, residual='
-                f'{site.residual} does not match this static site (shapes '
-                f'{self.shapes}, residual={self.residual})')
+                f'ConvSite with shapes {site.shapes}, conv_groups {theirs}, '
+                f'residual={site.residual} does not match this static site '
+                f'(shapes {self.shapes}, conv_groups {self.conv_groups}, '
+                f'residual={self.residual})')
         if foldable_norm(site.site_norm) != self.norm_folded:
             raise ValueError(
                 f'site norm {type(site.site_norm).__name__} does not match '
                 'the static site (built for a '
                 f"{'batch' if self.norm_folded else 'non-batch'} norm)")
         mats = [m.double() for m in site.synthesize()]
-        if self.folded:
+        if self.folded and all(g == 1 for g in self.conv_groups):
             mats = [fold_chain(mats)]
+        elif self.folded:
+            mats = [fold_grouped(mats, self.conv_groups)[0]]
         scale = site.scale.double()
         if self.norm_folded:
             norm = site.site_norm
@@ -201,8 +229,10 @@ class StaticConvSite(_InferenceOnly, nn.Module):
         return self.act(x + h if self.residual else x)
 
     def extra_repr(self) -> str:
+        groups = '' if all(g == 1 for g in self.conv_groups) else \
+            f'conv_groups={self.conv_groups}, '
         return (f'folded={self.folded}, norm_folded={self.norm_folded}, '
-                f'residual={self.residual}')
+                f'{groups}residual={self.residual}')
 
 
 class StaticTransformerSite(_InferenceOnly, nn.Module):

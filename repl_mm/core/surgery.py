@@ -46,9 +46,23 @@ def pick_sources(prev_ok: bool, next_ok: bool,
     return ()
 
 
+def conv_groups(conv: nn.Module) -> int:
+    """A conv's groups (1 for a module without the attribute)."""
+    return int(getattr(conv, 'groups', 1))
+
+
+def conv_shape(conv: nn.Module) -> Tuple[int, int]:
+    """(Cout, Cin) of a conv, full channel counts: its weight is (Cout,
+    Cin / groups, kh, kw)."""
+    w = conv.weight.shape
+    return int(w[0]), int(w[1]) * conv_groups(conv)
+
+
 def _conv_sources(mode: str, desc: ConvBlock, nbrs: dict,
                   cfg: ReplacementConfig) -> list:
-    """Per conv position: [(name, neighbour conv)] that can serve it."""
+    """Per conv position: [(name, neighbour conv)] that can serve it: the
+    same (Cout, Cin / g) (synthesize) or the same whole kernel shape
+    (interpolate), and the same groups g (spec §9.1)."""
     out = []
     for j, conv in enumerate(desc.convs):
         shape = tuple(conv.weight.shape)
@@ -57,6 +71,8 @@ def _conv_sources(mode: str, desc: ConvBlock, nbrs: dict,
             if nbr is None or j >= len(nbr.convs):
                 return False
             w = nbr.convs[j].weight.shape
+            if conv_groups(nbr.convs[j]) != conv_groups(conv):
+                return False
             # synthesize needs (Cout, Cin); interpolate the whole kernel.
             return tuple(w) == shape if mode == 'interpolate' else \
                 tuple(w[:2]) == shape[:2]
@@ -215,10 +231,11 @@ def _interpolated(old, desc, nbrs, cfg, with_cp):
 
 def _static_conv_site(desc: ConvBlock, nbrs, cfg):
     srcs = _conv_sources('synthesize', desc, nbrs, cfg)
-    site = StaticConvSite([tuple(c.weight.shape[:2]) for c in desc.convs],
+    site = StaticConvSite([conv_shape(c) for c in desc.convs],
                           fresh_norm(desc.norm),
                           copy.deepcopy(desc.act),
                           residual=cfg.residual,
+                          conv_groups=[conv_groups(c) for c in desc.convs],
                           **block_factory(desc))
     return site, {f'conv{j}': _named(s) for j, s in enumerate(srcs, 1)}
 
@@ -250,7 +267,7 @@ def _static(old, desc, nbrs, cfg, with_cp):
 
 def _conv_site(old, desc: ConvBlock, nbrs, cfg, with_cp):
     """``mode='synthesize'`` of a conv block: a :class:`ConvSite`."""
-    site = ConvSite([tuple(c.weight.shape[:2]) for c in desc.convs],
+    site = ConvSite([conv_shape(c) for c in desc.convs],
                     _conv_sources('synthesize', desc, nbrs, cfg),
                     fresh_norm(desc.norm),
                     copy.deepcopy(desc.act),
@@ -260,6 +277,7 @@ def _conv_site(old, desc: ConvBlock, nbrs, cfg, with_cp):
                     drop_path=_site_drop_path(desc),
                     with_cp=with_cp,
                     recompute=cfg.recompute,
+                    conv_groups=[conv_groups(c) for c in desc.convs],
                     **block_factory(desc))
     return site, {f'conv{j}': s for j, s in enumerate(site.sources, 1)}
 

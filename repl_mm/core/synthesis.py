@@ -1,7 +1,13 @@
-"""Weight-space math of RepL as plain functions (spec §3, §4).
+"""Weight-space math of RepL as plain functions (spec §3, §4, §9.1).
 
 No module state and no registry imports: each function is testable on tiny
 tensors against values worked out by hand.
+
+Grouped positions (spec §9.1, ResNeXt): a position with ``g`` conv groups
+is a (Cout, Cin/g) matrix applied as ``F.conv2d(..., groups=g)``, i.e. the
+block-diagonal (Cout, Cin) matrix :func:`block_diagonal` expands it to.
+Where a function takes ``conv_groups`` (one int per matrix), None means
+every matrix is dense (groups 1), which runs exactly the dense code.
 """
 from typing import Optional, Sequence, Tuple
 
@@ -144,6 +150,188 @@ def fold_chain(mats: Sequence[Tensor]) -> Tensor:
     return out
 
 
+def _dense(conv_groups: Optional[Sequence[int]]) -> bool:
+    return conv_groups is None or all(g == 1 for g in conv_groups)
+
+
+def full_shape(mat: Tensor, groups: int = 1) -> Tuple[int, int]:
+    """(Cout, Cin) of a (Cout, Cin/g) matrix with ``groups`` groups."""
+    return int(mat.shape[0]), int(mat.shape[1]) * groups
+
+
+def block_diagonal(mat: Tensor, groups: int) -> Tensor:
+    """The dense (Cout, Cin) form of a grouped (Cout, Cin/g) matrix: block
+    k (output channels k Cout/g .. (k+1) Cout/g - 1) reads input channels
+    k Cin/g .. (k+1) Cin/g - 1, as ``F.conv2d(..., groups=g)`` does; zero
+    elsewhere. Differentiable; ``mat`` itself for ``groups=1``.
+
+    Example:
+        >>> block_diagonal(torch.ones(4, 1), 2).tolist()
+        [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+    """
+    if groups == 1:
+        return mat
+    cout, cin_g = mat.shape
+    # (Cout, Cin/g) -> (g, Cout/g, Cin/g) -> (g, Cout/g, g, Cin/g)
+    blocks = mat.reshape(groups, cout // groups, cin_g)
+    eye = torch.eye(groups, dtype=mat.dtype, device=mat.device)
+    dense = blocks[:, :, None, :] * eye[:, None, :, None]
+    return dense.reshape(cout, groups * cin_g)
+
+
+def diagonal_blocks(dense: Tensor, groups: int) -> Tensor:
+    """The (Cout, Cin/g) diagonal blocks of a dense (Cout, Cin) matrix: the
+    inverse of :func:`block_diagonal` on block-diagonal matrices, and its
+    adjoint (the gradient of a grouped matrix from its dense form's)."""
+    if groups == 1:
+        return dense
+    cout, cin = dense.shape
+    # (Cout, Cin) -> (g, Cout/g, g, Cin/g) -> (Cout/g, Cin/g, g)
+    blocks = torch.diagonal(
+        dense.reshape(groups, cout // groups, groups, cin // groups),
+        dim1=0,
+        dim2=2)
+    return blocks.permute(2, 0, 1).reshape(cout, cin // groups)
+
+
+def product_groups(gb: int, ga: int) -> int:
+    """Groups of :func:`grouped_product` ``B @ A``: g when both have g
+    groups (block-diagonal times block-diagonal), else 1 (dense)."""
+    return ga if ga == gb else 1
+
+
+def product_macs(shape_b: Tuple[int, int], gb: int, shape_a: Tuple[int, int],
+                 ga: int) -> int:
+    """Multiply-adds of :func:`grouped_product` as it computes ``B @ A``
+    for full shapes (C3, C2) and (C2, C1): C3 C2 C1 / g^2 for two g-group
+    matrices, / g when one is dense, / gb when the groups differ (A is
+    expanded to its dense form first)."""
+    macs = shape_b[0] * shape_b[1] * shape_a[1]
+    if ga == gb:
+        return macs // (ga * ga)
+    if ga == 1 or gb == 1:
+        return macs // (ga * gb)
+    return macs // gb
+
+
+def grouped_product(b: Tensor, gb: int, a: Tensor,
+                    ga: int) -> Tuple[Tensor, int]:
+    """``B @ A`` of two grouped pointwise matrices, exactly, in grouped
+    form: (C3, C2/gb) with gb groups times (C2, C1/ga) with ga groups.
+
+    Both with g groups: per group (a batched matmul), the product has g
+    groups. One dense: per group of the grouped one (a batched matmul),
+    the product is dense. Different groups (both above 1): A is expanded
+    to its block-diagonal form first, the product is dense. Costs
+    :func:`product_macs`; plain ``b @ a`` for two dense matrices.
+
+    Returns:
+        tuple[Tensor, int]: The product, (C3, C1/g), and its groups g
+        (:func:`product_groups`).
+    """
+    if ga == 1 and gb == 1:
+        return b @ a, 1
+    if ga != gb and ga > 1 and gb > 1:
+        a, ga = block_diagonal(a, ga), 1
+    c3, c2 = b.shape[0], a.shape[0]
+    if ga == gb:
+        g = ga
+        # (C3, C2/g) @ (C2, C1/g) per group: (g, C3/g, C2/g) @
+        # (g, C2/g, C1/g) -> (g, C3/g, C1/g) -> (C3, C1/g)
+        out = torch.bmm(b.reshape(g, c3 // g, -1), a.reshape(g, c2 // g, -1))
+        return out.reshape(c3, -1), g
+    if ga == 1:  # grouped B, dense A: row block k of B @ A is B_k A_k.
+        g = gb
+        # (g, C3/g, C2/g) @ (g, C2/g, C1) -> (g, C3/g, C1) -> (C3, C1)
+        out = torch.bmm(
+            b.reshape(g, c3 // g, -1), a.reshape(g, c2 // g, a.shape[1]))
+        return out.reshape(c3, a.shape[1]), 1
+    g = ga  # dense B, grouped A: column block k of B @ A is B_k A_k.
+    # (C3, C2) -> (g, C3, C2/g); @ (g, C2/g, C1/g) -> (g, C3, C1/g)
+    bg = b.reshape(c3, g, c2 // g).transpose(0, 1)
+    out = torch.bmm(bg, a.reshape(g, c2 // g, -1))
+    return out.transpose(0, 1).reshape(c3, -1), 1  # -> (C3, C1)
+
+
+def fold_grouped(mats: Sequence[Tensor],
+                 conv_groups: Sequence[int]) -> Tuple[Tensor, int]:
+    """:func:`fold_chain` of grouped matrices: W_J @ ... @ W_1 through
+    :func:`grouped_product`, and the groups of the result."""
+    out, g = mats[0], conv_groups[0]
+    for w, gw in zip(mats[1:], conv_groups[1:]):
+        out, g = grouped_product(w, gw, out, g)
+    return out, g
+
+
+def grouped_product_backward(b: Tensor, gb: int, a: Tensor, ga: int,
+                             grad: Tensor) -> Tuple[Tensor, Tensor]:
+    """Gradients (dB, dA) of :func:`grouped_product` ``B @ A`` given the
+    gradient of its (grouped) result: per group, dB_k = dP_k A_k^T and
+    dA_k = B_k^T dP_k, in the layout :func:`grouped_product` computed
+    (an A expanded to its dense form gets the diagonal blocks of its
+    dense gradient, :func:`diagonal_blocks`). Plain tensor ops, so a
+    hand-written backward can call it (and a compiler trace it)."""
+    if ga == 1 and gb == 1:
+        return grad @ a.t(), b.t() @ grad
+    expanded = ga != gb and ga > 1 and gb > 1
+    ga_in = ga
+    if expanded:
+        a, ga = block_diagonal(a, ga), 1
+    c3, c2 = b.shape[0], a.shape[0]
+    if ga == gb:
+        g = ga
+        bg = b.reshape(g, c3 // g, -1)  # (g, C3/g, C2/g)
+        ag = a.reshape(g, c2 // g, -1)  # (g, C2/g, C1/g)
+        dp = grad.reshape(g, c3 // g, -1)  # (g, C3/g, C1/g)
+        db = torch.bmm(dp, ag.transpose(1, 2)).reshape(b.shape)
+        da = torch.bmm(bg.transpose(1, 2), dp).reshape(a.shape)
+    elif ga == 1:  # grouped B, dense A
+        g = gb
+        bg = b.reshape(g, c3 // g, -1)  # (g, C3/g, C2/g)
+        ag = a.reshape(g, c2 // g, a.shape[1])  # (g, C2/g, C1)
+        dp = grad.reshape(g, c3 // g, a.shape[1])  # (g, C3/g, C1)
+        db = torch.bmm(dp, ag.transpose(1, 2)).reshape(b.shape)
+        da = torch.bmm(bg.transpose(1, 2), dp).reshape(a.shape)
+    else:  # dense B, grouped A
+        g = ga
+        bg = b.reshape(c3, g, c2 // g).transpose(0, 1)  # (g, C3, C2/g)
+        ag = a.reshape(g, c2 // g, -1)  # (g, C2/g, C1/g)
+        # (C3, C1) -> (C3, g, C1/g) -> (g, C3, C1/g)
+        dp = grad.reshape(c3, g, -1).transpose(0, 1)
+        db = torch.bmm(dp, ag.transpose(1, 2)).transpose(0, 1).reshape(b.shape)
+        da = torch.bmm(bg.transpose(1, 2), dp).reshape(a.shape)
+    if expanded:
+        da = diagonal_blocks(da, ga_in)
+    return db, da
+
+
+def fold_grouped_backward(mats: Sequence[Tensor], conv_groups: Sequence[int],
+                          grad: Tensor) -> list:
+    """Gradients of :func:`fold_grouped` (P = W_J ... W_1 folded left to
+    right) given dP: the products are formed again, then
+    :func:`grouped_product_backward` from the last one to the first."""
+    accs, gs = [mats[0]], [conv_groups[0]]
+    for w, gw in zip(mats[1:-1], conv_groups[1:-1]):
+        acc, g = grouped_product(w, gw, accs[-1], gs[-1])
+        accs.append(acc)
+        gs.append(g)
+    grads = [None] * len(mats)
+    for j in range(len(mats) - 1, 0, -1):
+        grads[j], grad = grouped_product_backward(mats[j], conv_groups[j],
+                                                  accs[j - 1], gs[j - 1], grad)
+    grads[0] = grad
+    return grads
+
+
+def chain_product_groups(conv_groups: Sequence[int]) -> int:
+    """Groups of the folded chain with these positions' groups
+    (:func:`fold_grouped`)."""
+    g = conv_groups[0]
+    for gw in conv_groups[1:]:
+        g = product_groups(gw, g)
+    return g
+
+
 def chain_macs(mats: Sequence[Tensor]) -> int:
     """Multiply-adds per pixel of applying the chain one matrix at a time."""
     return sum(w.shape[0] * w.shape[1] for w in mats)
@@ -154,21 +342,32 @@ def folded_macs(mats: Sequence[Tensor]) -> int:
     return mats[-1].shape[0] * mats[0].shape[1]
 
 
-def should_fold(mats: Sequence[Tensor], pixels: int) -> bool:
+def should_fold(mats: Sequence[Tensor],
+                pixels: int,
+                conv_groups: Optional[Sequence[int]] = None) -> bool:
     """Whether folding the chain in weight space costs fewer multiply-adds.
 
     Folding (:func:`fold_chain`: W_1, then W_j @ (W_{j-1} ... W_1) for
     j = 2..J) costs ``sum_{j=2..J} Cout_j * Cin_j * Cin_1`` once (it does
     not grow with the batch; W_1 itself costs nothing) and then
     ``Cout_J * Cin_1`` per pixel; the chain costs ``sum_{j=1..J} Cout_j *
-    Cin_j`` per pixel. A single matrix is never "folded".
+    Cin_j`` per pixel. A single matrix is never "folded". With
+    ``conv_groups``, every count is the grouped one (:func:`grouping_macs`).
 
     Args:
-        mats (Sequence[Tensor]): The (Cout_j, Cin_j) matrices, j = 1..J.
+        mats (Sequence[Tensor]): The (Cout_j, Cin_j / g_j) matrices,
+            j = 1..J.
         pixels (int): Pixels the chain is applied to (B x H x W).
+        conv_groups (Sequence[int], optional): g_j. Defaults to all 1.
     """
     if len(mats) == 1:
         return False
+    if not _dense(conv_groups):
+        shapes = [full_shape(w, g) for w, g in zip(mats, conv_groups)]
+        folded = ((0, len(mats)), )
+        chain = tuple((j, j + 1) for j in range(len(mats)))
+        return grouping_macs(shapes, folded, pixels, conv_groups) < \
+            grouping_macs(shapes, chain, pixels, conv_groups)
     fold_once = 0
     cin = mats[0].shape[1]
     for w in mats[1:]:
@@ -176,31 +375,44 @@ def should_fold(mats: Sequence[Tensor], pixels: int) -> bool:
     return fold_once + pixels * folded_macs(mats) < pixels * chain_macs(mats)
 
 
-def pointwise(x: Tensor, weight: Tensor) -> Tensor:
-    """Apply a (Cout, Cin) matrix as a 1x1, stride-1 conv."""
-    # (Cout, Cin) -> (Cout, Cin, 1, 1)
-    return F.conv2d(x, weight[:, :, None, None])
+def pointwise(x: Tensor, weight: Tensor, groups: int = 1) -> Tensor:
+    """Apply a (Cout, Cin/g) matrix as a 1x1, stride-1 conv with ``groups``
+    groups."""
+    # (Cout, Cin/g) -> (Cout, Cin/g, 1, 1)
+    if groups == 1:
+        return F.conv2d(x, weight[:, :, None, None])
+    return F.conv2d(x, weight[:, :, None, None], groups=groups)
 
 
 def apply_chain(x: Tensor,
                 mats: Sequence[Tensor],
-                fold: Optional[bool] = None) -> Tensor:
+                fold: Optional[bool] = None,
+                conv_groups: Optional[Sequence[int]] = None) -> Tensor:
     """x_hat = W_J(...(W_1 x)) on a (B, C, H, W) map, in the cheaper order.
 
     Args:
         x (Tensor): (B, Cin_1, H, W).
-        mats (Sequence[Tensor]): (Cout_j, Cin_j) matrices, Cin_{j+1} =
-            Cout_j.
+        mats (Sequence[Tensor]): (Cout_j, Cin_j / g_j) matrices, Cin_{j+1}
+            = Cout_j.
         fold (bool, optional): Force folding (True) or the chain (False);
             None picks the cheaper by multiply-adds. Same function either
             way (up to float rounding).
+        conv_groups (Sequence[int], optional): The groups g_j of each
+            matrix. Defaults to all 1.
     """
     if fold is None:
-        fold = should_fold(mats, x.shape[0] * x.shape[2] * x.shape[3])
+        fold = should_fold(mats, x.shape[0] * x.shape[2] * x.shape[3],
+                           conv_groups)
+    if _dense(conv_groups):
+        if fold:
+            return pointwise(x, fold_chain(mats))
+        for w in mats:
+            x = pointwise(x, w)
+        return x
     if fold:
-        return pointwise(x, fold_chain(mats))
-    for w in mats:
-        x = pointwise(x, w)
+        return pointwise(x, *fold_grouped(mats, conv_groups))
+    for w, g in zip(mats, conv_groups):
+        x = pointwise(x, w, g)
     return x
 
 
@@ -372,48 +584,94 @@ def chain_groupings(n: int) -> Tuple[Tuple[Tuple[int, int], ...], ...]:
 
 
 def grouping_macs(shapes: Sequence[Tuple[int, int]],
-                  groups: Sequence[Tuple[int, int]], pixels: int) -> int:
+                  groups: Sequence[Tuple[int, int]],
+                  pixels: int,
+                  conv_groups: Optional[Sequence[int]] = None) -> int:
     """Multiply-adds of applying a chain cut into ``groups`` to ``pixels``
     pixels: each group folded once as :func:`fold_chain` does (W_a, then
     W_j @ (...) for j = a+1..b-1: ``sum Cout_j * Cin_j * Cin_a``), then
     ``Cout_{b-1} * Cin_a`` per pixel for the group.
 
+    With ``conv_groups`` each count is what the grouped computation
+    costs (spec §9.1): a folded group as :func:`fold_grouped` computes it
+    (:func:`product_macs` per product), then ``Cout_{b-1} * Cin_a / g``
+    per pixel for a result with g groups (a lone grouped position:
+    ``Cout_j * Cin_j / g_j``).
+
     Args:
-        shapes (Sequence[tuple[int, int]]): (Cout_j, Cin_j), j = 1..J.
+        shapes (Sequence[tuple[int, int]]): Full (Cout_j, Cin_j), j = 1..J.
         groups (Sequence[tuple[int, int]]): ``(start, stop)`` ranges, as
             :func:`chain_groupings` gives them.
         pixels (int): B x H x W.
+        conv_groups (Sequence[int], optional): g_j. Defaults to all 1.
     """
     total = 0
+    if _dense(conv_groups):
+        for start, stop in groups:
+            cin = shapes[start][1]
+            total += sum(shapes[j][0] * shapes[j][1] * cin
+                         for j in range(start + 1, stop))
+            total += pixels * shapes[stop - 1][0] * cin
+        return total
     for start, stop in groups:
-        cin = shapes[start][1]
-        total += sum(shapes[j][0] * shapes[j][1] * cin
-                     for j in range(start + 1, stop))
-        total += pixels * shapes[stop - 1][0] * cin
+        acc, g = shapes[start], conv_groups[start]
+        for j in range(start + 1, stop):
+            total += product_macs(shapes[j], conv_groups[j], acc, g)
+            acc, g = (shapes[j][0], acc[1]), product_groups(conv_groups[j], g)
+        total += pixels * acc[0] * acc[1] // g
     return total
 
 
-def best_grouping(mats: Sequence[Tensor],
-                  pixels: int) -> Tuple[Tuple[int, int], ...]:
+def best_grouping(
+    mats: Sequence[Tensor],
+    pixels: int,
+    conv_groups: Optional[Sequence[int]] = None
+) -> Tuple[Tuple[int, int], ...]:
     """The cheapest way by multiply-adds (:func:`grouping_macs`) to cut
     the chain into folded groups (:func:`chain_groupings`), a tie going to
     the grouping listed first there (the plain chain before any folding).
     For two matrices this folds exactly when :func:`should_fold` does.
 
     Args:
-        mats (Sequence[Tensor]): The (Cout_j, Cin_j) matrices, j = 1..J.
+        mats (Sequence[Tensor]): The (Cout_j, Cin_j / g_j) matrices,
+            j = 1..J.
         pixels (int): B x H x W.
+        conv_groups (Sequence[int], optional): g_j: a grouped position is
+            counted at its true cost. Defaults to all 1.
     """
-    shapes = [(int(w.shape[0]), int(w.shape[1])) for w in mats]
+    if _dense(conv_groups):
+        conv_groups = None
+        shapes = [(int(w.shape[0]), int(w.shape[1])) for w in mats]
+    else:
+        shapes = [full_shape(w, g) for w, g in zip(mats, conv_groups)]
     best, best_macs = None, None
     for groups in chain_groupings(len(shapes)):  # a loop: dynamo 2.1
-        macs = grouping_macs(shapes, groups, pixels)  # traces no min(key=)
+        macs = grouping_macs(shapes, groups, pixels,
+                             conv_groups)  # traces no min(key=)
         if best_macs is None or macs < best_macs:
             best, best_macs = groups, macs
     return best
 
 
-def fold_groups(mats: Sequence[Tensor], groups: Sequence[Tuple[int,
-                                                               int]]) -> list:
-    """One matrix per group: :func:`fold_chain` of ``mats[start:stop]``."""
-    return [fold_chain(mats[start:stop]) for start, stop in groups]
+def fold_groups(mats: Sequence[Tensor],
+                groups: Sequence[Tuple[int, int]],
+                conv_groups: Optional[Sequence[int]] = None) -> list:
+    """One matrix per group: :func:`fold_chain` of ``mats[start:stop]``
+    (:func:`fold_grouped` with ``conv_groups``; their groups are
+    :func:`folded_conv_groups`)."""
+    if _dense(conv_groups):
+        return [fold_chain(mats[start:stop]) for start, stop in groups]
+    return [
+        fold_grouped(mats[start:stop], conv_groups[start:stop])[0] if stop -
+        start > 1 else mats[start] for start, stop in groups
+    ]
+
+
+def folded_conv_groups(conv_groups: Optional[Sequence[int]],
+                       groups: Sequence[Tuple[int, int]]) -> Tuple[int, ...]:
+    """The conv groups of each matrix :func:`fold_groups` gives."""
+    if conv_groups is None:
+        return (1, ) * len(groups)
+    return tuple(
+        chain_product_groups(conv_groups[start:stop])
+        for start, stop in groups)

@@ -267,10 +267,38 @@ def describe_resnet_block(block: nn.Module) -> ConvBlock:
         drop_path=getattr(block, 'drop_path', None))
 
 
+def describe_plain_resnet_block(block: nn.Module) -> ConvBlock:
+    """:func:`describe_resnet_block` of a block without deformable convs or
+    plugins: the describe function of the ResNeXt and ResNetV1c/V1d
+    adapters.
+
+    A site's chain stands for the block's convs alone: a DCN's offsets
+    (``dcn=...``) and the modules ``plugins=[...]`` insert between the
+    convs (mmdet, mmseg) have no pointwise counterpart, so such a block
+    is refused with a ``ValueError`` naming the option, in every mode
+    (the plan is mode-independent, spec §1). A grouped conv (ResNeXt's
+    3x3, or a grouped 1x1) is supported (spec §9.1).
+    """
+    for option, flag in (('dcn', 'with_dcn'), ('plugins', 'with_plugins')):
+        if getattr(block, flag, False):
+            raise ValueError(
+                f'RepL does not support {type(block).__name__} blocks with '
+                f'{option}={getattr(block, option, None)!r}: a site has no '
+                f'counterpart of them; build the backbone with '
+                f'{option}=None')
+    return describe_resnet_block(block)
+
+
 class RepLResNetMixin(RepLBackboneMixin):
     """The ResNet families of all three codebases: ``res_layers`` of
     ``ResLayer`` sequences; a block is replaceable iff it has no
-    ``downsample`` (identity shortcut: stride 1, same channels)."""
+    ``downsample`` (identity shortcut: stride 1, same channels).
+
+    ``describe_block`` is the block description the surgery reads
+    (:func:`describe_resnet_block`; the ResNeXt and V1c/V1d adapters use
+    :func:`describe_plain_resnet_block`)."""
+
+    describe_block = staticmethod(describe_resnet_block)
 
     def block_slots(self) -> List[BlockSlot]:
         slots = []
@@ -285,7 +313,7 @@ class RepLResNetMixin(RepLBackboneMixin):
 
     def setup_replacement(self, replacement) -> ReplacementPlan:
         plan = self._replace(self.block_slots(), replacement, BlockKind.CONV,
-                             describe_resnet_block, self.with_cp)
+                             type(self).describe_block, self.with_cp)
         self._freeze_stages()  # sites in frozen stages freeze with them
         return plan
 
@@ -393,6 +421,7 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
 
 __all__ = [
     'SITE_TYPES', 'RepLBackboneMixin', 'RepLResNetMixin', 'adapter_class',
-    'block_slots', 'describe_resnet_block', 'encode_plan', 'decode_plan',
-    'repl_classes', 'sequential_slots', 'to_repl_backbone'
+    'block_slots', 'describe_plain_resnet_block', 'describe_resnet_block',
+    'encode_plan', 'decode_plan', 'repl_classes', 'sequential_slots',
+    'to_repl_backbone'
 ]

@@ -1,9 +1,11 @@
-"""MMPretrain adapters: ``RepLResNet`` and ``RepLResNet_CIFAR``."""
-from mmpretrain.models.backbones import ResNet, ResNet_CIFAR
+"""MMPretrain adapters: ``RepLResNet``, ``RepLResNet_CIFAR``,
+``RepLResNetV1c`` and ``RepLResNetV1d``."""
+from mmpretrain.models.backbones import (ResNet, ResNet_CIFAR, ResNetV1c,
+                                         ResNetV1d)
 from mmpretrain.models.backbones.resnet import BasicBlock
 from mmpretrain.registry import MODELS
 
-from .base import RepLResNetMixin
+from .base import RepLResNetMixin, describe_plain_resnet_block
 
 
 @MODELS.register_module()
@@ -66,4 +68,47 @@ class RepLResNet_CIFAR(RepLResNetMixin, ResNet_CIFAR):
                     out_indices=(2, )).items():
                 kwargs.setdefault(k, v)
         super().__init__(depth, *args, **kwargs)
+        self.setup_replacement(replacement)
+
+
+@MODELS.register_module()
+class RepLResNetV1c(RepLResNetMixin, ResNetV1c):
+    """mmpretrain ``ResNetV1c`` (deep stem) with RepL (spec §1-§3).
+
+    The deep stem is not a residual block: plans equal
+    :class:`RepLResNet`'s. Accepts every upstream keyword plus
+    ``replacement=dict(...)``.
+
+    Example:
+        >>> m = RepLResNetV1c(depth=50)
+        >>> m.replacement_plan.indices
+        (5, 9, 12)
+    """
+
+    describe_block = staticmethod(describe_plain_resnet_block)
+
+    def __init__(self, *args, replacement=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.setup_replacement(replacement)
+
+
+@MODELS.register_module()
+class RepLResNetV1d(RepLResNetMixin, ResNetV1d):
+    """mmpretrain ``ResNetV1d`` (deep stem, average-pool down-sampling
+    shortcuts) with RepL (spec §1-§3).
+
+    Only the stem and the down-sampling blocks' shortcuts differ from
+    ``ResNet``, never a site: plans equal :class:`RepLResNet`'s. Accepts
+    every upstream keyword plus ``replacement=dict(...)``.
+
+    Example:
+        >>> m = RepLResNetV1d(depth=50)
+        >>> m.replacement_plan.indices
+        (5, 9, 12)
+    """
+
+    describe_block = staticmethod(describe_plain_resnet_block)
+
+    def __init__(self, *args, replacement=None, **kwargs):
+        super().__init__(*args, **kwargs)
         self.setup_replacement(replacement)

@@ -1,8 +1,9 @@
-"""MMDetection adapter: ``RepLResNet`` in mmdet's ``MODELS``."""
-from mmdet.models.backbones import ResNet
+"""MMDetection adapters: ``RepLResNet`` and ``RepLResNetV1d`` in mmdet's
+``MODELS``."""
+from mmdet.models.backbones import ResNet, ResNetV1d
 from mmdet.registry import MODELS
 
-from .base import RepLResNetMixin
+from .base import RepLResNetMixin, describe_plain_resnet_block
 
 
 @MODELS.register_module()
@@ -23,6 +24,30 @@ class RepLResNet(RepLResNetMixin, ResNet):
         >>> [o.shape for o in m(torch.rand(1, 3, 64, 64))]  # doctest: +SKIP
         [torch.Size([1, 256, 16, 16]), torch.Size([1, 512, 8, 8]), ...]
     """
+
+    def __init__(self, *args, replacement=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.setup_replacement(replacement)
+
+
+@MODELS.register_module()
+class RepLResNetV1d(RepLResNetMixin, ResNetV1d):
+    """mmdet ``ResNetV1d`` (deep stem, average-pool down-sampling
+    shortcuts) with RepL (spec §1-§3).
+
+    The variant changes the stem and the down-sampling blocks' shortcuts,
+    never a site (a site is a block with an identity shortcut), so plans
+    equal :class:`RepLResNet`'s. Accepts every upstream keyword plus
+    ``replacement=dict(...)``; blocks with ``dcn`` or ``plugins`` are
+    refused (:func:`~repl_mm.models.base.describe_plain_resnet_block`).
+
+    Example:
+        >>> m = RepLResNetV1d(depth=50)
+        >>> m.replacement_plan.indices
+        (5, 9, 12)
+    """
+
+    describe_block = staticmethod(describe_plain_resnet_block)
 
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)

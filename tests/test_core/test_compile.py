@@ -109,6 +109,20 @@ def test_compiled_step_equals_eager(case, variant):
     assert_same_step(ref, got, atol=1e-5)
 
 
+def test_compiled_grouped_step_equals_eager():
+    """A ResNeXt (grouped-conv sites, spec §9.1: GroupedConvUpdate and
+    grouped folds), the default options, compiled with ``aot_eager``."""
+    torch._dynamo.reset()
+    case = next(c for c in CASES if c.name == 'cls-x50')
+    model = build(case, 'default')
+    compiled_copy = copy.deepcopy(model)
+    x = torch.rand(case.shape)
+    ref = step(model, x)
+    got = step(compiled_copy, x,
+               torch.compile(compiled_copy, backend='aot_eager'))
+    assert_same_step(ref, got, atol=1e-5)
+
+
 @pytest.mark.skipif(
     not compiles_sites(),
     reason='this torch cannot trace the sites: they run eagerly between '

@@ -14,6 +14,12 @@ from mmengine.config import Config
     ('mmseg', dict(type='RepLResNetV1c', depth=18)),
     ('mmpretrain', dict(type='RepLResNet', depth=18)),
     ('mmpretrain', dict(type='RepLResNet_CIFAR', depth=20)),
+    ('mmdet', dict(type='RepLResNeXt', depth=50, groups=4)),
+    ('mmdet', dict(type='RepLResNetV1d', depth=18)),
+    ('mmseg', dict(type='RepLResNeXt', depth=50, groups=4)),
+    ('mmpretrain', dict(type='RepLResNeXt', depth=50, groups=4)),
+    ('mmpretrain', dict(type='RepLResNetV1c', depth=18)),
+    ('mmpretrain', dict(type='RepLResNetV1d', depth=18)),
     ('mmpretrain',
      dict(
          type='RepLVisionTransformer',

@@ -4,6 +4,10 @@ from dataclasses import dataclass, field
 
 import repl_mm  # noqa: F401
 
+# ResNeXt / V1c / V1d cases: ResNet-50's 16 blocks at a quarter of the
+# width (stem and base 16 channels), 4 groups of width 4 in conv2.
+NARROW = dict(depth=50, stem_channels=16, base_channels=16)
+TINY_X50 = dict(NARROW, groups=4, base_width=4)
 TINY_VIT = dict(
     arch=dict(
         embed_dims=32, num_layers=6, num_heads=2, feedforward_channels=128),
@@ -53,6 +57,20 @@ CASES = [
          'mmpretrain.models.backbones:ResNet_CIFAR', dict(depth=18)),
     Case('cls-cifar-r20', 'repl_mm.models.cls_resnet:RepLResNet_CIFAR',
          'repl_mm.models.cls_resnet:RepLResNet_CIFAR', dict(depth=20)),
+    Case('det-x50', 'repl_mm.models.det_resnext:RepLResNeXt',
+         'mmdet.models.backbones:ResNeXt', TINY_X50),
+    Case('det-r50v1d', 'repl_mm.models.det_resnet:RepLResNetV1d',
+         'mmdet.models.backbones:ResNetV1d', NARROW),
+    Case('seg-x50', 'repl_mm.models.seg_resnext:RepLResNeXt',
+         'mmseg.models.backbones:ResNeXt',
+         dict(TINY_X50, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4))),
+    Case('cls-x50', 'repl_mm.models.cls_resnext:RepLResNeXt',
+         'mmpretrain.models.backbones:ResNeXt',
+         dict(NARROW, groups=4, width_per_group=4)),
+    Case('cls-r50v1c', 'repl_mm.models.cls_resnet:RepLResNetV1c',
+         'mmpretrain.models.backbones:ResNetV1c', NARROW),
+    Case('cls-r50v1d', 'repl_mm.models.cls_resnet:RepLResNetV1d',
+         'mmpretrain.models.backbones:ResNetV1d', NARROW),
     Case(
         'cls-vit',
         'repl_mm.models.cls_vit:RepLVisionTransformer',
