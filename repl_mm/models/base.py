@@ -254,23 +254,8 @@ class RepLBackboneMixin:
 
 
 def describe_resnet_block(block: nn.Module) -> ConvBlock:
-    """BasicBlock / Bottleneck of mmdet, mmseg and mmpretrain alike."""
-    convs = [block.conv1, block.conv2]
-    last_norm = block.norm2
-    if hasattr(block, 'conv3'):
-        convs.append(block.conv3)
-        last_norm = block.norm3
-    return ConvBlock(
-        convs=convs,
-        norm=last_norm,
-        act=block.relu,
-        drop_path=getattr(block, 'drop_path', None))
-
-
-def describe_plain_resnet_block(block: nn.Module) -> ConvBlock:
-    """:func:`describe_resnet_block` of a block without deformable convs or
-    plugins: the describe function of the ResNeXt and ResNetV1c/V1d
-    adapters.
+    """BasicBlock / Bottleneck of mmdet, mmseg and mmpretrain alike
+    (ResNet, ResNetV1c/V1d, ResNeXt, CIFAR ResNets).
 
     A site's chain stands for the block's convs alone: a DCN's offsets
     (``dcn=...``) and the modules ``plugins=[...]`` insert between the
@@ -286,19 +271,23 @@ def describe_plain_resnet_block(block: nn.Module) -> ConvBlock:
                 f'{option}={getattr(block, option, None)!r}: a site has no '
                 f'counterpart of them; build the backbone with '
                 f'{option}=None')
-    return describe_resnet_block(block)
+    convs = [block.conv1, block.conv2]
+    last_norm = block.norm2
+    if hasattr(block, 'conv3'):
+        convs.append(block.conv3)
+        last_norm = block.norm3
+    return ConvBlock(
+        convs=convs,
+        norm=last_norm,
+        act=block.relu,
+        drop_path=getattr(block, 'drop_path', None))
 
 
 class RepLResNetMixin(RepLBackboneMixin):
     """The ResNet families of all three codebases: ``res_layers`` of
     ``ResLayer`` sequences; a block is replaceable iff it has no
-    ``downsample`` (identity shortcut: stride 1, same channels).
-
-    ``describe_block`` is the block description the surgery reads
-    (:func:`describe_resnet_block`; the ResNeXt and V1c/V1d adapters use
-    :func:`describe_plain_resnet_block`)."""
-
-    describe_block = staticmethod(describe_resnet_block)
+    ``downsample`` (identity shortcut: stride 1, same channels); blocks
+    are described by :func:`describe_resnet_block`."""
 
     def block_slots(self) -> List[BlockSlot]:
         slots = []
@@ -313,7 +302,7 @@ class RepLResNetMixin(RepLBackboneMixin):
 
     def setup_replacement(self, replacement) -> ReplacementPlan:
         plan = self._replace(self.block_slots(), replacement, BlockKind.CONV,
-                             type(self).describe_block, self.with_cp)
+                             describe_resnet_block, self.with_cp)
         self._freeze_stages()  # sites in frozen stages freeze with them
         return plan
 
@@ -421,7 +410,6 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
 
 __all__ = [
     'SITE_TYPES', 'RepLBackboneMixin', 'RepLResNetMixin', 'adapter_class',
-    'block_slots', 'describe_plain_resnet_block', 'describe_resnet_block',
-    'encode_plan', 'decode_plan', 'repl_classes', 'sequential_slots',
-    'to_repl_backbone'
+    'block_slots', 'describe_resnet_block', 'encode_plan', 'decode_plan',
+    'repl_classes', 'sequential_slots', 'to_repl_backbone'
 ]

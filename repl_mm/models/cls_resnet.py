@@ -5,7 +5,7 @@ from mmpretrain.models.backbones import (ResNet, ResNet_CIFAR, ResNetV1c,
 from mmpretrain.models.backbones.resnet import BasicBlock
 from mmpretrain.registry import MODELS
 
-from .base import RepLResNetMixin, describe_plain_resnet_block
+from .base import RepLResNetMixin
 
 
 @MODELS.register_module()
@@ -85,8 +85,6 @@ class RepLResNetV1c(RepLResNetMixin, ResNetV1c):
         (5, 9, 12)
     """
 
-    describe_block = staticmethod(describe_plain_resnet_block)
-
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.setup_replacement(replacement)
@@ -106,8 +104,6 @@ class RepLResNetV1d(RepLResNetMixin, ResNetV1d):
         >>> m.replacement_plan.indices
         (5, 9, 12)
     """
-
-    describe_block = staticmethod(describe_plain_resnet_block)
 
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)

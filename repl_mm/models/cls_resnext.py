@@ -2,7 +2,7 @@
 from mmpretrain.models.backbones import ResNeXt
 from mmpretrain.registry import MODELS
 
-from .base import RepLResNetMixin, describe_plain_resnet_block
+from .base import RepLResNetMixin
 
 
 @MODELS.register_module()
@@ -24,8 +24,6 @@ class RepLResNeXt(RepLResNetMixin, ResNeXt):
         >>> m.replacement_plan.indices
         (5, 9, 12)
     """
-
-    describe_block = staticmethod(describe_plain_resnet_block)
 
     def __init__(self, depth, *args, replacement=None, **kwargs):
         super().__init__(depth, *args, **kwargs)

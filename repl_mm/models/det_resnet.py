@@ -3,7 +3,7 @@
 from mmdet.models.backbones import ResNet, ResNetV1d
 from mmdet.registry import MODELS
 
-from .base import RepLResNetMixin, describe_plain_resnet_block
+from .base import RepLResNetMixin
 
 
 @MODELS.register_module()
@@ -39,15 +39,13 @@ class RepLResNetV1d(RepLResNetMixin, ResNetV1d):
     never a site (a site is a block with an identity shortcut), so plans
     equal :class:`RepLResNet`'s. Accepts every upstream keyword plus
     ``replacement=dict(...)``; blocks with ``dcn`` or ``plugins`` are
-    refused (:func:`~repl_mm.models.base.describe_plain_resnet_block`).
+    refused (:func:`~repl_mm.models.base.describe_resnet_block`).
 
     Example:
         >>> m = RepLResNetV1d(depth=50)
         >>> m.replacement_plan.indices
         (5, 9, 12)
     """
-
-    describe_block = staticmethod(describe_plain_resnet_block)
 
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)

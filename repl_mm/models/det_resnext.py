@@ -2,7 +2,7 @@
 from mmdet.models.backbones import ResNeXt
 from mmdet.registry import MODELS
 
-from .base import RepLResNetMixin, describe_plain_resnet_block
+from .base import RepLResNetMixin
 
 
 @MODELS.register_module()
@@ -15,7 +15,7 @@ class RepLResNeXt(RepLResNetMixin, ResNeXt):
     neighbours' grouped 3x3 convs (:class:`~repl_mm.core.ConvSite`).
     Accepts every upstream keyword plus ``replacement=dict(...)``; blocks
     with ``dcn`` or ``plugins`` are refused
-    (:func:`~repl_mm.models.base.describe_plain_resnet_block`). State-dict
+    (:func:`~repl_mm.models.base.describe_resnet_block`). State-dict
     keys of kept blocks are upstream's.
 
     Example:
@@ -26,8 +26,6 @@ class RepLResNeXt(RepLResNetMixin, ResNeXt):
         >>> m.layer2[1].conv_groups
         (1, 4, 1)
     """
-
-    describe_block = staticmethod(describe_plain_resnet_block)
 
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -2,7 +2,7 @@
 from mmseg.models.backbones import ResNeXt
 from mmseg.registry import MODELS
 
-from .base import RepLResNetMixin, describe_plain_resnet_block
+from .base import RepLResNetMixin
 
 
 @MODELS.register_module()
@@ -17,7 +17,7 @@ class RepLResNeXt(RepLResNetMixin, ResNeXt):
     stage's dilation has nothing to act on in it. Accepts every upstream
     keyword plus ``replacement=dict(...)``; blocks with ``dcn`` or
     ``plugins`` are refused
-    (:func:`~repl_mm.models.base.describe_plain_resnet_block`).
+    (:func:`~repl_mm.models.base.describe_resnet_block`).
 
     Example:
         >>> m = RepLResNeXt(depth=50, groups=4, base_width=4,
@@ -25,8 +25,6 @@ class RepLResNeXt(RepLResNetMixin, ResNeXt):
         >>> m.replacement_plan.indices
         (5, 9, 12)
     """
-
-    describe_block = staticmethod(describe_plain_resnet_block)
 
     def __init__(self, *args, replacement=None, **kwargs):
         super().__init__(*args, **kwargs)

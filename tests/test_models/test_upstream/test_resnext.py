@@ -103,3 +103,18 @@ def test_plugins_are_refused():
     ]
     with pytest.raises(ValueError, match='plugins='):
         _build('mmdet', groups=4, plugins=plugins)
+
+
+@pytest.mark.parametrize('path', [
+    'repl_mm.models.det_resnet:RepLResNet',
+    'repl_mm.models.seg_resnet:RepLResNetV1c'
+])
+def test_dcn_is_refused_by_the_resnets_too(path):
+    """The same rule holds for the plain ResNets of mmdet and mmseg: every
+    ResNet family is described by one function."""
+    import importlib
+    mod, name = path.split(':')
+    cls = getattr(importlib.import_module(mod), name)
+    dcn = dict(type='DCN', deform_groups=1, fallback_on_stride=False)
+    with pytest.raises(ValueError, match='dcn='):
+        cls(depth=50, dcn=dcn, stage_with_dcn=(False, True, True, True))
