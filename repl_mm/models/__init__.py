@@ -16,6 +16,9 @@ ADAPTERS = {
     'seg_resnet': ('mmseg', 'seg', ('RepLResNetV1c', )),
     'cls_resnet': ('mmpretrain', 'cls', ('RepLResNet', 'RepLResNet_CIFAR')),
     'cls_vit': ('mmpretrain', 'cls', ('RepLVisionTransformer', )),
+    'det_swin': ('mmdet', 'det', ('RepLSwinTransformer', )),
+    'seg_swin': ('mmseg', 'seg', ('RepLSwinTransformer', )),
+    'cls_swin': ('mmpretrain', 'cls', ('RepLSwinTransformer', )),
 }
 PIP_NAMES = {
     'mmdet': 'mmdet',
