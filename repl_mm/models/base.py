@@ -457,7 +457,8 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
     Args:
         backbone (nn.Module): An instance of exactly an upstream class that
             a RepL backbone extends (mmdet ``ResNet``, mmseg ``ResNetV1c``,
-            mmpretrain ``ResNet``, ``ResNet_CIFAR``, ``VisionTransformer``).
+            mmpretrain ``ResNet``, ``ResNet_CIFAR``, ``VisionTransformer``,
+            the three codebases' ``SwinTransformer``).
         replacement (dict): The ``replacement=dict(...)`` options.
 
     Returns:

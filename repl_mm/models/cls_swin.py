@@ -5,8 +5,29 @@ from mmpretrain.registry import MODELS
 from .base import RepLSwinMixin
 
 
+class SwinCheckpointVersions(SwinTransformer):
+    """Upstream's handling of old checkpoints, for a subclass too.
+
+    mmpretrain's ``SwinTransformer`` adapts the state of old checkpoints
+    (metadata version < 2: ``norm.`` -> ``norm{last}.``; < 3: the
+    ``attn_mask`` buffers dropped) only when ``self.__class__`` is exactly
+    itself. Its method runs here with the class set to upstream's for the
+    call, so its subclasses load what upstream loads (old ImageNet
+    checkpoints, e.g.); nothing else differs.
+    """
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        cls = self.__class__
+        self.__class__ = SwinTransformer
+        try:
+            SwinTransformer._load_from_state_dict(self, *args, **kwargs)
+        finally:
+            self.__class__ = cls
+
+
 @MODELS.register_module()
-class RepLSwinTransformer(RepLSwinMixin, SwinTransformer):
+class RepLSwinTransformer(RepLSwinMixin, SwinCheckpointVersions,
+                          SwinTransformer):
     """mmpretrain ``SwinTransformer`` with RepL (spec §1, §2, §4, §9.2).
 
     Accepts every upstream keyword plus ``replacement=dict(...)``. Blocks
@@ -21,10 +42,8 @@ class RepLSwinTransformer(RepLSwinMixin, SwinTransformer):
     ``ffn_cfgs=dict(layer_scale_init_value=...)``) is not synthesized: a
     site's own norm sets its scale.
 
-    Upstream adapts old checkpoints (metadata version < 2: ``norm.`` ->
-    ``norm{last}.``; < 3: ``attn_mask`` keys dropped) only for exactly its
-    own class, not for subclasses (this one, like its others): convert
-    such a checkpoint with mmpretrain's ``SwinTransformer`` first.
+    Old checkpoints load as into upstream's class (see
+    :class:`SwinCheckpointVersions`).
 
     Example:
         >>> m = RepLSwinTransformer(
