@@ -98,6 +98,16 @@ def test_site_with_no_serving_neighbour_owns_its_operators(case, mode):
         assert site.mlp_weight.shape == (32, 32)
         # added: two owned operators and the fresh LN of width 32
         assert record.added_params == 2 * 32 * 32 + 2 * 32
+        # its static twin computes the same (the owned operators fold)
+        from repl_mm.converters.to_static import (check_equal,
+                                                  static_replacement,
+                                                  to_static)
+        static = case.cls('repl')(
+            **swin_kwargs(case, (1, 1, 1)),
+            replacement=static_replacement(
+                dict(mode=mode, indices=[2], zero_init=False)))
+        to_static(m.eval(), static.eval())
+        check_equal(m, static, torch.rand(2, 3, 32, 32), tol=1e-5)
     if mode != 'static':
         m.train()
         weighted_loss(outputs(m, torch.rand(2, 3, 32, 32))).backward()
