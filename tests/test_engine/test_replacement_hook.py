@@ -319,8 +319,10 @@ def test_hook_route_on_a_stock_swin_config(scope, path, size):
     import importlib
     from types import SimpleNamespace
 
+    from mmengine.hub import get_config
+
     from repl_mm.engine.hooks import ReplacementHook
-    cfg = Config.fromfile(path)
+    cfg = get_config(path)
     cfg.custom_hooks = [dict(type='ReplacementHook', interval=4)]
     models = importlib.import_module(f'{scope}.registry').MODELS
     with DefaultScope.overwrite_default_scope(scope):
