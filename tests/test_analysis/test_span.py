@@ -302,6 +302,24 @@ def test_residual_blocks_of_swin():
                                       ('stages.1.blocks.1', 2, 2)]
     assert would_be_sites(blocks) == [2, 4, 5, 6, 7, 8]
 
+    class Task(torch.nn.Module):
+
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def data_preprocessor(self, data, training):
+            return data
+
+    batches = [dict(inputs=torch.rand(2, 3, 32, 32)) for _ in range(2)]
+    stats, _ = collect_span_stats(
+        Task(RepLSwinTransformer(**kw, replacement=dict(mode='none'))),
+        batches, 4)
+    assert sorted(stats) == [2, 4, 5, 6, 7, 8]
+    # block 8's next one (9) lies across the patch merging: prev only
+    assert stats[8]['span'] == 'prev' and stats[5]['span'] == 'prev+next'
+    assert stats[5]['shape'] == [16, 32] and stats[5]['num_images'] == 4
+
 
 def test_residual_blocks_of_an_upstream_backbone():
     """The adapter's enumeration, also for the upstream class it extends;
