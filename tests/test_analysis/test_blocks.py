@@ -38,3 +38,39 @@ def test_blocks_of_resnet20(monkeypatch):
 def test_unknown_option_raises():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['fast'\]"):
         measure_blocks(r20_case(repeats=3), options=['fast'])
+
+
+def test_blocks_of_a_tiny_swin():
+    """A Swin block is called as block(x, hw_shape): the single-block
+    steps call the block and its sites so too."""
+    from repl_mm.analysis.cases import make_case
+    case = make_case(
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=dict(
+                    type='SwinTransformer',
+                    arch=dict(
+                        embed_dims=16, depths=[2, 6, 1], num_heads=[1, 2, 4]),
+                    img_size=32,
+                    window_size=2,
+                    out_indices=(2, )),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=10, in_channels=64))),
+        name='swin',
+        input_size=32,
+        batch_size=2)
+    res = measure_blocks(case, repeats=1, warmup=0, options=['recompute'])
+    rows = res['rows']
+    assert [r['index'] for r in rows] == [4, 8]
+    assert [r['name']
+            for r in rows] == ['stages.1.blocks.1', 'stages.1.blocks.5']
+    assert [r['shape'] for r in rows] == [[2, 16, 32], [2, 16, 32]]
+    for r in rows:
+        site = r['sites']['recompute']
+        # (at 16 tokens of width 32 the synthesis, ~10 d^3 per step,
+        # outweighs the block: no FLOP order holds at this size)
+        assert site['flops'] > 0 and r['block']['flops'] > 0
+        assert 0 < site['bytes'] < r['block']['bytes']
