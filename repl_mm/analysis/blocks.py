@@ -63,13 +63,15 @@ def _model_cfgs(case: Case, options: Sequence[str]) -> Dict[str, dict]:
 
 
 def block_inputs(backbone: nn.Module, inputs: torch.Tensor,
-                 modules: Dict[int, nn.Module]) -> Dict[int, torch.Tensor]:
+                 modules: Dict[int, nn.Module]) -> Dict[int, tuple]:
     """What each of ``modules`` (index -> block of ``backbone``) receives
-    in a forward of ``backbone`` on ``inputs``, detached copies."""
+    in a forward of ``backbone`` on ``inputs``: its positional arguments,
+    the tensor a detached copy (a Swin block's ``hw_shape`` follows it)."""
     seen = {}
     hooks = [
         m.register_forward_pre_hook(lambda mod, args, i=i: seen.setdefault(
-            i, args[0].detach().clone())) for i, m in modules.items()
+            i, (args[0].detach().clone(), *args[1:])))
+        for i, m in modules.items()
     ]
     try:
         with torch.no_grad():
@@ -81,24 +83,26 @@ def block_inputs(backbone: nn.Module, inputs: torch.Tensor,
 
 
 class _BlockStep:
-    """Forward and backward of one module on a fixed input and output
-    gradient; the gradients it leaves are freed after each call. With
-    ``backend``, a call runs ``torch.compile(module, backend=backend)``
-    (compiled at construction); bytes and FLOPs are the eager module's
-    (the same operator)."""
+    """Forward and backward of one module on a fixed input (and further
+    arguments ``args``, a Swin block's ``hw_shape``) and output gradient;
+    the gradients it leaves are freed after each call. With ``backend``,
+    a call runs ``torch.compile(module, backend=backend)`` (compiled at
+    construction); bytes and FLOPs are the eager module's (the same
+    operator)."""
 
     def __init__(self,
                  model: nn.Module,
                  module: nn.Module,
                  x: torch.Tensor,
                  seed: int,
+                 args: tuple = (),
                  backend: Optional[str] = None):
-        self.model, self.module = model, module
+        self.model, self.module, self.args = model, module, tuple(args)
         self.run = module if backend is None else torch.compile(
             module, backend=backend)
         self.x = x.clone().requires_grad_()
         with torch.no_grad():
-            shape = module(self.x).shape
+            shape = self._run(self.x).shape
         g = torch.Generator().manual_seed(seed)
         self.grad = torch.randn(shape, generator=g).to(x.device)
         self.touched = ()
@@ -106,18 +110,21 @@ class _BlockStep:
         self.touched = [p for p in model.parameters() if p.grad is not None]
         self._free()
 
+    def _run(self, x):
+        return self.module(x, *self.args)
+
     def _free(self):
         self.x.grad = None
         for p in self.touched:
             p.grad = None
 
     def __call__(self):
-        self.run(self.x).backward(self.grad)
+        self.run(self.x, *self.args).backward(self.grad)
         self._free()
 
     def saved_bytes(self) -> int:
         with SavedTensorMeter(weights_of(self.model)) as meter:
-            out = self.module(self.x)
+            out = self._run(self.x)
         out.backward(self.grad)
         self._free()
         return meter.bytes
@@ -125,13 +132,13 @@ class _BlockStep:
     def flops(self, site_name: str = None) -> int:
         """Training FLOPs (synthesis included) of the module's step."""
         with torch.enable_grad(), track_recompute(self.model) as rec:
-            self.module(self.x).backward(self.grad)
+            self._run(self.x).backward(self.grad)
         self._free()
         f = step_flops(
             self.model,
             self.x.detach(),
             rec,
-            call=lambda m, x: self.module(x),
+            call=lambda m, x: self._run(x),
             sites=[site_name] if site_name else [])
         return f['step'] + f['synthesis_step']
 
@@ -199,14 +206,15 @@ def measure_blocks(case: Case,
     sites = {o: {r.index: r for r in iter_sites(models[o])} for o in options}
     steps, rows = {}, []
     for i, block in blocks.items():
-        row = dict(index=i, name=block_names[i], shape=list(xs[i].shape))
-        step = _BlockStep(e2e, block, xs[i], i, compile_backend)
+        x, *args = xs[i]
+        row = dict(index=i, name=block_names[i], shape=list(x.shape))
+        step = _BlockStep(e2e, block, x, i, args, compile_backend)
         steps[i, 'block'] = step
         row['block'] = dict(bytes=step.saved_bytes(), flops=step.flops())
         row['sites'] = {}
         for o in options:
             site = sites[o][i]
-            step = _BlockStep(models[o], site.module, xs[i], i,
+            step = _BlockStep(models[o], site.module, x, i, args,
                               compile_backend)
             steps[i, o] = step
             row['sites'][o] = dict(

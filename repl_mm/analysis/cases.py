@@ -38,6 +38,9 @@ TWINS = {
     ('mmpretrain', 'ResNeXt'): 'RepLResNeXt',
     ('mmpretrain', 'ResNetV1c'): 'RepLResNetV1c',
     ('mmpretrain', 'ResNetV1d'): 'RepLResNetV1d',
+    ('mmdet', 'SwinTransformer'): 'RepLSwinTransformer',
+    ('mmseg', 'SwinTransformer'): 'RepLSwinTransformer',
+    ('mmpretrain', 'SwinTransformer'): 'RepLSwinTransformer',
 }
 # default scope (repl_mm.apis.SCOPES) -> the task its synthetic
 # batch and default input size follow
@@ -111,6 +114,13 @@ SUITE: Dict[str, dict] = {
                 384,
                 1000,
                 vit=True)),
+        full=(224, 4, 4),
+        quick=(224, 2, 2)),
+    # mmpretrain's Swin pads no map smaller than its window (7): 224 keeps
+    # the last stage's 7 x 7
+    'swin-t':
+    dict(
+        config='mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
         full=(224, 4, 4),
         quick=(224, 2, 2)),
     'retinanet-r50':

@@ -98,7 +98,8 @@ STOCK = {
     'RepLResNet': 'ResNet',
     'RepLResNetV1c': 'ResNetV1c',
     'RepLResNet_CIFAR': 'ResNet_CIFAR',
-    'RepLVisionTransformer': 'VisionTransformer'
+    'RepLVisionTransformer': 'VisionTransformer',
+    'RepLSwinTransformer': 'SwinTransformer'
 }
 # benchmark suite case -> (batch on a GPU, batch on the CPU)
 BENCH = {'resnet50': (64, 2), 'deit-s': (64, 2), 'retinanet-r50': (4, 1)}

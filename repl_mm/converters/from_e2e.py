@@ -229,8 +229,16 @@ def record_blocks(model: nn.Module, blocks: Dict[str, nn.Module],
     """Run ``batches`` through ``model`` (eval mode, its data
     preprocessor, then ``extract_feat``) and record, per named block, its
     input ``x``, output ``y`` and, for ResNet blocks, residual branch
-    ``branch`` (concatenated over the batches)."""
+    ``branch`` (concatenated over the batches), and ``args``, the block's
+    further positional arguments (a Swin block's ``hw_shape``).
+
+    Raises:
+        ValueError: If a block's further arguments differ between batches
+            (Swin at varying input sizes): the concatenated record would
+            mix token grids.
+    """
     records = {k: dict(x=[], y=[], branch=[]) for k in blocks}
+    args = {}
     hooks = []
     for key, block in blocks.items():
 
@@ -238,6 +246,12 @@ def record_blocks(model: nn.Module, blocks: Dict[str, nn.Module],
             # clone: upstream blocks add and ReLU in place
             records[key]['x'].append(inputs[0].detach().clone())
             records[key]['y'].append(output.detach().clone())
+            rest = tuple(inputs[1:])
+            if args.setdefault(key, rest) != rest:
+                raise ValueError(
+                    f'block {key} was called with {args[key]} and then '
+                    f'{rest}: recording needs one input size for all '
+                    'batches (the record is concatenated over them)')
 
         def on_norm(mod, inputs, output, key=key):
             records[key]['branch'].append(output.detach().clone())
@@ -259,6 +273,7 @@ def record_blocks(model: nn.Module, blocks: Dict[str, nn.Module],
         if not rec['x']:
             raise ValueError('no batch was recorded (empty dataloader?)')
         out[key] = {k: torch.cat(v) if v else None for k, v in rec.items()}
+        out[key]['args'] = args.get(key, ())
     return out
 
 
@@ -381,7 +396,7 @@ def convert(e2e_config,
             name, i = key.rsplit('/', 1)
             rec = records[key]
             before, after = fit_site(site, rec['x'], rec['y'], rec['branch'],
-                                     steps, max_points)
+                                     steps, max_points, rec['args'])
             report.sites.append(
                 SiteFit(name, int(i),
                         type(site).__name__, before, after))

@@ -301,10 +301,12 @@ def lbfgs(loss_fn, params: Sequence[Tensor], steps: int) -> float:
 
 
 @torch.no_grad()
-def calibrate_norms(site: nn.Module, x: Tensor):
+def calibrate_norms(site: nn.Module, x: Tensor, block_args: tuple = ()):
     """Set the running statistics of every BN in ``site`` to the (biased)
     mean and variance of its input over the record ``x``, so that eval
-    mode computes exactly what :func:`data_statistics` mode does."""
+    mode computes exactly what :func:`data_statistics` mode does.
+    ``block_args``: the block's further arguments (a Swin block's
+    ``hw_shape``)."""
     bns = [m for m in site.modules() if isinstance(m, _BatchNorm)]
     if not bns:
         return
@@ -318,7 +320,7 @@ def calibrate_norms(site: nn.Module, x: Tensor):
     hooks = [m.register_forward_pre_hook(capture) for m in bns]
     try:
         with data_statistics(site):
-            site.compute(x)
+            site.compute(x, *block_args)
     finally:
         for h in hooks:
             h.remove()
@@ -329,12 +331,15 @@ def calibrate_norms(site: nn.Module, x: Tensor):
 
 
 @torch.no_grad()
-def site_error(site: nn.Module, x: Tensor, y: Tensor) -> float:
-    """Relative error of ``site`` (eval mode) on the record."""
+def site_error(site: nn.Module, x: Tensor, y: Tensor,
+               block_args: tuple = ()) -> float:
+    """Relative error of ``site`` (eval mode) on the record; the site is
+    called as its block was (``block_args``: a Swin block's
+    ``hw_shape``)."""
     modes = [(m, m.training) for m in site.modules()]
     site.eval()
     try:
-        return relative_error(site.compute(x), y)
+        return relative_error(site.compute(x, *block_args), y)
     finally:
         for m, mode in modes:
             m.training = mode
@@ -372,11 +377,12 @@ def sample_points(x: Tensor, y: Tensor, max_points: int,
     return xs[idx], ys[idx]
 
 
-def _output_loss(site: nn.Module, x: Tensor, y: Tensor):
+def _output_loss(site: nn.Module, x: Tensor, y: Tensor,
+                 block_args: tuple = ()):
     denom = y.pow(2).sum().clamp_min(1e-30)
 
     def loss_fn():
-        return (site.compute(x) - y).pow(2).sum() / denom
+        return (site.compute(x, *block_args) - y).pow(2).sum() / denom
 
     return loss_fn
 
@@ -543,17 +549,20 @@ def fit_interpolated_block(site: InterpolatedBlock,
                            x: Tensor,
                            y: Tensor,
                            steps: int = 30,
-                           max_points: int = 32768):
+                           max_points: int = 32768,
+                           block_args: tuple = ()):
     """Fit alpha and beta of an :class:`InterpolatedBlock` by L-BFGS on the
     output MSE (BN statistics of the record), then re-estimate its BN
     statistics for the interpolated weights. Its own parameters (norms,
-    ViT MLP) stay as they are (the E2E block's, after transfer)."""
+    ViT MLP) stay as they are (the E2E block's, after transfer). The
+    block runs as ``block(x, *block_args)`` (a Swin block's ``hw_shape``;
+    whole samples are sampled, so it holds for them)."""
     check_max_points(max_points)
     params = [getattr(site, n) for n in ('alpha', 'beta') if hasattr(site, n)]
     xs, ys = sample_points(x, y, max_points, pointwise=False)
     with data_statistics(site):
-        lbfgs(_output_loss(site, xs, ys), params, steps)
-    calibrate_norms(site, x)
+        lbfgs(_output_loss(site, xs, ys, block_args), params, steps)
+    calibrate_norms(site, x, block_args)
 
 
 def fit_site(site: nn.Module,
@@ -561,7 +570,8 @@ def fit_site(site: nn.Module,
              y: Tensor,
              branch: Optional[Tensor] = None,
              steps: int = 30,
-             max_points: int = 32768) -> Tuple[float, float]:
+             max_points: int = 32768,
+             block_args=()) -> Tuple[float, float]:
     """Fit any site to the record of the block it replaces.
 
     The site (parameters and buffers) is put back as it was unless the fit
@@ -577,6 +587,9 @@ def fit_site(site: nn.Module,
         steps (int): L-BFGS iterations. Defaults to 30.
         max_points (int): Pixels or tokens the L-BFGS run sees
             (:func:`sample_points`). Defaults to 32768.
+        block_args (tuple): The block's further positional arguments (a
+            Swin block's ``hw_shape``), the same for every recorded
+            sample. Defaults to ().
 
     Returns:
         tuple[float, float]: Relative error
@@ -589,23 +602,23 @@ def fit_site(site: nn.Module,
     tensors = [*site.parameters(), *site.buffers()]
     with torch.no_grad():
         fresh = [t.detach().clone() for t in tensors]
-    before = site_error(site, x, y)
+    before = site_error(site, x, y, block_args)
     if isinstance(site, ConvSite):
         fit_conv_site(site, x, y, branch, steps, max_points)
     elif isinstance(site, TransformerSite):
         fit_transformer_site(site, x, y, steps, max_points)
     elif isinstance(site, InterpolatedBlock):
-        fit_interpolated_block(site, x, y, steps, max_points)
+        fit_interpolated_block(site, x, y, steps, max_points, block_args)
     else:
         raise TypeError(f'cannot fit a site of type {type(site).__name__}; '
                         'expected ConvSite, TransformerSite or '
                         'InterpolatedBlock')
-    after = site_error(site, x, y)
+    after = site_error(site, x, y, block_args)
     if not after < before:  # also catches NaN
         with torch.no_grad():
             for t, v in zip(tensors, fresh):
                 t.copy_(v)
-        after = site_error(site, x, y)
+        after = site_error(site, x, y, block_args)
     return before, after
 
 

@@ -9,7 +9,7 @@ from .plan import (MODES, NEIGHBORS, ON_INVALID, STATIC_FROM, VIT_WEIGHTS,
 from .recompute import NonReentrantCheckpoint, use_non_reentrant_checkpoint
 from .static import (StaticConvSite, StaticTransformerSite,
                      interpolated_block_state, load_static_site)
-from .surgery import pick_sources, replace_blocks
+from .surgery import DroppedBlock, pick_sources, replace_blocks
 from .vit_site import TransformerSite
 from .walk import (SITE_TYPES, SYNTHESIZING_SITES, SiteRef, is_repl_backbone,
                    iter_repl_backbones, iter_sites)
@@ -22,11 +22,11 @@ NO_DECAY_KEYS = ('.phi', '.alpha', '.beta', '.site_norm.')
 __all__ = [
     'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'SITE_TYPES',
     'STATIC_FROM', 'SYNTHESIZING_SITES', 'VIT_WEIGHTS', 'BlockDescription',
-    'BlockKind', 'BlockSlot', 'ConvBlock', 'ConvSite', 'InterpolatedBlock',
-    'NonReentrantCheckpoint', 'ReplacementConfig', 'ReplacementPlan',
-    'SiteRecord', 'SiteRef', 'StaticConvSite', 'StaticTransformerSite',
-    'TransformerBlock', 'TransformerSite', 'interpolated_block_state',
-    'is_repl_backbone', 'iter_repl_backbones', 'iter_sites',
-    'load_static_site', 'nearest_kept', 'pick_sources', 'replace_blocks',
-    'select_sites', 'use_non_reentrant_checkpoint'
+    'BlockKind', 'BlockSlot', 'ConvBlock', 'ConvSite', 'DroppedBlock',
+    'InterpolatedBlock', 'NonReentrantCheckpoint', 'ReplacementConfig',
+    'ReplacementPlan', 'SiteRecord', 'SiteRef', 'StaticConvSite',
+    'StaticTransformerSite', 'TransformerBlock', 'TransformerSite',
+    'interpolated_block_state', 'is_repl_backbone', 'iter_repl_backbones',
+    'iter_sites', 'load_static_site', 'nearest_kept', 'pick_sources',
+    'replace_blocks', 'select_sites', 'use_non_reentrant_checkpoint'
 ]

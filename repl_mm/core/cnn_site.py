@@ -317,8 +317,11 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             per_sample_drop_path(self.drop_path) and \
             not is_autocast_enabled(h.device.type) and lean_traceable()
 
-    def forward_with(self, h: Tensor, *mats: Tensor) -> Tensor:
-        """act(update + h) with the given matrices (``weights(h)``).
+    def forward_with(self, h: Tensor, *mats: Tensor,
+                     block_args: tuple = ()) -> Tensor:
+        """act(update + h) with the given matrices (``weights(h)``);
+        ``block_args`` (a block's further positional arguments) are
+        ignored: the update is pixel-wise.
 
         With ``recompute`` (and no ``with_cp``, which checkpoints all of
         this), only ``h``, the matrices and per-channel statistics are

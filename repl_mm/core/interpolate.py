@@ -185,15 +185,18 @@ class InterpolatedBlock(CheckpointedSite, nn.Module):
         with autocast_disabled(x.device.type):  # and the twins' (inside)
             return self.interpolate()
 
-    def forward_with(self, x: Tensor, *weights: Tensor) -> Tensor:
-        """The block with the given target weights.
+    def forward_with(self, x: Tensor, *weights: Tensor,
+                     block_args: tuple = ()) -> Tensor:
+        """The block with the given target weights, called as
+        ``block(x, *block_args)`` (a Swin block takes ``hw_shape``).
 
         Through ``torch.func.functional_call``: the weights are swapped in
         for the call and the block is left as it was, which dynamo can
         trace inside a checkpoint region (setting module attributes there
         is a side effect it refuses)."""
         return torch.func.functional_call(
-            self.block, dict(zip(self._target_names(), weights)), (x, ))
+            self.block, dict(zip(self._target_names(), weights)),
+            (x, *block_args))
 
     def _target_names(self) -> List[str]:
         """The targets' weight names relative to ``self.block``."""

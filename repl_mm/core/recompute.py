@@ -24,6 +24,7 @@ Recomputation in backward may run any number of times on one graph
 as without recompute.
 """
 import copyreg
+import functools
 import sys
 from contextlib import nullcontext
 from typing import Dict, Sequence, Union
@@ -46,12 +47,12 @@ class NonReentrantCheckpoint:
     the recomputation in backward restores them.
     """
 
-    def forward(self, x):
+    def forward(self, x, *args):
         if is_compiling() and not compiles_sites():
-            return run_eagerly(self._forward, x)
-        return self._forward(x)
+            return run_eagerly(self._forward, x, *args)
+        return self._forward(x, *args)
 
-    def _forward(self, x):
+    def _forward(self, x, *args):
         # Unlike upstream's reentrant path, which needs an input that
         # requires grad, any trainable tensor in the segment is enough (the
         # first block after frozen stages is checkpointed too).
@@ -64,27 +65,30 @@ class NonReentrantCheckpoint:
             weights = [tuple(site.weights(x)) for site in self.tail]
             counts = tuple(len(w) for w in weights)
             return recompute_in_backward(
-                lambda x, *flat: self._segment(x, flat, counts),
+                lambda x, *flat: self._segment(x, flat, counts, args),
                 x,
                 *(t for w in weights for t in w),
                 stateful=(self, *self.tail))
-        return self._segment(x)
+        return self._segment(x, args=args)
 
-    def _segment(self, x, flat=(), counts=None):
+    def _segment(self, x, flat=(), counts=None, args=()):
         """The block, then its tail sites (with the given weights, in
-        order, ``counts[i]`` for site i; their own when None)."""
+        order, ``counts[i]`` for site i; their own when None). ``args``:
+        the block's further positional arguments (a Swin block's
+        ``hw_shape``), passed to the block and to every tail site."""
         # Also runs when backward recomputes, so the flag is off there too.
         with_cp, self.with_cp = getattr(self, 'with_cp', False), False
         try:
-            x = super().forward(x)
+            x = super().forward(x, *args)
         finally:
             self.with_cp = with_cp
         start = 0
         for i, site in enumerate(self.tail):
             if counts is None:
-                x = site.compute(x)
+                x = site.compute(x, *args)
                 continue
-            x = site.forward_with(x, *flat[start:start + counts[i]])
+            x = site.forward_with(x, *flat[start:start + counts[i]],
+                                  **block_args(args))
             start += counts[i]
         return x
 
@@ -118,35 +122,54 @@ class CheckpointedSite:
     A site's function is split in two: ``weights(x)``, the weight-space
     part (synthesis from the neighbours' live weights: small tensors), and
     ``forward_with(x, *weights)``, the feature-map part; ``compute(x)`` is
-    ``forward_with(x, *weights(x))``. Every recomputation in backward re-runs
+    ``forward_with(x, *weights(x))``. A block called with further positional
+    arguments (``block(x, hw_shape)``) is stood in for by a site called the
+    same way: they reach ``forward_with`` as ``block_args`` (see
+    :func:`block_args`). Every recomputation in backward re-runs
     ``forward_with`` only: the synthesized weights are kept for backward, so
     synthesis runs once per step.
 
     A site fused into the previous block's segment (``fuse_into_segment``)
     passes its input through (the segment computed it); with ``with_cp`` it
     checkpoints ``forward_with``, its buffers (norm statistics) updated once.
-    Subclasses define ``weights(x)``, ``forward_with(x, *weights)``,
-    ``trainable_tensors()`` and ``with_cp``.
+    Subclasses define ``weights(x)``, ``forward_with(x, *weights,
+    block_args=())``, ``trainable_tensors()`` and ``with_cp``.
     """
 
     fused = False
 
-    def forward(self, x):
+    def forward(self, x, *args):
         if is_compiling() and not compiles_sites():
-            return run_eagerly(self._forward, x)
-        return self._forward(x)
+            return run_eagerly(self._forward, x, *args)
+        return self._forward(x, *args)
 
-    def _forward(self, x):
+    def _forward(self, x, *args):
         if self.fused:
             return x
         if self.with_cp and needs_graph(x, *self.trainable_tensors()):
+            fn = self.forward_with
+            if args:
+                fn = functools.partial(fn, **block_args(args))
             return recompute_in_backward(
-                self.forward_with, x, *self.weights(x), stateful=self)
-        return self.compute(x)
+                fn, x, *self.weights(x), stateful=self)
+        return self.compute(x, *args)
 
-    def compute(self, x):
+    def compute(self, x, *args):
         """The site's function, without ``with_cp`` checkpointing."""
-        return self.forward_with(x, *self.weights(x))
+        return self.forward_with(x, *self.weights(x), **block_args(args))
+
+
+def block_args(args: tuple) -> dict:
+    """``forward_with``'s keywords for a block's further positional
+    arguments ``args`` (a Swin block's ``hw_shape``): none when there are
+    none, so ResNet and ViT sites are called exactly as before.
+
+    A block called as ``block(x, *args)`` is stood in for by a module
+    called the same way; a site whose function is token- or pixel-wise
+    ignores ``block_args``, an :class:`~repl_mm.core.InterpolatedBlock`
+    passes it on to the block it runs.
+    """
+    return dict(block_args=tuple(args)) if args else {}
 
 
 def fuse_into_segment(block: nn.Module, site: nn.Module):

@@ -219,7 +219,9 @@ class StaticConvSite(_InferenceOnly, nn.Module):
                                                       m.shape)
             conv.weight.copy_(m[:, :, None, None])  # (Cout, Cin, 1, 1)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, *block_args) -> Tensor:
+        """The folded chain; ``block_args`` (a block's further positional
+        arguments) are ignored: the function is pixel-wise."""
         self._check_eval()
         x = h
         for conv in self.pointwise:
@@ -304,7 +306,9 @@ class StaticTransformerSite(_InferenceOnly, nn.Module):
         _scale_affine(self.site_norm, float(site.scale),
                       'StaticTransformerSite')
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, *block_args) -> Tensor:
+        """The fixed update; ``block_args`` (a Swin block's ``hw_shape``)
+        are ignored: the function is token-wise."""
         self._check_eval()
         # (B, N, d) -> (B, N, d)
         return h + self.site_norm(self.act(self.mlp(h)) + self.attn(h))

@@ -83,12 +83,21 @@ def _conv_sources(mode: str, desc: ConvBlock, nbrs: dict,
     return out
 
 
-def _vit_sources(nbrs: dict, cfg: ReplacementConfig,
+def _vit_sources(desc: TransformerBlock, nbrs: dict, cfg: ReplacementConfig,
                  ops: Sequence[str]) -> dict:
     """Per operator (``'attn'``, ``'mlp'``): [(name, neighbour's linear
-    pair)] that serve it."""
-    names = pick_sources(nbrs['prev'] is not None, nbrs['next'] is not None,
-                         cfg.neighbors)
+    pair)] that serve it.
+
+    A neighbour serves only if its width equals the block's (spec §9.2:
+    across a Swin patch merging it does not); with none serving, the site
+    owns its operators.
+    """
+
+    def serves(nbr: Optional[TransformerBlock]) -> bool:
+        return nbr is not None and nbr.dim == desc.dim
+
+    names = pick_sources(
+        serves(nbrs['prev']), serves(nbrs['next']), cfg.neighbors)
     return {op: [(n, getattr(nbrs[n], op)) for n in names] for op in ops}
 
 
@@ -188,9 +197,18 @@ def _keep(old, desc, nbrs, cfg, with_cp):
     return old, {}
 
 
+class DroppedBlock(nn.Identity):
+    """What stands in a dropped block's place (``mode='drop'``): the
+    identity, called as the block was (a Swin block's ``block(x,
+    hw_shape)`` too), its further arguments ignored."""
+
+    def forward(self, x, *block_args):
+        return x
+
+
 def _drop(old, desc, nbrs, cfg, with_cp):
     """``mode='drop'``: nothing in the block's place."""
-    return nn.Identity(), {}
+    return DroppedBlock(), {}
 
 
 def _conv_targets(desc: ConvBlock, nbrs, cfg):
@@ -202,7 +220,7 @@ def _conv_targets(desc: ConvBlock, nbrs, cfg):
 
 def _attn_targets(desc: TransformerBlock, nbrs, cfg):
     """qkv and proj with the neighbours' qkv and proj."""
-    per_op = _vit_sources(nbrs, cfg, ('attn', ))['attn']
+    per_op = _vit_sources(desc, nbrs, cfg, ('attn', ))['attn']
     return ([(m, [(n, t[i]) for n, t in per_op])
              for i, m in enumerate(desc.attn)], ['qkv', 'proj'])
 
@@ -241,7 +259,7 @@ def _static_conv_site(desc: ConvBlock, nbrs, cfg):
 
 
 def _static_transformer_site(desc: TransformerBlock, nbrs, cfg):
-    srcs = _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights])
+    srcs = _vit_sources(desc, nbrs, cfg, _VIT_OPS[cfg.vit_weights])
     site = StaticTransformerSite(desc.dim, fresh_norm(desc.norm),
                                  copy.deepcopy(desc.act),
                                  **block_factory(desc))
@@ -287,7 +305,7 @@ def _transformer_site(old, desc: TransformerBlock, nbrs, cfg, with_cp):
     :class:`TransformerSite`."""
     site = TransformerSite(
         desc.dim,
-        _vit_sources(nbrs, cfg, _VIT_OPS[cfg.vit_weights]),
+        _vit_sources(desc, nbrs, cfg, _VIT_OPS[cfg.vit_weights]),
         fresh_norm(desc.norm),
         copy.deepcopy(desc.act),
         num_scalars=cfg.num_scalars,

@@ -213,8 +213,16 @@ class TransformerSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             per_sample_drop_path(self.drop_path) and \
             not is_autocast_enabled(h.device.type) and lean_traceable()
 
-    def forward_with(self, h: Tensor, attn: Tensor, mlp: Tensor) -> Tensor:
+    def forward_with(self,
+                     h: Tensor,
+                     attn: Tensor,
+                     mlp: Tensor,
+                     block_args: tuple = ()) -> Tensor:
         """h + update with the given operators (``weights(h)``).
+
+        ``block_args``, the replaced block's further positional arguments
+        (a Swin block's ``hw_shape``), are ignored: the update is
+        token-wise (spec §9.2: no windows, shifts or masks).
 
         With ``recompute`` (and no ``with_cp``, which checkpoints all of
         this), only ``h``, the operators and per-token statistics are

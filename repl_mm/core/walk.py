@@ -8,7 +8,8 @@ consumer (analysis, converters, the logger hook) finds backbones and sites
 here, so none keeps a walk of its own.
 
 The module at a site index is what the plan's mode put there: a
-:data:`SITE_TYPES` module, an ``nn.Identity`` (``mode='drop'``), or the
+:data:`SITE_TYPES` module, a :class:`~repl_mm.core.DroppedBlock` (an
+``nn.Identity``, ``mode='drop'``), or the
 original block (``mode='none'``; a static site of ``static_from=
 'interpolate'``). Filter by type where only some kinds count.
 """

@@ -24,6 +24,9 @@ ADAPTERS = {
                                          'RepLResNetV1c', 'RepLResNetV1d')),
     'cls_resnext': ('mmpretrain', 'cls', ('RepLResNeXt', )),
     'cls_vit': ('mmpretrain', 'cls', ('RepLVisionTransformer', )),
+    'det_swin': ('mmdet', 'det', ('RepLSwinTransformer', )),
+    'seg_swin': ('mmseg', 'seg', ('RepLSwinTransformer', )),
+    'cls_swin': ('mmpretrain', 'cls', ('RepLSwinTransformer', )),
 }
 PIP_NAMES = {
     'mmdet': 'mmdet',

@@ -11,8 +11,8 @@ from mmengine.logging import print_log
 from torch import nn
 
 from ..core import (SITE_TYPES, BlockKind, BlockSlot, ConvBlock, ConvSite,
-                    InterpolatedBlock, ReplacementPlan, TransformerSite,
-                    replace_blocks)
+                    InterpolatedBlock, ReplacementPlan, TransformerBlock,
+                    TransformerSite, replace_blocks)
 
 PLAN_KEY = 'replacement_plan'
 
@@ -315,6 +315,96 @@ class RepLResNetMixin(RepLBackboneMixin):
         raise IndexError(f'block {index} of {end}')
 
 
+def describe_swin_block(block: nn.Module) -> TransformerBlock:
+    """A ``SwinBlock`` of mmdet, mmseg or mmpretrain (spec §9.2).
+
+    qkv and proj are the window attention's (``attn.w_msa``), fc1 and fc2
+    the FFN's; the site's norm is a fresh copy of ``norm1`` (a LayerNorm of
+    the block's width), its activation the FFN's (GELU upstream), its drop
+    path the block's. Windows, shifts, the relative position bias and
+    masks have no weight-space analogue and are not read. A layer scale
+    of the FFN (mmpretrain's ``ffn_cfgs=dict(layer_scale_init_value=...)``)
+    is not synthesized either: the site's own norm sets its scale, as for
+    ViT layers.
+
+    Raises:
+        ValueError: If the FFN is not the 2-fc one (``num_fcs=2``: fc1,
+            act, fc2) or the attention's linears are not (C -> 3C) and
+            (C -> C).
+    """
+    ffn, msa = block.ffn, block.attn.w_msa
+    if getattr(ffn, 'num_fcs', None) != 2 or not hasattr(ffn, 'layers'):
+        raise ValueError("RepL's Swin computing layer needs the FFN with "
+                         'num_fcs=2 (fc1, act, fc2); got '
+                         f"{type(ffn).__name__} with num_fcs="
+                         f"{getattr(ffn, 'num_fcs', None)}")
+    qkv, proj = msa.qkv, msa.proj
+    dim = qkv.weight.shape[1]
+    if tuple(qkv.weight.shape) != (3 * dim, dim) or \
+            tuple(proj.weight.shape) != (dim, dim):
+        raise ValueError(
+            "RepL's Swin computing layer needs qkv (C -> 3C) and proj "
+            f'(C -> C); got qkv {tuple(qkv.weight.shape)} and proj '
+            f'{tuple(proj.weight.shape)}')
+    fc1, act = ffn.layers[0][0], ffn.layers[0][1]
+    return TransformerBlock(
+        dim=dim,
+        attn=(qkv, proj),
+        mlp=(fc1, ffn.layers[1]),
+        norm=block.norm1,
+        act=act,
+        drop_path=ffn.dropout_layer)
+
+
+class RepLSwinMixin(RepLBackboneMixin):
+    """The Swin Transformers of all three codebases: ``stages`` of
+    ``SwinBlockSequence``, each with ``blocks`` called as ``block(x,
+    hw_shape)`` (spec §9.2).
+
+    Blocks are numbered over all stages (Swin-T: 12); every block
+    preserves shape (patch merging sits between stages, outside the
+    blocks), so every one is replaceable. A site's neighbour across a
+    patch merging has another width and does not serve it (the site draws
+    from the other side only, or owns its operators). ``with_cp`` is read
+    off the built blocks (upstream passes one value to all of them), so
+    the hook route sees it too; under RepL every checkpointed block
+    checkpoints non-reentrantly (spec §8).
+
+    Subclasses set :attr:`frozen_offset`: the number of stages
+    ``frozen_stages=0`` freezes upstream (mmdet and mmseg: none, only the
+    patch embedding; mmpretrain: the first stage as well).
+    """
+
+    #: stages frozen by ``frozen_stages=0``: block ``i`` is frozen iff its
+    #: stage is ``<= frozen_stages + frozen_offset``.
+    frozen_offset = 0
+
+    def block_slots(self) -> List[BlockSlot]:
+        return [
+            BlockSlot(stage.blocks, b, s, b + 1, True)
+            for s, stage in enumerate(self.stages, 1)
+            for b in range(len(stage.blocks))
+        ]
+
+    def setup_replacement(self, replacement) -> ReplacementPlan:
+        """Plan and replace; upstream freezes ``frozen_stages`` in
+        ``train()`` (not at build time), and sites in a frozen stage freeze
+        with it there."""
+        slots = self.block_slots()
+        with_cp = any(
+            getattr(s.parent[s.key], 'with_cp', False) for s in slots)
+        return self._replace(slots, replacement, BlockKind.TRANSFORMER,
+                             describe_swin_block, with_cp)
+
+    def _block_frozen(self, index: int) -> bool:
+        end = 0
+        for stage, seq in enumerate(self.stages, 1):
+            end += len(seq.blocks)
+            if index <= end:
+                return stage <= self.frozen_stages + self.frozen_offset
+        raise IndexError(f'block {index} of {end}')
+
+
 def repl_classes() -> List[type]:
     """Every RepL backbone class defined so far (registered adapters)."""
     out, todo = [], [RepLBackboneMixin]
@@ -384,7 +474,8 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
     Args:
         backbone (nn.Module): An instance of exactly an upstream class that
             a RepL backbone extends (mmdet ``ResNet``, mmseg ``ResNetV1c``,
-            mmpretrain ``ResNet``, ``ResNet_CIFAR``, ``VisionTransformer``).
+            mmpretrain ``ResNet``, ``ResNet_CIFAR``, ``VisionTransformer``,
+            the three codebases' ``SwinTransformer``).
         replacement (dict): The ``replacement=dict(...)`` options.
 
     Returns:
@@ -409,7 +500,8 @@ def to_repl_backbone(backbone: nn.Module, replacement) -> ReplacementPlan:
 
 
 __all__ = [
-    'SITE_TYPES', 'RepLBackboneMixin', 'RepLResNetMixin', 'adapter_class',
-    'block_slots', 'describe_resnet_block', 'encode_plan', 'decode_plan',
-    'repl_classes', 'sequential_slots', 'to_repl_backbone'
+    'SITE_TYPES', 'RepLBackboneMixin', 'RepLResNetMixin', 'RepLSwinMixin',
+    'adapter_class', 'block_slots', 'describe_resnet_block',
+    'describe_swin_block', 'encode_plan', 'decode_plan', 'repl_classes',
+    'sequential_slots', 'to_repl_backbone'
 ]

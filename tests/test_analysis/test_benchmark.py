@@ -186,6 +186,21 @@ def test_task_loss_on_synthetic_batch(config, size, batch):
     assert torch.isfinite(loss)
 
 
+def test_swin_t_suite_case():
+    """The swin-t case: upstream's Swin-T ImageNet config, its backbone
+    switched to RepLSwinTransformer (sites 4, 8); stochastic depth applies
+    (Swin has drop_path_rate)."""
+    from repl_mm.analysis.cases import suite_cases
+    case = suite_cases(['swin-t'], quick=True)[0]
+    assert case.backbone_type == 'RepLSwinTransformer'
+    assert method_model_cfg(case, 'sd') is not None
+    model = build_model(case.scope, method_model_cfg(case, 'repl'))
+    assert model.backbone.replacement_plan.indices == (4, 8)
+    loss = training_loss(model, make_batch(case, model))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
 def load_cli():
     spec = importlib.util.spec_from_file_location(
         'benchmark_cli', ROOT / 'tools/analysis/benchmark.py')

@@ -29,12 +29,25 @@ TINY_VIT = dict(
         embed_dims=16, num_layers=5, num_heads=2, feedforward_channels=32),
     img_size=8,
     patch_size=4)
+# 5-block Swin, widths 16 and 32, on 8x8 images (2x2, then 1x1 tokens):
+# k = 2 -> sites 2 (drawn from block 1 only: block 3 is twice as wide), 4
+TINY_SWIN = dict(
+    type='RepLSwinTransformer',
+    arch=dict(embed_dims=16, depths=[2, 3], num_heads=[1, 2]),
+    img_size=8,
+    window_size=2,
+    pad_small_map=True,
+    out_indices=(1, ))
 
 
 def classifier(kind='cnn', **replacement):
     init_default_scope('mmpretrain')
     if kind == 'cnn':
         backbone = dict(TINY_R20, replacement=dict(interval=4, **replacement))
+        neck, head = dict(type='GlobalAveragePooling'), dict(
+            type='LinearClsHead', num_classes=3, in_channels=32)
+    elif kind == 'swin':
+        backbone = dict(TINY_SWIN, replacement=dict(interval=2, **replacement))
         neck, head = dict(type='GlobalAveragePooling'), dict(
             type='LinearClsHead', num_classes=3, in_channels=32)
     else:
@@ -100,7 +113,7 @@ def test_sample_and_gradient_deviation_by_hand():
 # -- known answers on models --------------------------------------------------
 
 
-@pytest.mark.parametrize('kind', ['cnn', 'vit'])
+@pytest.mark.parametrize('kind', ['cnn', 'vit', 'swin'])
 def test_zero_update_sites_give_zero_deviation_for_every_r(kind):
     # zero_init: each site's fresh norm has gamma = beta = 0, so its update
     # is exactly 0 whatever its scale: F_b^(r) = F bit for bit
@@ -113,7 +126,7 @@ def test_zero_update_sites_give_zero_deviation_for_every_r(kind):
     assert res['grad_norm'] > 0
 
 
-@pytest.mark.parametrize('kind', ['cnn', 'vit'])
+@pytest.mark.parametrize('kind', ['cnn', 'vit', 'swin'])
 def test_deviation_grows_when_a_site_with_an_update_is_enabled(kind):
     model = classifier(kind, zero_init=False)
     rows = measure_bias(model, [batch()])['rows']

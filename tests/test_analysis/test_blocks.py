@@ -43,9 +43,10 @@ def test_unknown_option_raises():
 
 def test_profile_of_resnet20():
     """The per-op profile: exclusive shares that add up to one, the top
-    ops by self time, and the block's time mostly in its 3x3 convs (a
-    block is three big ops and a few small ones; what the site's shares
-    are is what the profile is for, so it is not asserted)."""
+    ops by self time, and the op calls, which are counted, not timed: a
+    site (synthesis, the 1x1 chain, its hand-written backward) calls more
+    aten ops than the BasicBlock it replaces. No share is asserted: they
+    are timings."""
     res = measure_blocks(
         r20_case(repeats=3), repeats=1, options=['recompute'], profile=1)
     for r in res['rows']:
@@ -55,8 +56,8 @@ def test_profile_of_resnet20():
             ms = [t['ms'] for t in p['top']]
             assert ms == sorted(ms, reverse=True) and len(ms) == 5
             assert sum(t['share'] for t in p['top']) <= 1 + 1e-9
-        shares = r['block']['profile']['shares']
-        assert shares['conv/matmul'] == max(shares.values())
+        assert r['block']['profile']['aten_calls'] < \
+            r['sites']['recompute']['profile']['aten_calls']
 
 
 def test_profile_needs_the_cpu(monkeypatch):
@@ -92,3 +93,39 @@ def test_compiled_blocks_time_the_compiled_modules(monkeypatch):
         assert r['sites']['recompute']['bytes'] == \
             e['sites']['recompute']['bytes']
         assert r['sites']['recompute']['time_ms']['median'] > 0
+
+
+def test_blocks_of_a_tiny_swin():
+    """A Swin block is called as block(x, hw_shape): the single-block
+    steps call the block and its sites so too."""
+    from repl_mm.analysis.cases import make_case
+    case = make_case(
+        dict(
+            default_scope='mmpretrain',
+            model=dict(
+                type='ImageClassifier',
+                backbone=dict(
+                    type='SwinTransformer',
+                    arch=dict(
+                        embed_dims=16, depths=[2, 6, 1], num_heads=[1, 2, 4]),
+                    img_size=32,
+                    window_size=2,
+                    out_indices=(2, )),
+                neck=dict(type='GlobalAveragePooling'),
+                head=dict(
+                    type='LinearClsHead', num_classes=10, in_channels=64))),
+        name='swin',
+        input_size=32,
+        batch_size=2)
+    res = measure_blocks(case, repeats=1, warmup=0, options=['recompute'])
+    rows = res['rows']
+    assert [r['index'] for r in rows] == [4, 8]
+    assert [r['name']
+            for r in rows] == ['stages.1.blocks.1', 'stages.1.blocks.5']
+    assert [r['shape'] for r in rows] == [[2, 16, 32], [2, 16, 32]]
+    for r in rows:
+        site = r['sites']['recompute']
+        # (at 16 tokens of width 32 the synthesis, ~10 d^3 per step,
+        # outweighs the block: no FLOP order holds at this size)
+        assert site['flops'] > 0 and r['block']['flops'] > 0
+        assert 0 < site['bytes'] < r['block']['bytes']

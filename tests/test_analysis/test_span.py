@@ -281,6 +281,46 @@ def test_residual_blocks_mirror_the_plan():
     assert would_be_sites(residual_blocks(vit)) == [2, 3]
 
 
+def test_residual_blocks_of_swin():
+    """Swin blocks numbered over stages; a block opening a stage after
+    its patch merging has no previous output of its shape: no would-be
+    site (block 3, stage 2's first)."""
+    from mmdet.models.backbones import SwinTransformer
+
+    from repl_mm.models.det_swin import RepLSwinTransformer
+    kw = dict(
+        embed_dims=16,
+        depths=(2, 6, 1),
+        num_heads=(1, 2, 4),
+        strides=(4, 2, 2),
+        window_size=2,
+        out_indices=(0, 1, 2))
+    blocks = residual_blocks(RepLSwinTransformer(**kw))
+    assert blocks == residual_blocks(SwinTransformer(**kw))
+    assert [(b['name'], b['stage'], b['block'])
+            for b in blocks[2:4]] == [('stages.1.blocks.0', 2, 1),
+                                      ('stages.1.blocks.1', 2, 2)]
+    assert would_be_sites(blocks) == [2, 4, 5, 6, 7, 8]
+
+    class Task(torch.nn.Module):
+
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def data_preprocessor(self, data, training):
+            return data
+
+    batches = [dict(inputs=torch.rand(2, 3, 32, 32)) for _ in range(2)]
+    stats, _ = collect_span_stats(
+        Task(RepLSwinTransformer(**kw, replacement=dict(mode='none'))),
+        batches, 4)
+    assert sorted(stats) == [2, 4, 5, 6, 7, 8]
+    # block 8's next one (9) lies across the patch merging: prev only
+    assert stats[8]['span'] == 'prev' and stats[5]['span'] == 'prev+next'
+    assert stats[5]['shape'] == [16, 32] and stats[5]['num_images'] == 4
+
+
 def test_residual_blocks_of_an_upstream_backbone():
     """The adapter's enumeration, also for the upstream class it extends;
     a site stands in its block's slot."""

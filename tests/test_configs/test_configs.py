@@ -97,10 +97,13 @@ def test_paramwise_no_decay_on_mixing_weights(path):
     for n, p in names.items():
         if n in mixing:
             assert decay[id(p)] == 0, n
+    # upstream's own no-decay tensors (ViT, Swin) keep upstream's rule
+    upstream_no_decay = ('.pos_embed', '.cls_token', '.absolute_pos_embed',
+                         '.relative_position_bias_table')
     kept = [
         n for n, p in names.items()
         if n.startswith('backbone.') and p.ndim >= 2 and n not in mixing
-        and not n.endswith(('.pos_embed', '.cls_token'))
+        and not n.endswith(upstream_no_decay)
     ]
     assert kept
     for n in kept:

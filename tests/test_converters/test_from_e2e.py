@@ -426,3 +426,48 @@ def test_cli_output_checks(configs, converted, tmp_path, capsys):
     assert out.read_bytes() == b'keep me'
     tool.main(args + [str(out), '--force'] + opts)
     assert torch.load(out, weights_only=True)['meta']['site_fit']
+
+
+@pytest.mark.parametrize('mode', ['synthesize', 'interpolate'])
+def test_swin_sites_fit_with_hw_shape(mode):
+    """A Swin block is called as block(x, hw_shape): the record keeps
+    hw_shape and the fit calls an interpolated Swin block with it; a
+    record at two input sizes is refused."""
+    from repl_mm.converters.from_e2e import record_blocks
+    from repl_mm.models.det_swin import RepLSwinTransformer
+    kw = dict(
+        embed_dims=16,
+        depths=(2, 6, 1),
+        num_heads=(1, 2, 4),
+        strides=(4, 2, 2),
+        window_size=2,
+        out_indices=(0, 1, 2),
+        drop_path_rate=0.0)
+    torch.manual_seed(0)
+    e2e = RepLSwinTransformer(**kw, replacement=dict(mode='none'))
+    repl = RepLSwinTransformer(**kw, replacement=dict(mode=mode))
+    repl.load_state_dict(e2e.state_dict(), strict=False)
+
+    class Task(nn.Module):
+
+        def __init__(self, backbone):
+            super().__init__()
+            self.backbone = backbone
+
+        def data_preprocessor(self, data, training):
+            return data
+
+        def extract_feat(self, x):
+            return self.backbone(x)
+
+    block = e2e.stages[1].blocks[1]  # site 4
+    batches = [dict(inputs=torch.rand(2, 3, 32, 32)) for _ in range(2)]
+    rec = record_blocks(Task(e2e), {'b4': block}, batches)['b4']
+    assert rec['args'] == ((4, 4), ) and rec['x'].shape == (4, 16, 32)
+    site = repl.stages[1].blocks[1]
+    before, after = fit_site(
+        site, rec['x'], rec['y'], steps=5, block_args=rec['args'])
+    assert after <= before and after < 1
+    mixed = [dict(inputs=torch.rand(2, 3, s, s)) for s in (32, 64)]
+    with pytest.raises(ValueError, match='one input size'):
+        record_blocks(Task(e2e), {'b4': block}, mixed)

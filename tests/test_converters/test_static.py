@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mmdet.models.backbones.swin import SwinBlock as DetSwinBlock
 from mmengine.config import Config
-from mmpretrain.models.backbones import vision_transformer
+from mmpretrain.models.backbones import swin_transformer, vision_transformer
 from mmpretrain.models.backbones.resnet import BasicBlock, Bottleneck
 from torch import nn
 
@@ -24,12 +25,29 @@ from repl_mm.core import (ConvSite, ReplacementConfig, StaticConvSite,
 from repl_mm.core.static import should_fold_static
 from repl_mm.core.synthesis import batch_norm_affine, fold_affine
 from repl_mm.models.cls_resnet import RepLResNet, RepLResNet_CIFAR
+from repl_mm.models.cls_swin import RepLSwinTransformer as RepLClsSwin
 from repl_mm.models.cls_vit import RepLVisionTransformer
+from repl_mm.models.det_swin import RepLSwinTransformer as RepLDetSwin
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAIN_BLOCKS = (BasicBlock, Bottleneck,
-                vision_transformer.TransformerEncoderLayer)
+                vision_transformer.TransformerEncoderLayer, DetSwinBlock,
+                swin_transformer.SwinBlock)
 TOL = 1e-5
+TINY_SWIN = dict(
+    embed_dims=16,
+    depths=(2, 6, 1),
+    num_heads=(1, 2, 4),
+    strides=(4, 2, 2),
+    window_size=2,
+    out_indices=(0, 1, 2),
+    drop_path_rate=0.0)
+TINY_CLS_SWIN = dict(
+    arch=dict(embed_dims=16, depths=[2, 6, 1], num_heads=[1, 2, 4]),
+    img_size=32,
+    window_size=2,
+    out_indices=(0, 1, 2),
+    drop_path_rate=0.0)
 TINY_VIT = dict(
     arch=dict(
         embed_dims=32, num_layers=6, num_heads=2, feedforward_channels=128),
@@ -131,6 +149,9 @@ BACKBONES = {
                             norm_cfg=dict(type='GN',
                                           num_groups=4)), (2, 3, 16, 16)),
     'vit': (RepLVisionTransformer, TINY_VIT, (2, 3, 32, 32)),
+    # widths 16, 32, 64: site 4 from both neighbours, site 8 from one
+    'det-swin': (RepLDetSwin, TINY_SWIN, (2, 3, 32, 32)),
+    'cls-swin': (RepLClsSwin, TINY_CLS_SWIN, (2, 3, 32, 32)),
 }
 
 

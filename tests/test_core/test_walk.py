@@ -2,8 +2,9 @@
 import pytest
 from torch import nn
 
-from repl_mm.core import (SITE_TYPES, ConvSite, InterpolatedBlock, SiteRef,
-                          is_repl_backbone, iter_repl_backbones, iter_sites)
+from repl_mm.core import (SITE_TYPES, ConvSite, DroppedBlock,
+                          InterpolatedBlock, SiteRef, is_repl_backbone,
+                          iter_repl_backbones, iter_sites)
 
 
 def cifar(**replacement):
@@ -49,7 +50,7 @@ def test_every_backbone_and_every_mode():
     assert by_bb['heads.0'] == [InterpolatedBlock] * 2
     # mode='none': the original blocks; 'drop': identities
     assert all(t not in SITE_TYPES for t in by_bb['heads.1'])
-    assert by_bb['heads.2'] == [nn.Identity] * 2
+    assert by_bb['heads.2'] == [DroppedBlock] * 2
 
 
 def test_no_backbone_no_site():

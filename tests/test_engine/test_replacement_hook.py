@@ -299,3 +299,53 @@ def test_hook_refuses_a_backbone_it_did_not_convert():
             cfg=Config(dict(model=dict(backbone=dict())))))
     with pytest.raises(ValueError, match='already a RepL backbone'):
         hook.before_run(runner)
+
+
+@pytest.mark.parametrize(
+    'scope,path,size',
+    [
+        ('mmdet', 'mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py', 64),
+        ('mmseg', 'mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_'
+         '8xb2-160k_ade20k-512x512.py', 64),
+        # no padding of small maps in mmpretrain: 224 keeps them >= window 7
+        ('mmpretrain', 'mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
+         224),
+    ])
+def test_hook_route_on_a_stock_swin_config(scope, path, size):
+    """A stock upstream Swin-T config with the hook added gives the model of
+    the same config with ``RepLSwinTransformer``: same plan (sites 4, 8),
+    parameters, values and outputs. Nothing is downloaded (no
+    ``init_weights``)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from mmengine.hub import get_config
+
+    from repl_mm.engine.hooks import ReplacementHook
+    cfg = get_config(path)
+    cfg.custom_hooks = [dict(type='ReplacementHook', interval=4)]
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        torch.manual_seed(0)
+        stock = models.build(cfg.model)
+        hook_cfg = dict(cfg.custom_hooks[0])
+        hook_cfg.pop('type')
+        hook = ReplacementHook(**hook_cfg)
+        hook.before_run(
+            SimpleNamespace(model=stock, cfg=cfg, optim_wrapper=None))
+        repl_cfg = copy.deepcopy(cfg.model)
+        repl_cfg.backbone.type = 'RepLSwinTransformer'
+        repl_cfg.backbone.replacement = dict(interval=4)
+        torch.manual_seed(0)
+        repl = models.build(repl_cfg)
+    assert type(stock.backbone) is type(repl.backbone)
+    assert stock.backbone.replacement_plan == repl.backbone.replacement_plan
+    assert repl.backbone.replacement_plan.indices == (4, 8)
+    assert hook.model_cfg['backbone']['type'] == 'RepLSwinTransformer'
+    a, b = stock.state_dict(), repl.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.rand(1, 3, size, size)
+    stock.eval(), repl.eval()
+    for p, q in zip(stock.backbone(x), repl.backbone(x)):
+        assert torch.equal(p, q)

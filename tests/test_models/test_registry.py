@@ -26,6 +26,24 @@ from mmengine.config import Config
          arch='deit-tiny',
          img_size=32,
          patch_size=8)),
+    ('mmdet',
+     dict(
+         type='RepLSwinTransformer',
+         embed_dims=16,
+         num_heads=(1, 2, 2, 4),
+         window_size=2)),
+    ('mmseg',
+     dict(
+         type='RepLSwinTransformer',
+         embed_dims=16,
+         num_heads=(1, 2, 2, 4),
+         window_size=2)),
+    ('mmpretrain',
+     dict(
+         type='RepLSwinTransformer',
+         arch=dict(embed_dims=16, depths=[2, 2, 6, 2], num_heads=[1, 2, 2, 4]),
+         img_size=32,
+         window_size=2)),
 ])
 def test_build_from_registry(registry, cfg):
     import importlib

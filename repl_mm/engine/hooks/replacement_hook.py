@@ -22,9 +22,10 @@ class ReplacementHook(Hook):
     ``custom_hooks = [dict(type='ReplacementHook', interval=4, ...)]``: the
     keywords are exactly those of ``replacement=dict(...)`` (spec §5). The
     model's backbone (mmdet ``ResNet``, mmseg ``ResNetV1c``, mmpretrain
-    ``ResNet`` / ``ResNet_CIFAR`` / ``VisionTransformer``) becomes its RepL
-    twin through the same surgery as the registry backbones, so both routes
-    give the same parameter names, shapes and losses.
+    ``ResNet`` / ``ResNet_CIFAR`` / ``VisionTransformer``, the three
+    codebases' ``SwinTransformer``) becomes its RepL twin through the same
+    surgery as the registry backbones, so both routes give the same
+    parameter names, shapes and losses.
 
     mmengine runs hooks after it has wrapped the model for DDP and built the
     optimizer and schedulers, and ``test()`` runs ``before_run`` before

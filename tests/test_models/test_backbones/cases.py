@@ -14,6 +14,26 @@ TINY_VIT = dict(
     img_size=32,
     patch_size=8)
 
+# Three stages of widths 16, 32, 64: at interval 4, site 4 draws from both
+# neighbours and site 8 from its previous one only (block 9, across the
+# patch merging, has another width); neither starts a stage, so both fuse
+# into a checkpoint segment under with_cp. No stochastic depth (upstream's
+# default 0.1 would draw masks).
+TINY_SWIN = dict(
+    embed_dims=16,
+    depths=(2, 6, 1),
+    num_heads=(1, 2, 4),
+    strides=(4, 2, 2),
+    window_size=2,
+    out_indices=(0, 1, 2),
+    drop_path_rate=0.0)
+TINY_CLS_SWIN = dict(
+    arch=dict(embed_dims=16, depths=[2, 6, 1], num_heads=[1, 2, 4]),
+    img_size=32,
+    window_size=2,
+    out_indices=(0, 1, 2),
+    drop_path_rate=0.0)
+
 
 @dataclass
 class Case:
@@ -23,6 +43,7 @@ class Case:
     kwargs: dict
     shape: tuple = (2, 3, 32, 32)
     kind: str = 'conv'
+    # extra=dict(frozen=...): the frozen_stages kwargs that freeze a site
     extra: dict = field(default_factory=dict)
 
     def cls(self, which):
@@ -77,5 +98,26 @@ CASES = [
         'mmpretrain.models.backbones:VisionTransformer',
         TINY_VIT,
         kind='transformer'),
+    Case(
+        'det-swin',
+        'repl_mm.models.det_swin:RepLSwinTransformer',
+        'mmdet.models.backbones:SwinTransformer',
+        TINY_SWIN,
+        kind='transformer',
+        extra=dict(frozen=dict(frozen_stages=1))),
+    Case(
+        'seg-swin',
+        'repl_mm.models.seg_swin:RepLSwinTransformer',
+        'mmseg.models.backbones:SwinTransformer',
+        TINY_SWIN,
+        kind='transformer',
+        extra=dict(frozen=dict(frozen_stages=1))),
+    Case(
+        'cls-swin',
+        'repl_mm.models.cls_swin:RepLSwinTransformer',
+        'mmpretrain.models.backbones:SwinTransformer',
+        TINY_CLS_SWIN,
+        kind='transformer',
+        extra=dict(frozen=dict(frozen_stages=0))),
 ]
 IDS = [c.name for c in CASES]

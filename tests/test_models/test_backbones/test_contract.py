@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from repl_mm.core import ConvSite, InterpolatedBlock, TransformerSite
+from repl_mm.core import (ConvSite, DroppedBlock, InterpolatedBlock,
+                          TransformerSite)
 from .cases import CASES, IDS, TINY_VIT, Case
 
 MODES = ['synthesize', 'interpolate', 'drop', 'none']
@@ -96,10 +97,26 @@ def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
             f'{name} neighbour got no gradient through the synthesis'
 
 
+def block_containers(model):
+    """The sequences holding the blocks: ResNet layers, Swin stages' blocks,
+    a ViT's layers."""
+    if hasattr(model, 'res_layers'):
+        return [getattr(model, name) for name in model.res_layers]
+    if hasattr(model, 'stages'):
+        return [stage.blocks for stage in model.stages]
+    return [model.layers]
+
+
 def site_blocks_of(model, case):
-    if case.kind == 'conv':
-        return [b for name in model.res_layers for b in getattr(model, name)]
-    return list(model.layers)
+    return [b for seq in block_containers(model) for b in seq]
+
+
+def width(block):
+    """A transformer block's width: a ViT layer's ``embed_dims``, a Swin
+    block's attention width."""
+    if hasattr(block, 'embed_dims'):
+        return block.embed_dims
+    return block.attn.w_msa.embed_dims
 
 
 def count(m):
@@ -169,13 +186,16 @@ def expected_counts(case, mode, ref):
             else:
                 added += len(used)  # alpha and/or beta
         else:
-            d = blk.embed_dims
+            d = width(blk)
+            # a neighbour of another width (across a Swin patch merging)
+            # does not serve (spec §9.2)
+            nbrs = [b for b in nbrs if width(b) == d]
             if mode == 'synthesize':
                 # alpha, beta (one per neighbour), the fresh LN of width d;
-                # Ahat and Mhat come from the neighbours
+                # Ahat and Mhat come from the neighbours, or are owned
                 removed += count(blk)
-                added += len(nbrs) + 2 * d
-            else:  # interpolate: qkv (3d x d) and proj (d x d) weights
+                added += len(nbrs) + 2 * d + (0 if nbrs else 2 * d * d)
+            elif nbrs:  # interpolate: qkv (3d x d) and proj (d x d)
                 removed += 3 * d * d + d * d
                 added += len(nbrs)
     return tuple(plan), removed, added
@@ -200,6 +220,14 @@ def load_kept(model, ref):
     return missing, unexpected
 
 
+class Removed(nn.Module):
+    """No block: passes its input, as called (a Swin block's ``hw_shape``
+    too)."""
+
+    def forward(self, x, *args):
+        return x
+
+
 @pytest.mark.parametrize('case', CASES, ids=IDS)
 def test_drop_equals_physical_removal(case):
     model = case.build(mode='drop')
@@ -208,12 +236,10 @@ def test_drop_equals_physical_removal(case):
     removed = copy.deepcopy(ref)
     blocks = site_blocks_of(removed, case)
     for i in model.replacement_plan.indices:
-        for parent in [
-                getattr(removed, n) for n in getattr(removed, 'res_layers', [])
-        ] or [removed.layers]:
+        for parent in block_containers(removed):
             for k in range(len(parent)):
                 if parent[k] is blocks[i - 1]:
-                    parent[k] = nn.Identity()
+                    parent[k] = Removed()
     model.eval(), removed.eval()
     x = torch.rand(case.shape)
     for a, b in zip(outputs(model, x), outputs(removed, x)):
@@ -337,7 +363,7 @@ def test_sites_are_the_right_modules(case):
     site_type = ConvSite if case.kind == 'conv' else TransformerSite
     for mode, expected in (('synthesize', site_type),
                            ('interpolate', InterpolatedBlock), ('drop',
-                                                                nn.Identity)):
+                                                                DroppedBlock)):
         model = case.build(mode=mode)
         indices = model.replacement_plan.indices
         assert indices

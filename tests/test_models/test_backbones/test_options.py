@@ -65,8 +65,8 @@ def test_unserved_position_is_owned():
 
 @pytest.mark.parametrize('case', CASES, ids=IDS)
 def test_frozen_stages_and_norm_eval(case):
-    kwargs = dict(frozen_stages=2) if case.kind == 'conv' else dict(
-        frozen_stages=5)
+    kwargs = case.extra.get('frozen') or (dict(
+        frozen_stages=2) if case.kind == 'conv' else dict(frozen_stages=5))
     model = case.cls('repl')(
         **case.kwargs, **kwargs, replacement=dict(interval=2))
     model.train()
@@ -75,8 +75,9 @@ def test_frozen_stages_and_norm_eval(case):
         in_frozen = model._site_frozen(i)
         frozen += in_frozen
         assert all(p.requires_grad != in_frozen for p in m.parameters())
-        if case.kind == 'conv':  # upstream ViT leaves frozen layers in
-            # train mode (no train() override; LN has no statistics)
+        if case.kind == 'conv' or hasattr(model, 'stages'):
+            # (upstream ViT leaves frozen layers in train mode: no train()
+            # override; LN has no statistics)
             assert m.site_norm.training != in_frozen
     assert frozen > 0
     if case.kind == 'conv':

@@ -361,7 +361,10 @@ def test_with_cp_second_backward_adds_up():
     assert int(model.layer2[1].site_norm.num_batches_tracked) == 1
 
 
-WITH_CP = [c for c in CASES if c.name in ('det-r18', 'cls-cifar-r20')]
+WITH_CP = [
+    c for c in CASES
+    if c.name in ('det-r18', 'cls-cifar-r20', 'det-swin', 'cls-swin')
+]
 
 
 def _with_cp(case):
@@ -402,6 +405,10 @@ def test_with_cp_classes_are_distinct():
     assert det and cls and not det & cls
     assert all('mmdet' in n and n.endswith('BasicBlock') for n in det)
     assert all('mmpretrain' in n and n.endswith('BasicBlock') for n in cls)
+    det, cls = names['det-swin'], names['cls-swin']
+    assert det and cls and not det & cls
+    assert all('mmdet' in n and n.endswith('SwinBlock') for n in det)
+    assert all('mmpretrain' in n and n.endswith('SwinBlock') for n in cls)
 
 
 def test_with_cp_model_loads_in_a_fresh_process(tmp_path):
