@@ -16,6 +16,7 @@ ADAPTERS = {
     'seg_resnet': ('mmseg', 'seg', ('RepLResNetV1c', )),
     'cls_resnet': ('mmpretrain', 'cls', ('RepLResNet', 'RepLResNet_CIFAR')),
     'cls_vit': ('mmpretrain', 'cls', ('RepLVisionTransformer', )),
+    'cls_convnext': ('mmpretrain', 'cls', ('RepLConvNeXt', )),
 }
 PIP_NAMES = {
     'mmdet': 'mmdet',
