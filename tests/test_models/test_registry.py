@@ -20,6 +20,10 @@ from mmengine.config import Config
          arch='deit-tiny',
          img_size=32,
          patch_size=8)),
+    ('mmpretrain', dict(type='RepLConvNeXt', arch='atto')),
+    # mmdet and mmseg configs name mmpretrain's ConvNeXt by its scope
+    ('mmdet', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
+    ('mmseg', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
 ])
 def test_build_from_registry(registry, cfg):
     import importlib

@@ -5,8 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from repl_mm.core import ConvSite, InterpolatedBlock, TransformerSite
-from .cases import CASES, IDS, TINY_VIT, Case
+from repl_mm.core import (ConvNeXtSite, ConvSite, InterpolatedBlock,
+                          TransformerSite)
+from .cases import CASES, IDS, TINY_CONVNEXT, TINY_VIT, Case
+
+SITE_TYPE = {
+    'conv': ConvSite,
+    'transformer': TransformerSite,
+    'convnext': ConvNeXtSite
+}
 
 MODES = ['synthesize', 'interpolate', 'drop', 'none']
 
@@ -51,7 +58,11 @@ def test_shapes_grads_no_nan(case, mode):
 
 def neighbour_weights(site):
     """(neighbour name, weight) pairs a site synthesizes from."""
-    if isinstance(site._sources, dict):  # TransformerSite
+    if isinstance(site, ConvNeXtSite):
+        return [(n, c.weight) for n, c in site.source_dw()] + [
+            (n, m.weight) for n, pair in site.source_pw() for m in pair
+        ]
+    if isinstance(site, TransformerSite):
         return [(n, m.weight) for lst in site._sources.values()
                 for n, pair in lst for m in pair]
     return [(n, conv.weight) for lst in site._sources for n, conv in lst]
@@ -63,7 +74,7 @@ def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
     x = torch.rand(case.shape)
     sites = [
         m for m in model.modules()
-        if isinstance(m, (ConvSite, TransformerSite))
+        if isinstance(m, tuple(SITE_TYPE.values()))
     ]
     # the site drawing from most neighbours (ResNet-18's only site draws
     # from prev alone: its next neighbour downsamples)
@@ -99,6 +110,8 @@ def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
 def site_blocks_of(model, case):
     if case.kind == 'conv':
         return [b for name in model.res_layers for b in getattr(model, name)]
+    if case.kind == 'convnext':
+        return [b for stage in model.stages for b in stage]
     return list(model.layers)
 
 
@@ -111,8 +124,9 @@ def independent_plan(blocks, kind, k=4):
     the upstream blocks alone: site index -> (prev, next) kept neighbour
     (1-based, None at an end)."""
     n = len(blocks)
-    # replaceable: identity shortcut (ResNet: no downsample; every ViT layer)
-    ok = [kind == 'transformer' or b.downsample is None for b in blocks]
+    # replaceable: identity shortcut (ResNet: no downsample; every ViT
+    # layer and ConvNeXt block)
+    ok = [kind != 'conv' or b.downsample is None for b in blocks]
     sites = []
     for i in range(k, n, k):
         while i < n and (not ok[i - 1] or i in sites):
@@ -168,6 +182,32 @@ def expected_counts(case, mode, ref):
                 added += 2 * cout  # the fresh BN (gamma, beta)
             else:
                 added += len(used)  # alpha and/or beta
+        elif case.kind == 'convnext':
+            dim = blk.depthwise_conv.out_channels
+            parts = [
+                blk.depthwise_conv, blk.pointwise_conv1, blk.pointwise_conv2
+            ]
+            # a neighbour of the same width serves (synthesize); of the
+            # same dw, pw1 and pw2 shapes (interpolate)
+            serve = [
+                b for b in nbrs if (all(
+                    p.weight.shape == q.weight.shape for p, q in zip(
+                        parts, (b.depthwise_conv, b.pointwise_conv1,
+                                b.pointwise_conv2))) if mode ==
+                                    'interpolate' else b.depthwise_conv.
+                                    out_channels == dim)
+            ]
+            if mode == 'synthesize':
+                # phi (length C) and alpha or beta per serving neighbour,
+                # else an own D (C) and M (C x C); the fresh LN of width C
+                removed += count(blk)
+                added += (dim + 1) * len(serve) if serve else \
+                    dim + dim * dim
+                added += 2 * dim
+            else:  # interpolate: dw, pw1, pw2 weights (biases stay)
+                if serve:
+                    removed += sum(p.weight.numel() for p in parts)
+                added += len(serve)
         else:
             d = blk.embed_dims
             if mode == 'synthesize':
@@ -210,7 +250,7 @@ def test_drop_equals_physical_removal(case):
     for i in model.replacement_plan.indices:
         for parent in [
                 getattr(removed, n) for n in getattr(removed, 'res_layers', [])
-        ] or [removed.layers]:
+        ] or list(getattr(removed, 'stages', [])) or [removed.layers]:
             for k in range(len(parent)):
                 if parent[k] is blocks[i - 1]:
                     parent[k] = nn.Identity()
@@ -256,7 +296,7 @@ def test_none_equals_upstream(case):
         case.build().replacement_plan.indices
 
 
-# The five upstream backbones, narrow (stem and base width 8).
+# The upstream backbones, narrow (ResNets: stem and base width 8).
 NARROW = dict(stem_channels=8, base_channels=8)
 INIT_CASES = [
     Case('det-r18', 'repl_mm.models.det_resnet:RepLResNet',
@@ -275,6 +315,12 @@ INIT_CASES = [
         'mmpretrain.models.backbones:VisionTransformer',
         TINY_VIT,
         kind='transformer'),
+    Case(
+        'cls-convnext',
+        'repl_mm.models.cls_convnext:RepLConvNeXt',
+        'mmpretrain.models.backbones:ConvNeXt',
+        TINY_CONVNEXT,
+        kind='convnext'),
 ]
 
 
@@ -334,7 +380,7 @@ def test_sites_are_the_right_modules(case):
     """Each mode puts its module at exactly the plan's sites (under the
     replaced block's name) and leaves upstream's block everywhere else."""
     ref_types = [type(b) for b in site_blocks_of(case.build_upstream(), case)]
-    site_type = ConvSite if case.kind == 'conv' else TransformerSite
+    site_type = SITE_TYPE[case.kind]
     for mode, expected in (('synthesize', site_type),
                            ('interpolate', InterpolatedBlock), ('drop',
                                                                 nn.Identity)):
@@ -351,7 +397,7 @@ def test_sites_are_the_right_modules(case):
         if mode == 'interpolate':
             assert all(
                 type(blocks[i - 1].block) is ref_types[i - 1] for i in indices)
-        repl = (ConvSite, TransformerSite, InterpolatedBlock)
+        repl = tuple(SITE_TYPE.values()) + (InterpolatedBlock, )
         assert sum(isinstance(m, repl)
                    for m in model.modules()) == (0 if mode == 'drop' else
                                                  len(indices))

@@ -80,6 +80,13 @@ DIGESTS = {
     'cls-vit/4': '8f3ec4788b3da50c',
     'cls-vit/5': 'a28fb2a77132127a',
     'cls-vit/6': '07dd65f59e49c397',
+    'cls-convnext/0': '04088a47bb0de0e1',
+    'cls-convnext/1': '7f43911ee35ec024',
+    'cls-convnext/2': '389b9405b59d4c7c',
+    'cls-convnext/3': 'e51d1ac1696a3abb',
+    'cls-convnext/4': 'cf319cd41c6cdb5a',
+    'cls-convnext/5': '2a842f50556c1ac3',
+    'cls-convnext/6': 'a5c07ed0f0a3c38f',
 }
 
 
