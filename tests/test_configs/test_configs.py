@@ -68,6 +68,8 @@ def test_config_builds(path):
         assert twin.mode != 'none' and twin.indices == plan.indices
     if 'r50' in path.name or 'resnet50' in path.name:
         assert plan.indices == (5, 9, 12)  # ResNet-50, k = 4 (spec §1)
+    if 'convnext' in path.name:  # ConvNeXt-T, 18 blocks, k = 4
+        assert plan.indices == (4, 8, 12, 16)
 
 
 @pytest.mark.parametrize(

@@ -9,22 +9,24 @@ import torch
 from mmengine.config import Config
 
 
-@pytest.mark.parametrize('registry,cfg', [
-    ('mmdet', dict(type='RepLResNet', depth=18)),
-    ('mmseg', dict(type='RepLResNetV1c', depth=18)),
-    ('mmpretrain', dict(type='RepLResNet', depth=18)),
-    ('mmpretrain', dict(type='RepLResNet_CIFAR', depth=20)),
-    ('mmpretrain',
-     dict(
-         type='RepLVisionTransformer',
-         arch='deit-tiny',
-         img_size=32,
-         patch_size=8)),
-    ('mmpretrain', dict(type='RepLConvNeXt', arch='atto')),
-    # mmdet and mmseg configs name mmpretrain's ConvNeXt by its scope
-    ('mmdet', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
-    ('mmseg', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
-])
+@pytest.mark.parametrize(
+    'registry,cfg',
+    [
+        ('mmdet', dict(type='RepLResNet', depth=18)),
+        ('mmseg', dict(type='RepLResNetV1c', depth=18)),
+        ('mmpretrain', dict(type='RepLResNet', depth=18)),
+        ('mmpretrain', dict(type='RepLResNet_CIFAR', depth=20)),
+        ('mmpretrain',
+         dict(
+             type='RepLVisionTransformer',
+             arch='deit-tiny',
+             img_size=32,
+             patch_size=8)),
+        ('mmpretrain', dict(type='RepLConvNeXt', arch='atto')),
+        # mmdet and mmseg configs name mmpretrain's ConvNeXt by its scope
+        ('mmdet', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
+        ('mmseg', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
+    ])
 def test_build_from_registry(registry, cfg):
     import importlib
 

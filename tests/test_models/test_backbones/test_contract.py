@@ -73,8 +73,7 @@ def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
     model = case.build(zero_init=False)
     x = torch.rand(case.shape)
     sites = [
-        m for m in model.modules()
-        if isinstance(m, tuple(SITE_TYPE.values()))
+        m for m in model.modules() if isinstance(m, tuple(SITE_TYPE.values()))
     ]
     # the site drawing from most neighbours (ResNet-18's only site draws
     # from prev alone: its next neighbour downsamples)
@@ -141,6 +140,19 @@ def independent_plan(blocks, kind, k=4):
     }
 
 
+CONVNEXT_PARTS = ('depthwise_conv', 'pointwise_conv1', 'pointwise_conv2')
+
+
+def convnext_serves(blk, nbr, mode):
+    """A ConvNeXt neighbour serves a site of the same width (synthesize),
+    or with the same dw, pw1 and pw2 weight shapes (interpolate)."""
+    if mode == 'interpolate':
+        return all(
+            getattr(blk, p).weight.shape == getattr(nbr, p).weight.shape
+            for p in CONVNEXT_PARTS)
+    return nbr.depthwise_conv.out_channels == blk.depthwise_conv.out_channels
+
+
 def expected_counts(case, mode, ref):
     """Site indices and parameter counts (removed, added) from the upstream
     model's block shapes by the formulas of spec §2-§4 (``neighbors=
@@ -184,19 +196,7 @@ def expected_counts(case, mode, ref):
                 added += len(used)  # alpha and/or beta
         elif case.kind == 'convnext':
             dim = blk.depthwise_conv.out_channels
-            parts = [
-                blk.depthwise_conv, blk.pointwise_conv1, blk.pointwise_conv2
-            ]
-            # a neighbour of the same width serves (synthesize); of the
-            # same dw, pw1 and pw2 shapes (interpolate)
-            serve = [
-                b for b in nbrs if (all(
-                    p.weight.shape == q.weight.shape for p, q in zip(
-                        parts, (b.depthwise_conv, b.pointwise_conv1,
-                                b.pointwise_conv2))) if mode ==
-                                    'interpolate' else b.depthwise_conv.
-                                    out_channels == dim)
-            ]
+            serve = [b for b in nbrs if convnext_serves(blk, b, mode)]
             if mode == 'synthesize':
                 # phi (length C) and alpha or beta per serving neighbour,
                 # else an own D (C) and M (C x C); the fresh LN of width C
@@ -206,7 +206,8 @@ def expected_counts(case, mode, ref):
                 added += 2 * dim
             else:  # interpolate: dw, pw1, pw2 weights (biases stay)
                 if serve:
-                    removed += sum(p.weight.numel() for p in parts)
+                    removed += sum(
+                        getattr(blk, p).weight.numel() for p in CONVNEXT_PARTS)
                 added += len(serve)
         else:
             d = blk.embed_dims

@@ -343,8 +343,7 @@ def test_repl_with_cp_keeps_less_than_cp_alone(case):
         params = {p.data_ptr() for p in model.parameters()}
         # the synthesized weights (an owned weight is a parameter)
         kept = sum(t.numel() * t.element_size() for m in model.modules()
-                   if isinstance(m, (ConvSite, TransformerSite,
-                                     ConvNeXtSite))
+                   if isinstance(m, (ConvSite, TransformerSite, ConvNeXtSite))
                    for t in m.weights(x) if t.data_ptr() not in params)
         return saved_bytes(model, lambda m: weighted_loss(outputs(m, x)),
                            lambda loss: loss.backward()), kept

@@ -1,0 +1,31 @@
+# Mask R-CNN ConvNeXt-T-FPN on COCO, upstream's 3x multi-scale-crop AMP
+# schedule (AdamW lr 1e-4, weight decay 0.05, 8 GPUs x 2, 36 epochs), with
+# a RepL ConvNeXt-T backbone (k = 4: blocks 4, 8, 12, 16 of 18 replaced;
+# spec §9.3). The kept blocks load from upstream's ImageNet-1k ConvNeXt-T
+# checkpoint (init_cfg of the base config); the replaced blocks' keys are
+# reported as unused (spec §6).
+#   upstream: model, data, AMP, schedule, AdamW, the no-decay rule for
+#     1-D parameters and biases.
+#   ours: mmengine's default param groups (RepLOptimWrapperConstructor)
+#     instead of upstream's layer-wise lr decay (0.95 over 6 layers):
+#     mmdet's LearningRateDecayOptimizerConstructor ignores custom_keys and
+#     would decay the 0-d mixing scalars alpha, beta (spec §8); the no-decay
+#     rule for 1-D parameters and biases is kept (norm, bias and flat decay
+#     multipliers 0) and ../_base_/repl_paramwise.py's keys added.
+_base_ = [
+    'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_coco.py',
+    '../_base_/repl_paramwise.py',
+]
+custom_imports = dict(
+    imports=['mmpretrain.models', 'repl_mm'], allow_failed_imports=False)
+model = dict(
+    backbone=dict(
+        type='mmpretrain.RepLConvNeXt', replacement=dict(interval=4)))
+optim_wrapper = dict(
+    constructor='RepLOptimWrapperConstructor',
+    paramwise_cfg=dict(
+        _delete_=True,
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        flat_decay_mult=0.0,
+        custom_keys={{_base_.repl_no_decay_keys}}))
