@@ -382,3 +382,27 @@ def test_describe_refuses_a_dense_block_conv():
     block.pointwise_conv1 = nn.Conv2d(8, 32, 3, padding=1)
     with pytest.raises(ValueError, match='pointwise_conv1'):
         describe_convnext_block(block)
+
+
+def test_fit_site_to_the_replaced_block():
+    """e2e_to_repl's fit (variable projection, LN affine in closed form)
+    brings the site nearer the E2E block it replaces."""
+    from repl_mm.converters.site_fit import fit_site
+    torch.manual_seed(0)
+    e2e = RepLConvNeXt(
+        **TINY_CONVNEXT,
+        layer_scale_init_value=1.0,
+        replacement=dict(mode='none'))
+    e2e.init_weights()
+    e2e.eval()
+    record = {}
+    hook = e2e.stages[2][3].register_forward_hook(
+        lambda m, i, o: record.update(x=i[0].detach(), y=o.detach()))
+    e2e(torch.rand(4, 3, 32, 32))
+    hook.remove()
+    repl = RepLConvNeXt(**TINY_CONVNEXT, layer_scale_init_value=1.0)
+    repl.load_state_dict(e2e.state_dict(), strict=False)
+    site = repl.stages[2][3]
+    before, after = fit_site(site, record['x'], record['y'])
+    assert after < 0.75 * before
+    assert float(site.alpha) != 0.5 and site.site_norm.weight.abs().sum() > 0
