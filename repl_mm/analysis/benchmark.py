@@ -76,7 +76,9 @@ SD_RATE = 0.1  # drop_path_rate of the stochastic-depth methods
 # Twins whose upstream class has ``drop_path_rate`` (the others: no 'sd').
 DROP_PATH_TWINS = {('mmpretrain', t)
                    for t in ('RepLResNet', 'RepLResNet_CIFAR',
-                             'RepLVisionTransformer')}
+                             'RepLVisionTransformer', 'RepLConvNeXt')
+                   } | {(scope, 'mmpretrain.RepLConvNeXt')
+                        for scope in ('mmdet', 'mmseg')}
 # the project's targets of S_mem (activation memory) per backbone family:
 # the share of drop's saving RepL should keep (docs/benchmark.md)
 S_MEM_TARGETS = {'cifar': 0.70, 'bottleneck': 0.65, 'vit': 0.90}
