@@ -86,10 +86,13 @@ class ConvNeXtSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
 
     Evaluation order (the function is the spec's): :math:`\\hat D` is
     folded into :math:`\\hat M` in weight space, :math:`W = \\hat M
-    \\mathrm{diag}(\\hat D)` (C^2 multiply-adds once per step), so a pixel
+    \\mathrm{diag}(\\hat D)` (C^2 multiplications per forward), so a pixel
     costs C^2 multiply-adds (the block's: 49 C + 8 C^2), applied to the
     channels-last view of ``h`` as mmpretrain's block applies its linear
     pointwise layers; input and output are channel-first (B, C, H, W).
+    :meth:`weights` gives Dhat and Mhat (kept for backward: a fold
+    outside :meth:`forward_with` would keep both and W), and
+    :meth:`forward_with` folds them.
 
     Precision and placement as the other sites: synthesis (S, the mixes,
     the fold) runs in at least fp32 with autocast off for the input's and
@@ -104,9 +107,9 @@ class ConvNeXtSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
     - ``residual`` does not apply: the skip path is part of the formula
       (as for ViT sites).
     - ``recompute=True`` runs the update as a non-reentrant checkpoint:
-      backward keeps ``h`` and W and re-runs linear, GELU, LN and drop
-      path (no hand-written backward for this kind; any norm, activation
-      and autocast).
+      backward keeps ``h``, Dhat and Mhat and re-runs the fold, linear,
+      GELU, LN and drop path (no hand-written backward for this kind; any
+      norm, activation and autocast).
 
     Args:
         dim (int): Channel width C.
@@ -123,8 +126,9 @@ class ConvNeXtSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             depth.
         with_cp (bool): Checkpoint the site (non-reentrant). Defaults to
             False.
-        recompute (bool): Keep only ``h`` and W for backward and re-run the
-            update there (a checkpoint). Same outputs and gradients.
+        recompute (bool): Keep only ``h``, Dhat and Mhat for backward and
+            re-run the update there (a checkpoint). Same outputs and
+            gradients.
             Defaults to True.
         device (torch.device, optional): Where phi, alpha, beta, owned
             operators and ``scale`` are created. Defaults to the first
@@ -289,25 +293,39 @@ class ConvNeXtSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
             pw = at_least_fp32(self.pw_weight)
         return {'dw': dw, 'pw': pw}
 
+    @staticmethod
+    def fold(dw: Tensor, pw: Tensor) -> Tensor:
+        """W = Mhat diag(Dhat): (C, C) from Dhat (C,) and Mhat (C, C), in
+        at least fp32 (weight-space math)."""
+        return at_least_fp32(pw) * at_least_fp32(dw)[None, :]  # (1, C)
+
     def operator(self) -> Tensor:
         """W = Mhat diag(Dhat), (C, C), in at least fp32 with autocast off:
         the one matrix the site applies per pixel."""
         ops = self.synthesize()
         with autocast_disabled(ops['pw'].device.type):
-            return ops['pw'] * ops['dw'][None, :]  # (C,) -> (1, C)
+            return self.fold(ops['dw'], ops['pw'])
 
     def weights(self, h: Tensor) -> List[Tensor]:
-        """[W] for input ``h`` (:meth:`operator`, autocast off for ``h``'s
-        device type too), in ``h``'s dtype unless autocast is on. Kept for
-        backward; recomputation re-runs only :meth:`forward_with`."""
+        """[Dhat, Mhat] for input ``h``, in at least fp32 (autocast off for
+        ``h``'s device type too). Kept for backward (C + C^2 values, the
+        outputs of the mixing Functions, which keep only their inputs);
+        recomputation re-runs only :meth:`forward_with`, which folds them
+        into W."""
         with autocast_disabled(h.device.type):
-            w = self.operator()
-        if not is_autocast_enabled(h.device.type):
-            w = w.to(h.dtype)
-        return [w]
+            ops = self.synthesize()
+        return [ops['dw'], ops['pw']]
 
-    def _update(self, h: Tensor, w: Tensor) -> Tensor:
-        """drop_path(scale * LN(GELU(W h))) on the channels."""
+    def _update(self, h: Tensor, dw: Tensor, pw: Tensor) -> Tensor:
+        """drop_path(scale * LN(GELU(W h))) on the channels, W = Mhat
+        diag(Dhat) folded here (at least fp32, autocast off; then in
+        ``h``'s dtype unless autocast is on)."""
+        types = (h.device.type, pw.device.type)
+        if any(is_autocast_enabled(t) for t in types):
+            with autocast_disabled(*types):
+                w = self.fold(dw, pw)
+        else:  # no context manager to trace (dynamo 2.1 cannot)
+            w = self.fold(dw, pw).to(h.dtype)
         x = h.permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H, W, C)
         y = self.site_norm(self.act(F.linear(x, w)))
         y = self.drop_path(self.scale * y)
@@ -318,16 +336,17 @@ class ConvNeXtSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         and the neighbours' weights."""
         return [*self.parameters()] + self._source_weights()
 
-    def forward_with(self, h: Tensor, w: Tensor) -> Tensor:
-        """h + update with the given operator (``weights(h)``).
+    def forward_with(self, h: Tensor, dw: Tensor, pw: Tensor) -> Tensor:
+        """h + update with the given operators (``weights(h)``).
 
         With ``recompute`` (and no ``with_cp``, which checkpoints all of
-        this), only ``h`` and W are kept for backward, which re-runs the
-        update (a non-reentrant checkpoint; drop path's RNG replayed)."""
+        this), only ``h``, Dhat and Mhat are kept for backward, which
+        re-runs the fold and the update (a non-reentrant checkpoint; drop
+        path's RNG replayed)."""
         if self.recompute and not self.with_cp and needs_graph(
                 h, *self.trainable_tensors()):
-            return h + recompute_in_backward(self._update, h, w)
-        return h + self._update(h, w)
+            return h + recompute_in_backward(self._update, h, dw, pw)
+        return h + self._update(h, dw, pw)
 
     def extra_repr(self) -> str:
         src = ', '.join(f"{op}<-{'+'.join(s)}"
