@@ -87,6 +87,10 @@ def test_paramwise_no_decay_on_mixing_weights(path):
     cfg.optim_wrapper.optimizer = dict(
         type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4)
     cfg.optim_wrapper.pop('clip_grad', None)
+    if cfg.optim_wrapper.get('type') == 'AmpOptimWrapper':
+        # needs a GPU; the param groups do not depend on the wrapper type
+        cfg.optim_wrapper.type = 'OptimWrapper'
+        cfg.optim_wrapper.pop('loss_scale', None)
     wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     decay = {}
     for group in wrapper.optimizer.param_groups:
