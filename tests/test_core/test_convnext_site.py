@@ -410,3 +410,48 @@ def test_fit_site_to_the_replaced_block():
     before, after = fit_site(site, record['x'], record['y'])
     assert after < 0.75 * before
     assert float(site.alpha) != 0.5 and site.site_norm.weight.abs().sum() > 0
+
+
+def test_vit_weights_num_scalars_and_own_operators_on_the_backbone():
+    """``vit_weights`` reads 'attn' as D and 'mlp' as M; a site with no
+    neighbour of its width owns both; the checkpoint comparison treats
+    ConvNeXt sites like transformer ones (vit_weights, num_scalars)."""
+    model = RepLConvNeXt(
+        **TINY_CONVNEXT, replacement=dict(vit_weights='mlp', num_scalars=1))
+    site = model.stages[2][3]
+    assert site.sources == {'dw': ('own', ), 'pw': ('prev', 'next')}
+    assert hasattr(site, 'dw_weight') and not hasattr(site, 'phi_prev')
+    assert site.tied and not hasattr(site, 'beta')
+    with pytest.raises(ValueError, match='vit_weights: checkpoint'):
+        RepLConvNeXt(**TINY_CONVNEXT).load_state_dict(
+            model.state_dict(), strict=False)
+    with pytest.raises(ValueError, match='num_scalars: checkpoint 1'):
+        RepLConvNeXt(
+            **TINY_CONVNEXT,
+            replacement=dict(vit_weights='mlp')).load_state_dict(
+                model.state_dict(), strict=False)
+    # depths 1, 1, 2, 1: block 2 is stage 2's only block, its neighbours
+    # lie across down-sampling layers
+    lone = RepLConvNeXt(
+        arch=dict(depths=[1, 1, 2, 1], channels=[8, 16, 24, 32]),
+        replacement=dict(indices=[2], zero_init=False))
+    site = lone.stages[1][0]
+    assert lone.replacement_plan.sites[0].sources == {
+        'dw': ('own', ),
+        'pw': ('own', )
+    }
+    assert site.pw_weight.shape == (16, 16)
+    weighted_loss(outputs(lone, torch.rand(2, 3, 32, 32))).backward()
+    assert site.pw_weight.grad.abs().sum() > 0
+    assert site.dw_weight.grad.abs().sum() > 0
+
+
+def test_site_layer_depth_is_the_replaced_blocks():
+    model = RepLConvNeXt(arch='tiny')
+    site_depth = model.get_layer_depth('backbone.stages.2.5.alpha',
+                                       'backbone.')
+    block_depth = RepLConvNeXt(
+        arch='tiny', replacement=dict(mode='none')).get_layer_depth(
+            'backbone.stages.2.5.depthwise_conv.weight', 'backbone.')
+    assert site_depth == block_depth
+    assert isinstance(model.stages[2][5], ConvNeXtSite)
