@@ -76,9 +76,10 @@ DROP_PATH_TWINS = {
     ('mmpretrain', t)
     for t in ('RepLResNet', 'RepLResNet_CIFAR', 'RepLVisionTransformer',
               'RepLResNeXt', 'RepLResNetV1c', 'RepLResNetV1d',
-              'RepLSwinTransformer')
-} | {(scope, 'RepLSwinTransformer')
-     for scope in ('mmdet', 'mmseg')}
+              'RepLSwinTransformer', 'RepLConvNeXt')
+} | {(scope, t)
+     for scope in ('mmdet', 'mmseg')
+     for t in ('RepLSwinTransformer', 'mmpretrain.RepLConvNeXt')}
 # the project's targets of S_mem (activation memory) per backbone family:
 # the share of drop's saving RepL should keep (docs/benchmark.md)
 S_MEM_TARGETS = {'cifar': 0.70, 'bottleneck': 0.65, 'vit': 0.90}

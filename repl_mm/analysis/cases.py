@@ -41,6 +41,10 @@ TWINS = {
     ('mmdet', 'SwinTransformer'): 'RepLSwinTransformer',
     ('mmseg', 'SwinTransformer'): 'RepLSwinTransformer',
     ('mmpretrain', 'SwinTransformer'): 'RepLSwinTransformer',
+    # mmdet and mmseg configs name it with its scope, mmpretrain.ConvNeXt
+    ('mmpretrain', 'ConvNeXt'): 'RepLConvNeXt',
+    ('mmdet', 'ConvNeXt'): 'RepLConvNeXt',
+    ('mmseg', 'ConvNeXt'): 'RepLConvNeXt',
 }
 # default scope (repl_mm.apis.SCOPES) -> the task its synthetic
 # batch and default input size follow
@@ -52,7 +56,12 @@ DEFAULT_SIZE = {'cls': 224, 'det': 320, 'seg': 256}
 def _cls_model(backbone: dict,
                in_channels: int,
                num_classes: int,
-               vit: bool = False) -> dict:
+               vit: bool = False,
+               pooled: Optional[bool] = None) -> dict:
+    """An ImageClassifier: ViT head or linear head, and no neck where the
+    backbone pools itself (``pooled``, default ``vit``: ViT's cls token,
+    ConvNeXt's ``gap_before_final_norm``), else global average pooling."""
+    pooled = vit if pooled is None else pooled
     head = dict(
         type='VisionTransformerClsHead' if vit else 'LinearClsHead',
         num_classes=num_classes,
@@ -61,7 +70,7 @@ def _cls_model(backbone: dict,
     return dict(
         type='ImageClassifier',
         backbone=backbone,
-        neck=None if vit else dict(type='GlobalAveragePooling'),
+        neck=None if pooled else dict(type='GlobalAveragePooling'),
         head=head)
 
 
@@ -123,6 +132,16 @@ SUITE: Dict[str, dict] = {
         config='mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py',
         full=(224, 4, 4),
         quick=(224, 2, 2)),
+    # upstream's ImageNet ConvNeXt-T classifier (its neck-free head)
+    'convnext-t':
+    dict(
+        config=dict(
+            default_scope='mmpretrain',
+            model=_cls_model(
+                dict(type='RepLConvNeXt', arch='tiny'), 768, 1000,
+                pooled=True)),
+        full=(224, 4, 4),
+        quick=(112, 2, 2)),
     'retinanet-r50':
     dict(
         config='mmdet::retinanet/retinanet_r50_fpn_1x_coco.py',
@@ -239,11 +258,13 @@ def prepare_model_cfg(cfg: Config) -> dict:
         cfg.model, ConfigDict) else copy.deepcopy(cfg.model)
     _offline(model)
     backbone = model['backbone']
-    btype = backbone['type'].split('.')[-1]
+    # a scope prefix (mmdet's 'mmpretrain.ConvNeXt') stays on the twin
+    prefix, _, btype = backbone['type'].rpartition('.')
+    prefix = f'{prefix}.' if prefix else ''
     if btype in TWINS.values():
-        backbone['type'] = btype
+        backbone['type'] = prefix + btype
     elif (scope, btype) in TWINS:
-        backbone['type'] = TWINS[scope, btype]
+        backbone['type'] = prefix + TWINS[scope, btype]
     else:
         raise ValueError(
             f'backbone type {backbone["type"]!r} (scope {scope}) has no RepL '

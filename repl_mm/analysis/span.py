@@ -116,7 +116,9 @@ def collect_span_stats(
     Returns:
         tuple[dict, list]: Site index -> :func:`fit_span` result plus
         ``num_images``, ``shape`` (of h_i, per image) and ``span``
-        (``'prev+next'`` or ``'prev'``); and the blocks
+        (``'prev+next'``, ``'prev'`` or ``'next'``: the neighbours of h_i's
+        shape; ``'none'``, with error 1 and no angle, when neither has
+        it); and the blocks
         (:func:`residual_blocks`).
     """
     backbone = model.backbone
@@ -136,11 +138,20 @@ def collect_span_stats(
     shapes: Dict[int, tuple] = {}
     outs: Dict[int, Tensor] = {}
 
+    spans: Dict[int, Tuple[str, ...]] = {}
+
     def fit(i):
-        h, prev, nxt = outs[i], outs[i - 1], outs.get(i + 1)
+        # A neighbour of another shape (across a down-sampling layer: a
+        # ResNet stage's first block after it, a ConvNeXt block before or
+        # after it) does not serve the site, so it is not in the span.
+        h = outs[i]
+        basis = [(n, t)
+                 for n, t in (('prev', outs[i - 1]), ('next', outs.get(i + 1)))
+                 if t is not None and t.shape == h.shape]
         shapes[i] = tuple(h.shape[1:])
-        acc[i].update(
-            h, prev, nxt if nxt is not None and nxt.shape == h.shape else None)
+        spans[i] = tuple(n for n, _ in basis)
+        if basis:
+            acc[i].update(h, *(t for _, t in basis))
 
     def hook(k):
 
@@ -184,14 +195,24 @@ def collect_span_stats(
             level=logging.WARNING)
     stats = {}
     for i in sites:
-        r = acc[i].result()
-        a, *b = r['coef']
+        names = spans[i]
+        if names:
+            r = acc[i].result()
+            coef = dict(zip(names, r['coef']))
+        else:  # no neighbour of its shape: the span is empty, h ~ 0
+            r = dict(
+                coef=[],
+                error=1.0,
+                angle=math.nan,
+                error_mean=1.0,
+                angle_mean=math.nan)
+            coef = {}
         stats[i] = dict(
             r,
-            a=a,
-            b=b[0] if b else None,
-            span='prev+next' if b else 'prev',
-            num_images=acc[i].num_images,
+            a=coef.get('prev'),
+            b=coef.get('next'),
+            span='+'.join(names) or 'none',
+            num_images=seen,
             shape=list(shapes[i]))
     return stats, blocks
 

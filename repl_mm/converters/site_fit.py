@@ -25,6 +25,10 @@ statistics those of the recorded data:
   :math:`(y - x) / s` (:func:`affine_least_squares`); that closed form is
   substituted into the loss (variable projection), leaving one or two
   scalars (and any operator the site owns) for L-BFGS.
+- ``ConvNeXtSite``, :math:`x + s \\cdot LN(GELU(\\hat M (\\hat D \\odot
+  x)))`: the same variable projection on pixels (the LN affine in closed
+  form), leaving phi, alpha, beta (and any operator the site owns) for
+  L-BFGS.
 - ``InterpolatedBlock``: the block keeps the E2E block's own parameters
   (its norms; for ViT its MLP and attention biases); alpha and beta are
   fitted by L-BFGS on the output MSE, then its BN statistics are
@@ -38,7 +42,7 @@ does not lower its error on the record is put back as it was
 
 Imports torch and :mod:`repl_mm.core` only. It is longer than our other
 modules (about 600 lines) because it holds one concept, fitting a site to
-a record: the chain least squares, the L-BFGS refinement and the three
+a record: the chain least squares, the L-BFGS refinement and the four
 site kinds share the record's conventions (pixels or tokens as rows, BNs
 normalising with the record's statistics) and are read together.
 """
@@ -51,6 +55,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..core.cnn_site import ConvSite
+from ..core.convnext_site import ConvNeXtSite
 from ..core.interpolate import InterpolatedBlock
 from ..core.synthesis import block_diagonal, collapse_kernel
 from ..core.vit_site import TransformerSite
@@ -545,6 +550,58 @@ def fit_transformer_site(site: TransformerSite,
         norm.bias.copy_(beta)
 
 
+def fit_convnext_site(site: ConvNeXtSite,
+                      x: Tensor,
+                      y: Tensor,
+                      steps: int = 30,
+                      max_points: int = 32768):
+    """Fit a :class:`ConvNeXtSite` to map ``x`` to ``y``.
+
+    As :func:`fit_transformer_site`, on pixels: the LN affine is the
+    closed-form least-squares fit of :math:`(y - x) / s` on the normalised
+    features (variable projection), so L-BFGS runs over phi, alpha, beta
+    and any operator the site owns only.
+
+    Args:
+        site (ConvNeXtSite): The site; its neighbours stay fixed.
+        x (Tensor): (B, C, H, W) inputs of the replaced block.
+        y (Tensor): (B, C, H, W) outputs of the replaced block.
+        steps (int): L-BFGS iterations. Defaults to 30.
+        max_points (int): Pixels the L-BFGS run sees
+            (:func:`sample_points`). Defaults to 32768.
+    """
+    check_max_points(max_points)
+    _check_scale(site)
+    norm = site.site_norm
+    xs, ys = sample_points(x, y, max_points, pointwise=True)
+    if not norm.elementwise_affine:
+        with data_statistics(site):
+            lbfgs(_output_loss(site, xs, ys), list(site.parameters()), steps)
+        return
+    params = [
+        p for n, p in site.named_parameters() if not n.startswith('site_norm.')
+    ]
+
+    def project(x, y):
+        r = to_pixels((y - x) / float(site.scale))  # (P, C)
+        u = site.act(F.linear(to_pixels(x), site.operator()))
+        n = F.layer_norm(u, (site.dim, ), eps=norm.eps)
+        gamma, beta = affine_least_squares(n, r)
+        return n, r, gamma, beta
+
+    denom = to_pixels(ys - xs).pow(2).sum().clamp_min(1e-30)
+
+    def loss_fn():
+        n, r, gamma, beta = project(xs, ys)
+        return (n * gamma + beta - r).pow(2).sum() / denom
+
+    lbfgs(loss_fn, params, steps)
+    with torch.no_grad():
+        _, _, gamma, beta = project(x, y)  # the affine from all pixels
+        norm.weight.copy_(gamma)
+        norm.bias.copy_(beta)
+
+
 def fit_interpolated_block(site: InterpolatedBlock,
                            x: Tensor,
                            y: Tensor,
@@ -607,12 +664,14 @@ def fit_site(site: nn.Module,
         fit_conv_site(site, x, y, branch, steps, max_points)
     elif isinstance(site, TransformerSite):
         fit_transformer_site(site, x, y, steps, max_points)
+    elif isinstance(site, ConvNeXtSite):
+        fit_convnext_site(site, x, y, steps, max_points)
     elif isinstance(site, InterpolatedBlock):
         fit_interpolated_block(site, x, y, steps, max_points, block_args)
     else:
         raise TypeError(f'cannot fit a site of type {type(site).__name__}; '
-                        'expected ConvSite, TransformerSite or '
-                        'InterpolatedBlock')
+                        'expected ConvSite, TransformerSite, ConvNeXtSite '
+                        'or InterpolatedBlock')
     after = site_error(site, x, y, block_args)
     if not after < before:  # also catches NaN
         with torch.no_grad():
@@ -625,6 +684,7 @@ def fit_site(site: nn.Module,
 __all__ = [
     'affine_least_squares', 'calibrate_norms', 'chain_matrices',
     'check_max_points', 'data_statistics', 'fit_chain', 'fit_conv_site',
-    'fit_interpolated_block', 'fit_site', 'fit_transformer_site', 'lbfgs',
-    'relative_error', 'sample_points', 'site_error', 'to_pixels'
+    'fit_convnext_site', 'fit_interpolated_block', 'fit_site',
+    'fit_transformer_site', 'lbfgs', 'relative_error', 'sample_points',
+    'site_error', 'to_pixels'
 ]

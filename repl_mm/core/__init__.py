@@ -1,7 +1,8 @@
 """Torch-only core of RepL: no OpenMMLab imports below this package."""
 from .cnn_site import ConvSite
 from .contract import (BlockDescription, BlockKind, BlockSlot, ConvBlock,
-                       TransformerBlock)
+                       ConvNeXtBlock, TransformerBlock)
+from .convnext_site import ConvNeXtSite, StaticConvNeXtSite
 from .interpolate import InterpolatedBlock
 from .plan import (MODES, NEIGHBORS, ON_INVALID, STATIC_FROM, VIT_WEIGHTS,
                    ReplacementConfig, ReplacementPlan, SiteRecord,
@@ -22,11 +23,12 @@ NO_DECAY_KEYS = ('.phi', '.alpha', '.beta', '.site_norm.')
 __all__ = [
     'MODES', 'NEIGHBORS', 'NO_DECAY_KEYS', 'ON_INVALID', 'SITE_TYPES',
     'STATIC_FROM', 'SYNTHESIZING_SITES', 'VIT_WEIGHTS', 'BlockDescription',
-    'BlockKind', 'BlockSlot', 'ConvBlock', 'ConvSite', 'DroppedBlock',
-    'InterpolatedBlock', 'NonReentrantCheckpoint', 'ReplacementConfig',
-    'ReplacementPlan', 'SiteRecord', 'SiteRef', 'StaticConvSite',
-    'StaticTransformerSite', 'TransformerBlock', 'TransformerSite',
-    'interpolated_block_state', 'is_repl_backbone', 'iter_repl_backbones',
-    'iter_sites', 'load_static_site', 'nearest_kept', 'pick_sources',
-    'replace_blocks', 'select_sites', 'use_non_reentrant_checkpoint'
+    'BlockKind', 'BlockSlot', 'ConvBlock', 'ConvNeXtBlock', 'ConvNeXtSite',
+    'ConvSite', 'DroppedBlock', 'InterpolatedBlock', 'NonReentrantCheckpoint',
+    'ReplacementConfig', 'ReplacementPlan', 'SiteRecord', 'SiteRef',
+    'StaticConvNeXtSite', 'StaticConvSite', 'StaticTransformerSite',
+    'TransformerBlock', 'TransformerSite', 'interpolated_block_state',
+    'is_repl_backbone', 'iter_repl_backbones', 'iter_sites',
+    'load_static_site', 'nearest_kept', 'pick_sources', 'replace_blocks',
+    'select_sites', 'use_non_reentrant_checkpoint'
 ]

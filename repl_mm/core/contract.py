@@ -1,6 +1,7 @@
 """What an adapter hands the core: where each block lives
 (:class:`BlockSlot`) and what the surgery reads off a block
-(:class:`ConvBlock`, :class:`TransformerBlock`), typed.
+(:class:`ConvBlock`, :class:`TransformerBlock`, :class:`ConvNeXtBlock`),
+typed.
 
 An adapter (``repl_mm/models/``) enumerates its blocks as slots and
 describes each block by one of the two description types; the surgery
@@ -23,6 +24,7 @@ class BlockKind(enum.StrEnum):
 
     CONV = 'conv'  # BasicBlock / Bottleneck
     TRANSFORMER = 'transformer'  # ViT encoder layer
+    CONVNEXT = 'convnext'  # ConvNeXt block (depthwise conv + pointwise MLP)
 
 
 @dataclass
@@ -90,7 +92,30 @@ class TransformerBlock(BlockDescription):
     mlp: Tuple['nn.Module', 'nn.Module']
 
 
+@dataclass(kw_only=True)
+class ConvNeXtBlock(BlockDescription):
+    """A ConvNeXt block: h + drop_path(gamma * pw2(act(pw1(LN(dw(h)))))),
+    channel-first (B, C, H, W) in and out (spec §9.3).
+
+    Args:
+        dim (int): The channel width C.
+        dw (nn.Conv2d): The depthwise conv, weight (C, 1, k, k).
+        pw1 (nn.Module): C -> rC, an ``nn.Linear`` or a 1x1 ``nn.Conv2d``
+            (mmpretrain's ``linear_pw_conv``).
+        pw2 (nn.Module): rC -> C, of the same type as ``pw1``.
+        norm (nn.Module): The block's channel LayerNorm of width C; the
+            site gets a fresh one with its ``eps`` (never shared).
+        act (nn.Module): The activation between the pointwise layers.
+    """
+
+    kind: ClassVar[BlockKind] = BlockKind.CONVNEXT
+    dim: int
+    dw: 'nn.Module'
+    pw1: 'nn.Module'
+    pw2: 'nn.Module'
+
+
 __all__ = [
-    'BlockDescription', 'BlockKind', 'BlockSlot', 'ConvBlock',
+    'BlockDescription', 'BlockKind', 'BlockSlot', 'ConvBlock', 'ConvNeXtBlock',
     'TransformerBlock'
 ]

@@ -333,6 +333,17 @@ def interpolated_block_state(site: InterpolatedBlock) -> Dict[str, Tensor]:
 STATIC_SITES = (StaticConvSite, StaticTransformerSite)
 
 
+def register_static_site(cls: type) -> type:
+    """Add ``cls`` (a static stand-in with ``load_site(site)``, defined in
+    another module, e.g. :class:`~repl_mm.core.convnext_site.
+    StaticConvNeXtSite`) to :data:`STATIC_SITES`, which
+    :func:`load_static_site` dispatches on; returns ``cls``."""
+    global STATIC_SITES
+    if cls not in STATIC_SITES:
+        STATIC_SITES = STATIC_SITES + (cls, )
+    return cls
+
+
 @torch.no_grad()
 def load_static_site(static: nn.Module, site: nn.Module):
     """Fill the static stand-in ``static`` from the trained ``site``.

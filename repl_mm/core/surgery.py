@@ -18,7 +18,8 @@ from torch import nn
 
 from .cnn_site import ConvSite
 from .contract import (BlockDescription, BlockKind, BlockSlot, ConvBlock,
-                       TransformerBlock)
+                       ConvNeXtBlock, TransformerBlock)
+from .convnext_site import ConvNeXtSite, StaticConvNeXtSite, channel_layer_norm
 from .device import weight_factory
 from .interpolate import InterpolatedBlock
 from .plan import (ReplacementConfig, ReplacementPlan, SiteRecord,
@@ -159,9 +160,13 @@ def _named(sources) -> Tuple[str, ...]:
 def block_factory(desc: BlockDescription) -> dict:
     """``dict(device=..., dtype=...)`` of the block ``desc`` describes: of
     its first conv weight (:class:`ConvBlock`) or its qkv weight
-    (:class:`TransformerBlock`). Every tensor its site creates takes
-    them."""
-    lin = desc.convs[0] if desc.kind == BlockKind.CONV else desc.attn[0]
+    (:class:`TransformerBlock`) or its depthwise conv weight
+    (:class:`ConvNeXtBlock`). Every tensor its site creates takes them."""
+    lin = {
+        BlockKind.CONV: lambda: desc.convs[0],
+        BlockKind.TRANSFORMER: lambda: desc.attn[0],
+        BlockKind.CONVNEXT: lambda: desc.dw
+    }[desc.kind]()
     return weight_factory(lin.weight)
 
 
@@ -225,9 +230,50 @@ def _attn_targets(desc: TransformerBlock, nbrs, cfg):
              for i, m in enumerate(desc.attn)], ['qkv', 'proj'])
 
 
+def _convnext_serves(desc: ConvNeXtBlock, nbr: Optional[ConvNeXtBlock],
+                     mode: str) -> bool:
+    """Whether neighbour ``nbr`` serves ``desc``'s site: the same width C
+    (``synthesize``: the site's operators are C-sized; a neighbour across
+    a down-sampling layer has another width and does not serve, spec
+    §9.2/§9.3), and for ``interpolate`` equal dw, pw1 and pw2 weight
+    shapes."""
+    if nbr is None or nbr.dim != desc.dim:
+        return False
+    if mode != 'interpolate':
+        return True
+    return all(a.weight.shape == b.weight.shape
+               for a, b in zip((desc.dw, desc.pw1, desc.pw2), (nbr.dw, nbr.pw1,
+                                                               nbr.pw2)))
+
+
+def _convnext_sources(mode: str, desc: ConvNeXtBlock, nbrs: dict,
+                      cfg: ReplacementConfig, ops: Sequence[str]) -> dict:
+    """Per operator of ``ops`` (``'dw'``, ``'pw'``): [(name, neighbour's
+    depthwise conv or (pw1, pw2))] that serve it."""
+    names = pick_sources(
+        _convnext_serves(desc, nbrs['prev'], mode),
+        _convnext_serves(desc, nbrs['next'], mode), cfg.neighbors)
+    parts = {
+        'dw': lambda d: d.dw,
+        'pw': lambda d: (d.pw1, d.pw2),
+    }
+    return {op: [(n, parts[op](nbrs[n])) for n in names] for op in ops}
+
+
+def _convnext_targets(desc: ConvNeXtBlock, nbrs, cfg):
+    """dw, pw1 and pw2 with the neighbours' of equal shapes."""
+    names = pick_sources(
+        _convnext_serves(desc, nbrs['prev'], 'interpolate'),
+        _convnext_serves(desc, nbrs['next'], 'interpolate'), cfg.neighbors)
+    return ([(getattr(desc, part), [(n, getattr(nbrs[n], part))
+                                    for n in names])
+             for part in ('dw', 'pw1', 'pw2')], ['dw', 'pw1', 'pw2'])
+
+
 _INTERPOLATION_TARGETS = {
     BlockKind.CONV: _conv_targets,
-    BlockKind.TRANSFORMER: _attn_targets
+    BlockKind.TRANSFORMER: _attn_targets,
+    BlockKind.CONVNEXT: _convnext_targets
 }
 
 
@@ -266,9 +312,29 @@ def _static_transformer_site(desc: TransformerBlock, nbrs, cfg):
     return site, {op: _named(srcs.get(op, ())) for op in ('attn', 'mlp')}
 
 
+# vit_weights of a ConvNeXt site: 'attn' reads as D, 'mlp' as M (§9.3)
+_CONVNEXT_OPS = {
+    'attn+mlp': ('dw', 'pw'),
+    'attn': ('dw', ),
+    'mlp': ('pw', ),
+    'none': ()
+}
+
+
+def _static_convnext_site(desc: ConvNeXtBlock, nbrs, cfg):
+    srcs = _convnext_sources('synthesize', desc, nbrs, cfg,
+                             _CONVNEXT_OPS[cfg.vit_weights])
+    factory = block_factory(desc)
+    site = StaticConvNeXtSite(
+        desc.dim, channel_layer_norm(desc.norm, desc.dim, **factory),
+        copy.deepcopy(desc.act), **factory)
+    return site, {op: _named(srcs.get(op, ())) for op in ('dw', 'pw')}
+
+
 _STATIC_SITES = {
     BlockKind.CONV: _static_conv_site,
-    BlockKind.TRANSFORMER: _static_transformer_site
+    BlockKind.TRANSFORMER: _static_transformer_site,
+    BlockKind.CONVNEXT: _static_convnext_site
 }
 
 
@@ -318,6 +384,26 @@ def _transformer_site(old, desc: TransformerBlock, nbrs, cfg, with_cp):
     return site, site.sources
 
 
+def _convnext_site(old, desc: ConvNeXtBlock, nbrs, cfg, with_cp):
+    """``mode='synthesize'`` of a ConvNeXt block: a
+    :class:`ConvNeXtSite`."""
+    factory = block_factory(desc)
+    site = ConvNeXtSite(
+        desc.dim,
+        _convnext_sources('synthesize', desc, nbrs, cfg,
+                          _CONVNEXT_OPS[cfg.vit_weights]),
+        channel_layer_norm(desc.norm, desc.dim, **factory),
+        copy.deepcopy(desc.act),
+        num_scalars=cfg.num_scalars,
+        zero_init=cfg.zero_init,
+        scale=cfg.scale,
+        drop_path=_site_drop_path(desc),
+        with_cp=with_cp,
+        recompute=cfg.recompute,
+        **factory)
+    return site, site.sources
+
+
 #: mode -> block kind -> builder (see above). What differs by kind below
 #: the mode is in ``_INTERPOLATION_TARGETS`` and ``_STATIC_SITES``.
 BUILDERS: Dict[str, Dict[BlockKind, Callable]] = {
@@ -327,13 +413,15 @@ BUILDERS: Dict[str, Dict[BlockKind, Callable]] = {
     'interpolate': dict.fromkeys(BlockKind, _interpolated),
     'synthesize': {
         BlockKind.CONV: _conv_site,
-        BlockKind.TRANSFORMER: _transformer_site
+        BlockKind.TRANSFORMER: _transformer_site,
+        BlockKind.CONVNEXT: _convnext_site
     },
 }
 
 _DESCRIPTIONS = {
     BlockKind.CONV: ConvBlock,
-    BlockKind.TRANSFORMER: TransformerBlock
+    BlockKind.TRANSFORMER: TransformerBlock,
+    BlockKind.CONVNEXT: ConvNeXtBlock
 }
 
 
@@ -353,11 +441,12 @@ def replace_blocks(slots: Sequence[BlockSlot],
     Args:
         slots (Sequence[BlockSlot]): Every residual block, forward order.
         options (dict | ReplacementConfig | None): ``replacement=dict(...)``.
-        kind (str | BlockKind): ``'conv'`` (BasicBlock/Bottleneck) or
-            ``'transformer'``.
+        kind (str | BlockKind): ``'conv'`` (BasicBlock/Bottleneck),
+            ``'transformer'`` or ``'convnext'``.
         describe (Callable): Block -> its description: a
             :class:`ConvBlock` for ``'conv'``, a :class:`TransformerBlock`
-            for ``'transformer'``.
+            for ``'transformer'``, a :class:`ConvNeXtBlock` for
+            ``'convnext'``.
         with_cp (bool): Checkpoint every block non-reentrantly (spec §8):
             sites and, when they checkpoint, kept blocks.
 
@@ -367,7 +456,8 @@ def replace_blocks(slots: Sequence[BlockSlot],
     try:
         kind = BlockKind(kind)
     except ValueError:
-        raise ValueError("kind must be 'conv' or 'transformer', got "
+        raise ValueError(f'kind must be one of '
+                         f'{[k.value for k in BlockKind]}, got '
                          f'{kind!r}') from None
     cfg = ReplacementConfig.from_dict(options)
     n = len(slots)

@@ -18,17 +18,18 @@ from typing import Iterator, NamedTuple
 from torch import nn
 
 from .cnn_site import ConvSite
+from .convnext_site import ConvNeXtSite, StaticConvNeXtSite
 from .interpolate import InterpolatedBlock
 from .plan import ReplacementPlan
 from .static import StaticConvSite, StaticTransformerSite
 from .vit_site import TransformerSite
 
 #: Sites that synthesize their weights every forward (``synthesize()``).
-SYNTHESIZING_SITES = (ConvSite, TransformerSite)
+SYNTHESIZING_SITES = (ConvSite, TransformerSite, ConvNeXtSite)
 
 #: Every module type RepL builds in a block's place.
 SITE_TYPES = SYNTHESIZING_SITES + (InterpolatedBlock, StaticConvSite,
-                                   StaticTransformerSite)
+                                   StaticTransformerSite, StaticConvNeXtSite)
 
 
 class SiteRef(NamedTuple):

@@ -27,6 +27,7 @@ ADAPTERS = {
     'det_swin': ('mmdet', 'det', ('RepLSwinTransformer', )),
     'seg_swin': ('mmseg', 'seg', ('RepLSwinTransformer', )),
     'cls_swin': ('mmpretrain', 'cls', ('RepLSwinTransformer', )),
+    'cls_convnext': ('mmpretrain', 'cls', ('RepLConvNeXt', )),
 }
 PIP_NAMES = {
     'mmdet': 'mmdet',

@@ -10,9 +10,9 @@ import torch
 from mmengine.logging import print_log
 from torch import nn
 
-from ..core import (SITE_TYPES, BlockKind, BlockSlot, ConvBlock, ConvSite,
-                    InterpolatedBlock, ReplacementPlan, TransformerBlock,
-                    TransformerSite, replace_blocks)
+from ..core import (SITE_TYPES, BlockKind, BlockSlot, ConvBlock, ConvNeXtSite,
+                    ConvSite, InterpolatedBlock, ReplacementPlan,
+                    TransformerBlock, TransformerSite, replace_blocks)
 
 PLAN_KEY = 'replacement_plan'
 
@@ -162,7 +162,8 @@ class RepLBackboneMixin:
         super().train(mode)
         if mode:
             for i, m in self.site_modules().items():
-                if isinstance(m, (ConvSite, TransformerSite)) and \
+                if isinstance(m, (ConvSite, TransformerSite,
+                                  ConvNeXtSite)) and \
                         not self._site_frozen(i):
                     m.site_norm.train(True)
         return self

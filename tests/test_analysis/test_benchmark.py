@@ -43,6 +43,23 @@ def test_method_configs_of_upstream_detector():
             interval=4, recompute=False)
 
 
+def test_upstream_convnext_detector_keeps_the_backbone_scope():
+    """mmdet's ConvNeXt configs name mmpretrain's backbone with its scope:
+    the twin keeps it (mmdet has no RepLConvNeXt of its own)."""
+    case = make_case(
+        'mmdet::convnext/mask-rcnn_convnext-t-p4-w7_fpn_amp-ms-crop-3x_'
+        'coco.py',
+        input_size=64,
+        batch_size=1)
+    assert case.backbone_type == 'mmpretrain.RepLConvNeXt'
+    assert case.model['backbone']['init_cfg'] is None  # offline
+    sd = method_model_cfg(case, 'sd')['backbone']
+    assert sd['drop_path_rate'] > 0
+    assert method_model_cfg(case, 'repl')['backbone']['drop_path_rate'] == 0
+    from repl_mm.analysis.cases import SUITE
+    assert SUITE['convnext-t']['config']['model']['neck'] is None
+
+
 def test_config_plan_keeps_the_config_sites():
     case = make_case('configs/demo/vit-tiny-p8-repl_1xb64_15e_mnist5k.py')
     assert method_model_cfg(case, 'repl')['backbone']['replacement'] == dict(

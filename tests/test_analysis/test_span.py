@@ -477,3 +477,73 @@ def test_benchmark_repl_idx_needs_indices(capsys):
         load_tool('benchmark').parse_args(
             ['--suite', '--methods', 'e2e', 'repl_idx'])
     assert '--methods repl_idx needs --indices' in capsys.readouterr().err
+
+
+def _tiny_convnext_classifier(**replacement):
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+
+    from ..test_models.test_backbones.cases import TINY_CONVNEXT
+    backbone = dict(
+        TINY_CONVNEXT,
+        type='RepLConvNeXt',
+        out_indices=(3, ),
+        gap_before_final_norm=True,
+        replacement=replacement)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(
+            dict(
+                type='ImageClassifier',
+                data_preprocessor=dict(
+                    type='ClsDataPreprocessor', mean=[0] * 3, std=[1] * 3),
+                backbone=backbone,
+                head=dict(type='LinearClsHead', num_classes=3,
+                          in_channels=32)))
+
+
+def _convnext_batches():
+    from mmpretrain.structures import DataSample
+    g = torch.Generator().manual_seed(0)
+    return [
+        dict(
+            inputs=[
+                torch.randint(0, 255, (3, 32, 32), generator=g).to(torch.uint8)
+                for _ in range(4)
+            ],
+            data_samples=[DataSample().set_gt_label(i % 3) for i in range(4)])
+    ]
+
+
+def test_convnext_span_uses_the_neighbours_of_its_shape():
+    """ConvNeXt stages meet at down-sampling layers: a block's neighbour
+    there has another width and is left out of its span (a stage's first
+    block: 'next'; its last: 'prev'); both inside a stage."""
+    model = _tiny_convnext_classifier(mode='none')
+    stats, blocks = collect_span_stats(model, _convnext_batches(), 4)
+    spans = {i: s['span'] for i, s in stats.items()}
+    # depths 2, 2, 6, 2: blocks 1-2, 3-4, 5-10, 11-12
+    assert spans == {
+        2: 'prev',
+        3: 'next',
+        4: 'prev',
+        5: 'next',
+        **{
+            i: 'prev+next'
+            for i in range(6, 10)
+        }, 10: 'prev',
+        11: 'next'
+    }
+    assert stats[3]['a'] is None and stats[3]['b'] is not None
+    assert all(0 <= s['error'] <= 1 for s in stats.values())
+    assert all(s['num_images'] == 4 for s in stats.values())
+
+
+def test_convnext_bias_diagnostic_runs():
+    from repl_mm.analysis.bias import measure_bias
+    model = _tiny_convnext_classifier(zero_init=False).train()
+    batches = [model.data_preprocessor(b, True) for b in _convnext_batches()]
+    result = measure_bias(model, batches)
+    assert result['sites'] == [4, 8]
+    rows = result['rows']
+    assert [r['enabled_sites'] for r in rows] == [[], [4], [4, 8]]
+    assert rows[0]['d_fwd'] == 0 and rows[2]['d_fwd'] > 0

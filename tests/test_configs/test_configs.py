@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DefaultScope
 
 from repl_mm.core import NO_DECAY_KEYS
 
@@ -68,6 +69,8 @@ def test_config_builds(path):
         assert twin.mode != 'none' and twin.indices == plan.indices
     if 'r50' in path.name or 'resnet50' in path.name:
         assert plan.indices == (5, 9, 12)  # ResNet-50, k = 4 (spec §1)
+    if 'convnext' in path.name:  # ConvNeXt-T, 18 blocks, k = 4
+        assert plan.indices == (4, 8, 12, 16)
 
 
 @pytest.mark.parametrize(
@@ -85,7 +88,14 @@ def test_paramwise_no_decay_on_mixing_weights(path):
     cfg.optim_wrapper.optimizer = dict(
         type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4)
     cfg.optim_wrapper.pop('clip_grad', None)
-    wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    if cfg.optim_wrapper.get('type') == 'AmpOptimWrapper':
+        # needs a GPU; the param groups do not depend on the wrapper type
+        cfg.optim_wrapper.type = 'OptimWrapper'
+        cfg.optim_wrapper.pop('loss_scale', None)
+    # the config's scope, as the runner builds it: the layer-decay
+    # constructors live in mmdet's and mmseg's registries
+    with DefaultScope.overwrite_default_scope(cfg.get('default_scope')):
+        wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     decay = {}
     for group in wrapper.optimizer.param_groups:
         for p in group['params']:

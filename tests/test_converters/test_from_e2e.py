@@ -471,3 +471,55 @@ def test_swin_sites_fit_with_hw_shape(mode):
     mixed = [dict(inputs=torch.rand(2, 3, s, s)) for s in (32, 64)]
     with pytest.raises(ValueError, match='one input size'):
         record_blocks(Task(e2e), {'b4': block}, mixed)
+
+
+def test_convnext_e2e_to_repl(tmp_path):
+    """The converter's whole route on a tiny ConvNeXt: the blocks are
+    recorded, each site fitted (fit_convnext_site), kept weights copied;
+    the result loads strictly."""
+    from repl_mm.datasets.writers import synthetic_images, write_cifar
+    imgs, labels, classes = synthetic_images(2, img_size=32)
+    write_cifar(
+        str(tmp_path / 'data'), (imgs, labels), (imgs, labels), classes)
+    (tmp_path / 'repl.py').write_text(
+        textwrap.dedent(f"""
+        _base_ = '{DEMO}'
+        model = dict(
+            backbone=dict(
+                _delete_=True,
+                type='RepLConvNeXt',
+                arch=dict(depths=[2, 2, 6, 2], channels=[8, 16, 24, 32]),
+                layer_scale_init_value=1.0),
+            neck=None,
+            head=dict(in_channels=32))
+        train_pipeline = [dict(type='PackInputs')]
+        train_dataloader = dict(batch_size=10, dataset=dict(
+            data_root='{tmp_path / 'data'}', pipeline=train_pipeline))
+        val_dataloader = dict(batch_size=10, dataset=dict(
+            data_root='{tmp_path / 'data'}'))
+        test_dataloader = val_dataloader
+        """))
+    (tmp_path / 'e2e.py').write_text(
+        "_base_ = './repl.py'\n"
+        "model = dict(backbone=dict(replacement=dict(mode='none')))\n")
+    torch.manual_seed(0)
+    e2e = init_model(str(tmp_path / 'e2e.py'))
+    ckpt = str(tmp_path / 'e2e.pth')
+    torch.save(dict(state_dict=e2e.state_dict(), meta={}), ckpt)
+    out = str(tmp_path / 'repl.pth')
+    report = convert(
+        str(tmp_path / 'e2e.py'),
+        ckpt,
+        str(tmp_path / 'repl.py'),
+        out,
+        num_batches=1,
+        evaluate_metrics=False)
+    assert [s.index for s in report.sites] == [4, 8]
+    assert all(s.fitted_error < s.fresh_error for s in report.sites)
+    repl = init_model(str(tmp_path / 'repl.py'))
+    repl.load_state_dict(load_checkpoint_state(out))  # strict
+    e2e_sd = e2e.state_dict()
+    sites = ('backbone.stages.1.1.', 'backbone.stages.2.3.')
+    for k, v in repl.state_dict().items():
+        if k in e2e_sd and not k.startswith(sites):
+            assert torch.equal(v, e2e_sd[k]), k

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 import repl_mm
-from repl_mm.core import ConvSite, InterpolatedBlock, TransformerSite
+from repl_mm.core import (ConvNeXtSite, ConvSite, InterpolatedBlock,
+                          TransformerSite)
 from repl_mm.utils.compat import compiles_sites
 from ..test_models.test_backbones.cases import CASES, IDS
 from ..test_models.test_backbones.test_contract import outputs, weighted_loss
 
 CORE = str(Path(repl_mm.__file__).parent / 'core')
-SITES = (ConvSite, TransformerSite, InterpolatedBlock)
+SITES = (ConvSite, TransformerSite, ConvNeXtSite, InterpolatedBlock)
 
 VARIANTS = {
     'default': (dict(), dict()),

@@ -16,19 +16,21 @@ import pytest
 import torch
 from torch import nn
 
-from repl_mm.core import (ConvSite, InterpolatedBlock, StaticConvSite,
+from repl_mm.core import (ConvNeXtSite, ConvSite, InterpolatedBlock,
+                          StaticConvNeXtSite, StaticConvSite,
                           StaticTransformerSite, TransformerSite, cnn_site,
                           synthesis)
 from repl_mm.core.surgery import fresh_norm
 from repl_mm.models.base import to_repl_backbone
+from repl_mm.models.cls_convnext import RepLConvNeXt
 from repl_mm.models.cls_resnet import RepLResNet_CIFAR
 from repl_mm.models.cls_vit import RepLVisionTransformer
 from repl_mm.utils.compat import autocast_disabled, is_autocast_enabled
-from ..test_models.test_backbones.cases import TINY_VIT
+from ..test_models.test_backbones.cases import TINY_CONVNEXT, TINY_VIT
 
-KINDS = ['conv', 'transformer']
-SITES = (ConvSite, TransformerSite, InterpolatedBlock, StaticConvSite,
-         StaticTransformerSite)
+KINDS = ['conv', 'transformer', 'convnext']
+SITES = (ConvSite, TransformerSite, ConvNeXtSite, InterpolatedBlock,
+         StaticConvSite, StaticTransformerSite, StaticConvNeXtSite)
 # An upstream mmpretrain ResNet_CIFAR shaped like He et al.'s ResNet-20
 # (16/32/64 channels), 6 BasicBlocks: the hook route's tiny CNN.
 SMALL_CIFAR = dict(
@@ -43,9 +45,12 @@ SMALL_CIFAR = dict(
 
 def upstream(kind, **kwargs):
     """A tiny upstream backbone (the hook route's input)."""
-    from mmpretrain.models.backbones import ResNet_CIFAR, VisionTransformer
+    from mmpretrain.models.backbones import (ConvNeXt, ResNet_CIFAR,
+                                             VisionTransformer)
     if kind == 'conv':
         return ResNet_CIFAR(**SMALL_CIFAR, **kwargs)
+    if kind == 'convnext':
+        return ConvNeXt(**TINY_CONVNEXT, **kwargs)
     return VisionTransformer(**TINY_VIT, **kwargs)
 
 
@@ -53,6 +58,8 @@ def build(kind, **replacement):
     """A tiny RepL backbone (the registry route)."""
     if kind == 'conv':
         return RepLResNet_CIFAR(depth=20, replacement=replacement)
+    if kind == 'convnext':
+        return RepLConvNeXt(**TINY_CONVNEXT, replacement=replacement)
     return RepLVisionTransformer(**TINY_VIT, replacement=replacement)
 
 
@@ -192,7 +199,7 @@ def test_registry_model_cast_after_build(kind, mode, dtype):
     for site in sites(model):
         if isinstance(site, ConvSite):
             assert all(m.dtype == want for m in site.synthesize())
-        elif isinstance(site, TransformerSite):
+        elif isinstance(site, (TransformerSite, ConvNeXtSite)):
             assert all(m.dtype == want for m in site.synthesize().values())
         else:  # given to the block in its weights' dtype
             assert all(w.dtype == dtype for w in site.interpolate())

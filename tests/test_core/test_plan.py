@@ -295,7 +295,7 @@ def test_recorded_plan_without_an_option_holds_its_default(option, value):
 
 def test_block_kinds_are_their_strings():
     from repl_mm.core import BlockKind
-    assert [k.value for k in BlockKind] == ['conv', 'transformer']
+    assert [k.value for k in BlockKind] == ['conv', 'transformer', 'convnext']
     assert BlockKind.CONV == 'conv' and f'{BlockKind.TRANSFORMER}' == \
         'transformer'
     assert json.dumps(BlockKind.CONV) == '"conv"'
@@ -332,7 +332,7 @@ def test_replace_blocks_checks_kind_and_descriptions():
         seq = nn.Sequential(*[Block() for _ in range(4)])
         return seq, [BlockSlot(seq, i, 1, i + 1, True) for i in range(4)]
 
-    with pytest.raises(ValueError, match="kind must be 'conv' or "):
+    with pytest.raises(ValueError, match="kind must be one of .*'mlp'"):
         replace_blocks(blocks()[1], None, 'mlp', describe)
     with pytest.raises(TypeError, match='needs a TransformerBlock'):
         replace_blocks(blocks()[1], dict(interval=2), 'transformer', describe)

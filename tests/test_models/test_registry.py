@@ -9,42 +9,49 @@ import torch
 from mmengine.config import Config
 
 
-@pytest.mark.parametrize('registry,cfg', [
-    ('mmdet', dict(type='RepLResNet', depth=18)),
-    ('mmseg', dict(type='RepLResNetV1c', depth=18)),
-    ('mmpretrain', dict(type='RepLResNet', depth=18)),
-    ('mmpretrain', dict(type='RepLResNet_CIFAR', depth=20)),
-    ('mmdet', dict(type='RepLResNeXt', depth=50, groups=4)),
-    ('mmdet', dict(type='RepLResNetV1d', depth=18)),
-    ('mmseg', dict(type='RepLResNeXt', depth=50, groups=4)),
-    ('mmpretrain', dict(type='RepLResNeXt', depth=50, groups=4)),
-    ('mmpretrain', dict(type='RepLResNetV1c', depth=18)),
-    ('mmpretrain', dict(type='RepLResNetV1d', depth=18)),
-    ('mmpretrain',
-     dict(
-         type='RepLVisionTransformer',
-         arch='deit-tiny',
-         img_size=32,
-         patch_size=8)),
-    ('mmdet',
-     dict(
-         type='RepLSwinTransformer',
-         embed_dims=16,
-         num_heads=(1, 2, 2, 4),
-         window_size=2)),
-    ('mmseg',
-     dict(
-         type='RepLSwinTransformer',
-         embed_dims=16,
-         num_heads=(1, 2, 2, 4),
-         window_size=2)),
-    ('mmpretrain',
-     dict(
-         type='RepLSwinTransformer',
-         arch=dict(embed_dims=16, depths=[2, 2, 6, 2], num_heads=[1, 2, 2, 4]),
-         img_size=32,
-         window_size=2)),
-])
+@pytest.mark.parametrize(
+    'registry,cfg',
+    [
+        ('mmdet', dict(type='RepLResNet', depth=18)),
+        ('mmseg', dict(type='RepLResNetV1c', depth=18)),
+        ('mmpretrain', dict(type='RepLResNet', depth=18)),
+        ('mmpretrain', dict(type='RepLResNet_CIFAR', depth=20)),
+        ('mmdet', dict(type='RepLResNeXt', depth=50, groups=4)),
+        ('mmdet', dict(type='RepLResNetV1d', depth=18)),
+        ('mmseg', dict(type='RepLResNeXt', depth=50, groups=4)),
+        ('mmpretrain', dict(type='RepLResNeXt', depth=50, groups=4)),
+        ('mmpretrain', dict(type='RepLResNetV1c', depth=18)),
+        ('mmpretrain', dict(type='RepLResNetV1d', depth=18)),
+        ('mmpretrain',
+         dict(
+             type='RepLVisionTransformer',
+             arch='deit-tiny',
+             img_size=32,
+             patch_size=8)),
+        ('mmdet',
+         dict(
+             type='RepLSwinTransformer',
+             embed_dims=16,
+             num_heads=(1, 2, 2, 4),
+             window_size=2)),
+        ('mmseg',
+         dict(
+             type='RepLSwinTransformer',
+             embed_dims=16,
+             num_heads=(1, 2, 2, 4),
+             window_size=2)),
+        ('mmpretrain',
+         dict(
+             type='RepLSwinTransformer',
+             arch=dict(
+                 embed_dims=16, depths=[2, 2, 6, 2], num_heads=[1, 2, 2, 4]),
+             img_size=32,
+             window_size=2)),
+        ('mmpretrain', dict(type='RepLConvNeXt', arch='atto')),
+        # mmdet and mmseg configs name mmpretrain's ConvNeXt by its scope
+        ('mmdet', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
+        ('mmseg', dict(type='mmpretrain.RepLConvNeXt', arch='atto')),
+    ])
 def test_build_from_registry(registry, cfg):
     import importlib
 

@@ -13,6 +13,12 @@ TINY_VIT = dict(
         embed_dims=32, num_layers=6, num_heads=2, feedforward_channels=128),
     img_size=32,
     patch_size=8)
+# 12 blocks over 4 stages: site 4 draws from its stage's block 3 only (its
+# next neighbour lies across a down-sampling layer), site 8 from both.
+TINY_CONVNEXT = dict(
+    arch=dict(depths=[2, 2, 6, 2], channels=[8, 16, 24, 32]),
+    out_indices=(0, 1, 2, 3),
+    gap_before_final_norm=False)
 
 # Three stages of widths 16, 32, 64: at interval 4, site 4 draws from both
 # neighbours and site 8 from its previous one only (block 9, across the
@@ -119,5 +125,11 @@ CASES = [
         TINY_CLS_SWIN,
         kind='transformer',
         extra=dict(frozen=dict(frozen_stages=0))),
+    Case(
+        'cls-convnext',
+        'repl_mm.models.cls_convnext:RepLConvNeXt',
+        'mmpretrain.models.backbones:ConvNeXt',
+        TINY_CONVNEXT,
+        kind='convnext'),
 ]
 IDS = [c.name for c in CASES]

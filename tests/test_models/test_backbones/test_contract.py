@@ -5,9 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from repl_mm.core import (ConvSite, DroppedBlock, InterpolatedBlock,
-                          TransformerSite)
-from .cases import CASES, IDS, TINY_VIT, Case
+from repl_mm.core import (ConvNeXtSite, ConvSite, DroppedBlock,
+                          InterpolatedBlock, TransformerSite)
+from .cases import CASES, IDS, TINY_CONVNEXT, TINY_VIT, Case
+
+SITE_TYPE = {
+    'conv': ConvSite,
+    'transformer': TransformerSite,
+    'convnext': ConvNeXtSite
+}
 
 MODES = ['synthesize', 'interpolate', 'drop', 'none']
 
@@ -52,7 +58,11 @@ def test_shapes_grads_no_nan(case, mode):
 
 def neighbour_weights(site):
     """(neighbour name, weight) pairs a site synthesizes from."""
-    if isinstance(site._sources, dict):  # TransformerSite
+    if isinstance(site, ConvNeXtSite):
+        return [(n, c.weight) for n, c in site.source_dw()] + [
+            (n, m.weight) for n, pair in site.source_pw() for m in pair
+        ]
+    if isinstance(site, TransformerSite):
         return [(n, m.weight) for lst in site._sources.values()
                 for n, pair in lst for m in pair]
     return [(n, conv.weight) for lst in site._sources for n, conv in lst]
@@ -63,8 +73,7 @@ def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
     model = case.build(zero_init=False)
     x = torch.rand(case.shape)
     sites = [
-        m for m in model.modules()
-        if isinstance(m, (ConvSite, TransformerSite))
+        m for m in model.modules() if isinstance(m, tuple(SITE_TYPE.values()))
     ]
     # the site drawing from most neighbours (ResNet-18's only site draws
     # from prev alone: its next neighbour downsamples)
@@ -99,11 +108,11 @@ def test_neighbours_get_gradient_through_synthesis(case, monkeypatch):
 
 def block_containers(model):
     """The sequences holding the blocks: ResNet layers, Swin stages' blocks,
-    a ViT's layers."""
+    ConvNeXt stages, a ViT's layers."""
     if hasattr(model, 'res_layers'):
         return [getattr(model, name) for name in model.res_layers]
     if hasattr(model, 'stages'):
-        return [stage.blocks for stage in model.stages]
+        return [getattr(stage, 'blocks', stage) for stage in model.stages]
     return [model.layers]
 
 
@@ -128,8 +137,9 @@ def independent_plan(blocks, kind, k=4):
     the upstream blocks alone: site index -> (prev, next) kept neighbour
     (1-based, None at an end)."""
     n = len(blocks)
-    # replaceable: identity shortcut (ResNet: no downsample; every ViT layer)
-    ok = [kind == 'transformer' or b.downsample is None for b in blocks]
+    # replaceable: identity shortcut (ResNet: no downsample; every ViT
+    # layer and ConvNeXt block)
+    ok = [kind != 'conv' or b.downsample is None for b in blocks]
     sites = []
     for i in range(k, n, k):
         while i < n and (not ok[i - 1] or i in sites):
@@ -142,6 +152,19 @@ def independent_plan(blocks, kind, k=4):
                 default=None), min((j for j in kept if j > i), default=None))
         for i in sorted(sites)
     }
+
+
+CONVNEXT_PARTS = ('depthwise_conv', 'pointwise_conv1', 'pointwise_conv2')
+
+
+def convnext_serves(blk, nbr, mode):
+    """A ConvNeXt neighbour serves a site of the same width (synthesize),
+    or with the same dw, pw1 and pw2 weight shapes (interpolate)."""
+    if mode == 'interpolate':
+        return all(
+            getattr(blk, p).weight.shape == getattr(nbr, p).weight.shape
+            for p in CONVNEXT_PARTS)
+    return nbr.depthwise_conv.out_channels == blk.depthwise_conv.out_channels
 
 
 def expected_counts(case, mode, ref):
@@ -185,6 +208,21 @@ def expected_counts(case, mode, ref):
                 added += 2 * cout  # the fresh BN (gamma, beta)
             else:
                 added += len(used)  # alpha and/or beta
+        elif case.kind == 'convnext':
+            dim = blk.depthwise_conv.out_channels
+            serve = [b for b in nbrs if convnext_serves(blk, b, mode)]
+            if mode == 'synthesize':
+                # phi (length C) and alpha or beta per serving neighbour,
+                # else an own D (C) and M (C x C); the fresh LN of width C
+                removed += count(blk)
+                added += (dim + 1) * len(serve) if serve else \
+                    dim + dim * dim
+                added += 2 * dim
+            else:  # interpolate: dw, pw1, pw2 weights (biases stay)
+                if serve:
+                    removed += sum(
+                        getattr(blk, p).weight.numel() for p in CONVNEXT_PARTS)
+                added += len(serve)
         else:
             d = width(blk)
             # a neighbour of another width (across a Swin patch merging)
@@ -282,7 +320,7 @@ def test_none_equals_upstream(case):
         case.build().replacement_plan.indices
 
 
-# The five upstream backbones, narrow (stem and base width 8).
+# The upstream backbones, narrow (ResNets: stem and base width 8).
 NARROW = dict(stem_channels=8, base_channels=8)
 INIT_CASES = [
     Case('det-r18', 'repl_mm.models.det_resnet:RepLResNet',
@@ -301,6 +339,12 @@ INIT_CASES = [
         'mmpretrain.models.backbones:VisionTransformer',
         TINY_VIT,
         kind='transformer'),
+    Case(
+        'cls-convnext',
+        'repl_mm.models.cls_convnext:RepLConvNeXt',
+        'mmpretrain.models.backbones:ConvNeXt',
+        TINY_CONVNEXT,
+        kind='convnext'),
 ]
 
 
@@ -360,7 +404,7 @@ def test_sites_are_the_right_modules(case):
     """Each mode puts its module at exactly the plan's sites (under the
     replaced block's name) and leaves upstream's block everywhere else."""
     ref_types = [type(b) for b in site_blocks_of(case.build_upstream(), case)]
-    site_type = ConvSite if case.kind == 'conv' else TransformerSite
+    site_type = SITE_TYPE[case.kind]
     for mode, expected in (('synthesize', site_type),
                            ('interpolate', InterpolatedBlock), ('drop',
                                                                 DroppedBlock)):
@@ -377,7 +421,7 @@ def test_sites_are_the_right_modules(case):
         if mode == 'interpolate':
             assert all(
                 type(blocks[i - 1].block) is ref_types[i - 1] for i in indices)
-        repl = (ConvSite, TransformerSite, InterpolatedBlock)
+        repl = tuple(SITE_TYPE.values()) + (InterpolatedBlock, )
         assert sum(isinstance(m, repl)
                    for m in model.modules()) == (0 if mode == 'drop' else
                                                  len(indices))

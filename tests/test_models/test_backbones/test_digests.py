@@ -143,6 +143,13 @@ DIGESTS = {
     'cls-swin/4': '81a81ea94ff9e2e3',
     'cls-swin/5': '307abc3226514336',
     'cls-swin/6': 'a304f6d57445cb3a',
+    'cls-convnext/0': '04088a47bb0de0e1',
+    'cls-convnext/1': '7f43911ee35ec024',
+    'cls-convnext/2': '389b9405b59d4c7c',
+    'cls-convnext/3': 'e51d1ac1696a3abb',
+    'cls-convnext/4': 'cf319cd41c6cdb5a',
+    'cls-convnext/5': '2a842f50556c1ac3',
+    'cls-convnext/6': 'a5c07ed0f0a3c38f',
 }
 
 

@@ -66,7 +66,8 @@ def test_unserved_position_is_owned():
 @pytest.mark.parametrize('case', CASES, ids=IDS)
 def test_frozen_stages_and_norm_eval(case):
     kwargs = case.extra.get('frozen') or (dict(
-        frozen_stages=2) if case.kind == 'conv' else dict(frozen_stages=5))
+        frozen_stages=5) if case.kind == 'transformer' else dict(
+            frozen_stages=2))
     model = case.cls('repl')(
         **case.kwargs, **kwargs, replacement=dict(interval=2))
     model.train()
@@ -224,7 +225,8 @@ def test_synthesis_runs_once_per_step(case, mode, with_cp, monkeypatch):
     """Recomputation in backward (``recompute``, a ``with_cp`` site, a site
     fused into a kept block's segment) re-runs the feature-map part only:
     the synthesized weights are kept for backward."""
-    from repl_mm.core import ConvSite, InterpolatedBlock, TransformerSite
+    from repl_mm.core import (ConvNeXtSite, ConvSite, InterpolatedBlock,
+                              TransformerSite)
     counts = {}
 
     def counting(cls, name):
@@ -238,6 +240,7 @@ def test_synthesis_runs_once_per_step(case, mode, with_cp, monkeypatch):
 
     counting(ConvSite, 'synthesize')
     counting(TransformerSite, 'synthesize')
+    counting(ConvNeXtSite, 'synthesize')
     counting(InterpolatedBlock, 'interpolate')
     model = case.cls('repl')(
         **dict(case.kwargs, with_cp=with_cp),
@@ -245,7 +248,8 @@ def test_synthesis_runs_once_per_step(case, mode, with_cp, monkeypatch):
     model.train()
     sites = [
         m for m in model.modules()
-        if isinstance(m, (ConvSite, TransformerSite, InterpolatedBlock))
+        if isinstance(m, (ConvSite, TransformerSite, ConvNeXtSite,
+                          InterpolatedBlock))
     ]
     assert sites
     counts.clear()
@@ -330,7 +334,7 @@ def test_repl_with_cp_keeps_less_than_cp_alone(case):
     synthesize again); a site checkpointed on its own would tie with the
     block it replaced."""
     from repl_mm.analysis import saved_bytes
-    from repl_mm.core import ConvSite, TransformerSite
+    from repl_mm.core import ConvNeXtSite, ConvSite, TransformerSite
 
     def measure(**replacement):
         torch.manual_seed(0)
@@ -340,7 +344,7 @@ def test_repl_with_cp_keeps_less_than_cp_alone(case):
         params = {p.data_ptr() for p in model.parameters()}
         # the synthesized weights (an owned weight is a parameter)
         kept = sum(t.numel() * t.element_size() for m in model.modules()
-                   if isinstance(m, (ConvSite, TransformerSite))
+                   if isinstance(m, (ConvSite, TransformerSite, ConvNeXtSite))
                    for t in m.weights(x) if t.data_ptr() not in params)
         return saved_bytes(model, lambda m: weighted_loss(outputs(m, x)),
                            lambda loss: loss.backward()), kept

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from repl_mm.core import (ConvSite, InterpolatedBlock, NonReentrantCheckpoint,
-                          TransformerSite)
+from repl_mm.core import (ConvNeXtSite, ConvSite, InterpolatedBlock,
+                          NonReentrantCheckpoint, TransformerSite)
 from repl_mm.models.base import decode_plan
 from .cases import CASES, IDS
 from .test_contract import neighbour_weights, outputs
@@ -25,7 +25,7 @@ def test_deepcopy_reads_the_copys_neighbours(case):
     x = torch.rand(case.shape)
     before = [o.clone() for o in outputs(model, x)]
     site = next(m for m in clone.modules()
-                if isinstance(m, (ConvSite, TransformerSite)))
+                if isinstance(m, (ConvSite, TransformerSite, ConvNeXtSite)))
     own = dict(clone.named_parameters())
     for _, w in neighbour_weights(site):
         # the copy's site reads the copy's parameters, not the original's
