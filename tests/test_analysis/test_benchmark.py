@@ -182,6 +182,12 @@ def test_end_to_end_tiny(tmp_path):
         (mem['repl'] - kept['repl']) / mem['e2e'])
     targets = {t['target']: t for t in res['targets']}
     assert targets['act. mem repl+cp / cp < 1']['met']
+    # S_mem at the batch and in its large-batch limit, against one goal
+    for name, key in (('repl S_mem >= 0.70', 'S_mem'),
+                      ('repl S_mem, large-batch limit >= 0.70',
+                       'S_mem_large_batch')):
+        assert targets[name]['value'] == r['repl'][key]
+        assert targets[name]['met'] == (r['repl'][key] >= 0.70)
 
 
 @pytest.mark.parametrize('config, size, batch', [(RETINANET, 64, 1),
