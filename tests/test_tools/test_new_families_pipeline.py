@@ -22,8 +22,9 @@ from repl_mm.datasets.det_seg_writers import (SHAPE_CLASSES,
                                               make_coco_shapes)
 from .test_cls_pipeline import ROOT, load, run
 
-# Swin with 8 blocks over 4 stages of widths 16..128 (head width 16): sites
-# at interval 4; a window of 4 (the last stage, 3x4 at 128x96, is padded)
+# Swin with 8 blocks over 4 stages of widths 16..128, 16 channels an
+# attention head: at interval 4 one site, block 4 (stage 2's second block);
+# windows of 4 (the last stage, 3x4 at 128x96, is padded)
 SWIN_DET = """
     data_root = '{data}/'
     metainfo = dict(classes={classes})
