@@ -77,19 +77,14 @@ def residual_blocks(backbone: nn.Module) -> List[dict]:
 
 
 def would_be_sites(blocks: Sequence[dict]) -> List[int]:
-    """Indices of shape-preserving blocks with a block before and after,
-    the one before in the same stage.
+    """Indices of shape-preserving blocks with a block before and after.
 
-    The span fit needs the previous block's output in the block's shape: a
-    block that opens a stage after a down-sampling layer outside the
-    blocks (a Swin stage after its patch merging) has none. Every other
-    backbone's stage-opening blocks change shape themselves, so are not
-    replaceable anyway.
+    A block that opens a stage after a down-sampling layer outside the
+    blocks (a Swin stage after its patch merging, a ConvNeXt stage after
+    its down-sampling layer) is one: its span holds only the neighbour of
+    its shape, as its site draws only from that one.
     """
-    return [
-        b['index'] for a, b in zip(blocks, blocks[1:-1])
-        if b['replaceable'] and a['stage'] == b['stage']
-    ]
+    return [b['index'] for b in blocks[1:-1] if b['replaceable']]
 
 
 @torch.no_grad()

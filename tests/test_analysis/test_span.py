@@ -283,8 +283,9 @@ def test_residual_blocks_mirror_the_plan():
 
 def test_residual_blocks_of_swin():
     """Swin blocks numbered over stages; a block opening a stage after
-    its patch merging has no previous output of its shape: no would-be
-    site (block 3, stage 2's first)."""
+    its patch merging (block 3, stage 2's first) has no previous output
+    of its shape: its span is its next neighbour alone, as its site's
+    sources would be."""
     from mmdet.models.backbones import SwinTransformer
 
     from repl_mm.models.det_swin import RepLSwinTransformer
@@ -300,7 +301,7 @@ def test_residual_blocks_of_swin():
     assert [(b['name'], b['stage'], b['block'])
             for b in blocks[2:4]] == [('stages.1.blocks.0', 2, 1),
                                       ('stages.1.blocks.1', 2, 2)]
-    assert would_be_sites(blocks) == [2, 4, 5, 6, 7, 8]
+    assert would_be_sites(blocks) == [2, 3, 4, 5, 6, 7, 8]
 
     class Task(torch.nn.Module):
 
@@ -315,9 +316,11 @@ def test_residual_blocks_of_swin():
     stats, _ = collect_span_stats(
         Task(RepLSwinTransformer(**kw, replacement=dict(mode='none'))),
         batches, 4)
-    assert sorted(stats) == [2, 4, 5, 6, 7, 8]
-    # block 8's next one (9) lies across the patch merging: prev only
+    assert sorted(stats) == [2, 3, 4, 5, 6, 7, 8]
+    # block 8's next one (9) lies across the patch merging: prev only;
+    # block 3's previous one (2) too: next only
     assert stats[8]['span'] == 'prev' and stats[5]['span'] == 'prev+next'
+    assert stats[3]['span'] == 'next' and stats[3]['a'] is None
     assert stats[5]['shape'] == [16, 32] and stats[5]['num_images'] == 4
 
 

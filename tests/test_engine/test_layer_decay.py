@@ -3,6 +3,7 @@ upstream's layer-wise / stage-wise lr decay of mmdet and mmseg, with the
 no-decay keys of RepL's mixing weights applied after it."""
 import pytest
 import torch
+from mmengine.registry import DefaultScope
 from torch import nn
 
 from repl_mm.core import NO_DECAY_KEYS
@@ -38,7 +39,10 @@ def build(scope, constructor, paramwise_cfg):
 
 def groups_of(scope, constructor, paramwise_cfg, mode='synthesize'):
     model = Detector(mode)
-    wrapper = build(scope, constructor, paramwise_cfg)(model)
+    # the scope a runner of that codebase sets (another test may have left
+    # a different default scope behind)
+    with DefaultScope.overwrite_default_scope(scope):
+        wrapper = build(scope, constructor, paramwise_cfg)(model)
     names = {id(p): n for n, p in model.named_parameters()}
     return [(g['lr'], g['weight_decay'], [names[id(p)] for p in g['params']])
             for g in wrapper.optimizer.param_groups]
