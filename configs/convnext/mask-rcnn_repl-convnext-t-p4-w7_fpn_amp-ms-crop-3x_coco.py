@@ -4,8 +4,9 @@
 # spec §9.3). The kept blocks load from upstream's ImageNet-1k ConvNeXt-T
 # checkpoint (init_cfg of the base config); the replaced blocks' keys are
 # reported as unused (spec §6).
-#   upstream: model, data, AMP, schedule, AdamW, layer-wise lr decay (0.95 over 6 layers) and
-#     its no-decay rule for 1-D parameters and biases.
+#   upstream: model, data, AMP, schedule, AdamW, layer-wise lr decay
+#     (0.95 over 6 layers) and its no-decay rule for 1-D parameters and
+#     biases.
 #   ours: RepLLearningRateDecayOptimizerConstructor, which runs mmdet's
 #     LearningRateDecayOptimizerConstructor unchanged and then applies
 #     ../_base_/repl_paramwise.py's custom_keys (upstream's ignores them and

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..apis import scope_of
 
-# (default scope, upstream backbone type) -> our registered twin
+# (default scope, upstream backbone type) -> our registered twin; mmdet and
+# mmseg configs name ConvNeXt with its scope (mmpretrain.ConvNeXt)
 TWINS = {
     ('mmdet', 'ResNet'): 'RepLResNet',
     ('mmseg', 'ResNetV1c'): 'RepLResNetV1c',
@@ -41,7 +42,6 @@ TWINS = {
     ('mmdet', 'SwinTransformer'): 'RepLSwinTransformer',
     ('mmseg', 'SwinTransformer'): 'RepLSwinTransformer',
     ('mmpretrain', 'SwinTransformer'): 'RepLSwinTransformer',
-    # mmdet and mmseg configs name it with its scope, mmpretrain.ConvNeXt
     ('mmpretrain', 'ConvNeXt'): 'RepLConvNeXt',
     ('mmdet', 'ConvNeXt'): 'RepLConvNeXt',
     ('mmseg', 'ConvNeXt'): 'RepLConvNeXt',
