@@ -41,7 +41,7 @@ does not lower its error on the record is put back as it was
 (:func:`fit_site`): a fitted site is never worse than a fresh one.
 
 Imports torch and :mod:`repl_mm.core` only. It is longer than our other
-modules (about 600 lines) because it holds one concept, fitting a site to
+modules (about 700 lines) because it holds one concept, fitting a site to
 a record: the chain least squares, the L-BFGS refinement and the four
 site kinds share the record's conventions (pixels or tokens as rows, BNs
 normalising with the record's statistics) and are read together.
