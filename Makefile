@@ -6,6 +6,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 COMPAT_VENV := .venv-compat
 LINT_PATHS := repl_mm tools tests configs
+# The suite runs in TEST_WORKERS pytest-xdist processes, one torch thread
+# each (conftest.py), work-stealing so that the long tool runs at the end
+# spread over both; TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 2
+PYTEST_ARGS := -q -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: setup setup-compat demo test test-compat lint doctest
 
@@ -19,11 +24,11 @@ demo: setup
 	$(PY) tools/demo.py
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 # The whole suite again, on the users' stack.
 test-compat: setup-compat
-	$(COMPAT_VENV)/bin/python -m pytest tests -q
+	$(COMPAT_VENV)/bin/python -m pytest tests $(PYTEST_ARGS)
 
 # flake8 + isort + yapf (setup.cfg; the checks of .pre-commit-config.yaml),
 # all three run, non-zero exit if any reports something.

@@ -8,9 +8,23 @@ the doctest's captured output and fail the example. Making it here, before
 any example runs, keeps the examples' expected output what they print
 themselves, whatever order they run in.
 """
+import os
+
 from mmengine.logging import MMLogger
 
 MMLogger.get_instance('mmengine')
+
+
+def pytest_configure(config):
+    """In a pytest-xdist worker (``make test`` runs one per core), torch
+    computes with one thread, and so do the processes the tests start:
+    two workers with a thread per core each would oversubscribe the cores
+    and spend their time waiting on each other."""
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        import torch
+        torch.set_num_threads(1)
+        for name in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS'):
+            os.environ[name] = '1'
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -23,7 +37,6 @@ def pytest_unconfigure(config):
     has passed (torch 2.1.2, numpy 1.26), the interpreter's own teardown
     segfaulted (no Python frame; each test directory alone exits cleanly),
     which would turn a green run red. The exit status is pytest's."""
-    import os
     import sys
 
     from repl_mm.utils.compat import torch_version

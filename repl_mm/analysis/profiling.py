@@ -178,7 +178,11 @@ def op_profile(step: Callable[[], None],
     ``step`` runs once untimed, then ``rounds`` times under
     ``torch.profiler`` (CPU activity). Self time is each op's own time
     without the ops it calls, so the self times add up to the step's
-    time in ops and the shares are exclusive.
+    time in ops and the shares are exclusive. An op's self time is its
+    total less its children's; where the profiler records a child on
+    another thread than its parent (autograd's backward ops under torch
+    2.1), that difference can come out negative. A negative time is no
+    time: self times are clipped at zero, so every share is in [0, 1].
 
     Returns:
         dict: per call of ``step``: ``wall_ms`` (its time under the
@@ -198,8 +202,8 @@ def op_profile(step: Callable[[], None],
         for _ in range(rounds):
             step()
         wall = (time.perf_counter() - start) / rounds * 1e3
-    events = [(e.key, e.self_cpu_time_total / 1e3 / rounds, e.count / rounds)
-              for e in prof.key_averages()]
+    events = [(e.key, max(e.self_cpu_time_total, 0) / 1e3 / rounds,
+               e.count / rounds) for e in prof.key_averages()]
     total = sum(ms for _, ms, _ in events) or float('nan')
     shares = {cat: 0.0 for cat, _ in OP_CATEGORIES}
     shares['other'] = 0.0

@@ -95,9 +95,17 @@ def breaks_inside_core(model, x):
     return inside
 
 
-@pytest.mark.parametrize('variant', sorted(VARIANTS))
+# Every variant on the BasicBlock nets and the ViT; the Bottleneck net,
+# whose 16 blocks take five times as long to trace, on the two paths where
+# its three-conv chain differs (recompute region, fused with_cp segments).
+STEP_CASES = [(c, v) for c in COMPILE_CASES for v in sorted(VARIANTS)
+              if c.name != 'cls-r50' or v in ('default', 'with_cp')]
+
+
 @pytest.mark.parametrize(
-    'case', COMPILE_CASES, ids=[c.name for c in COMPILE_CASES])
+    'case,variant',
+    STEP_CASES,
+    ids=[f'{c.name}-{v}' for c, v in STEP_CASES])
 def test_compiled_step_equals_eager(case, variant):
     torch._dynamo.reset()
     model = build(case, variant)
