@@ -75,7 +75,7 @@ def _cls_model(backbone: dict,
 
 
 # name -> config and, for the full and the quick run, (input size, batch,
-# timed trials); sized so the full suite takes ~20 min on 2 CPU cores.
+# timed trials); sized so that a case takes minutes on 2 CPU cores.
 SUITE: Dict[str, dict] = {
     'cifar-r32':
     dict(

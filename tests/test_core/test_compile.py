@@ -103,9 +103,7 @@ STEP_CASES = [(c, v) for c in COMPILE_CASES for v in sorted(VARIANTS)
 
 
 @pytest.mark.parametrize(
-    'case,variant',
-    STEP_CASES,
-    ids=[f'{c.name}-{v}' for c, v in STEP_CASES])
+    'case,variant', STEP_CASES, ids=[f'{c.name}-{v}' for c, v in STEP_CASES])
 def test_compiled_step_equals_eager(case, variant):
     torch._dynamo.reset()
     model = build(case, variant)
