@@ -23,7 +23,6 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import is_fake
 from torch.utils import checkpoint as _cp
 
 _GENERATOR = '_checkpoint_without_reentrant_generator_impl'
@@ -59,11 +58,7 @@ class SavedTensorMeter:
         return sum(self.storages.values())
 
     def _record(self, t):
-        # A model compiled inside the block traces its checkpoint regions
-        # with fake tensors (no storage): what a compiled step saves is
-        # counted when it runs, not while it is traced.
-        if isinstance(t, Tensor) and t.layout == torch.strided and \
-                not is_fake(t):
+        if isinstance(t, Tensor) and t.layout == torch.strided:
             key, nbytes = _storage_key(t)
             if key not in self._exclude:
                 self.storages[key] = nbytes
