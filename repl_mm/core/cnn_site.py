@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
 from .device import Fp32Synthesis, ScaleBuffer, factory_kwargs
-from .lean import conv_update, lean_traceable, per_sample_drop_path
+from .lean import conv_update, lean_allowed, per_sample_drop_path
 from .recompute import CheckpointedSite, needs_graph, recompute_in_backward
 from .synthesis import (apply_chain, at_least_fp32, best_grouping, fold_groups,
                         folded_conv_groups, pointwise_mix)
@@ -309,13 +309,14 @@ class ConvSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         any subclass), ``h`` is not on ``meta``, drop path is
         ``nn.Identity`` or per-sample
         (:func:`~repl_mm.core.lean.per_sample_drop_path`), autocast is
-        off for ``h``'s device type and, under ``torch.compile``, dynamo
-        traces the Function (:func:`~repl_mm.core.lean.lean_traceable`)."""
+        off for ``h``'s device type and the model runs eagerly (compiled,
+        a checkpoint region recomputes instead:
+        :func:`~repl_mm.core.lean.lean_allowed`)."""
         # meta: torch.batch_norm_update_stats has no meta kernel
         return type(self.site_norm) in (nn.BatchNorm2d, ) and \
             h.dim() == 4 and h.device.type != 'meta' and \
             per_sample_drop_path(self.drop_path) and \
-            not is_autocast_enabled(h.device.type) and lean_traceable()
+            not is_autocast_enabled(h.device.type) and lean_allowed()
 
     def forward_with(self, h: Tensor, *mats: Tensor,
                      block_args: tuple = ()) -> Tensor:

@@ -27,7 +27,11 @@ graph of its own (``create_graph=True``: double backward, e.g. a gradient
 penalty through the backbone) raises a ``RuntimeError`` that names the
 option to turn off (``recompute=False``: autograd through the plain
 update, twice differentiable) instead of silently missing second-order
-terms. Torch only.
+terms.
+
+The Functions run in eager mode only (:func:`lean_allowed`): compiled,
+the sites recompute through a checkpoint region, whose recomputation the
+compiler keeps. Torch only.
 """
 import numbers
 from typing import Optional, Sequence, Tuple
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..utils.compat import compiles_sites, is_compiling
+from ..utils.compat import is_compiling
 from .synthesis import (at_least_fp32, fold_chain, fold_grouped,
                         fold_grouped_backward, folded_conv_groups)
 
@@ -55,13 +59,22 @@ def _first_order_only():
             'with replacement=dict(recompute=False) for that')
 
 
-def lean_traceable() -> bool:
-    """Whether the Functions here can run where the caller is: always in
-    eager; under ``torch.compile`` only where dynamo traces them without a
-    graph break (:func:`~repl_mm.utils.compat.compiles_sites`: torch 2.14;
-    on older torch the sites run eagerly inside compiled models, so they
-    are never traced there)."""
-    return not is_compiling() or compiles_sites()
+def lean_allowed() -> bool:
+    """Whether the lean Functions run where the caller is: in eager only.
+
+    Under ``torch.compile`` a traced ``autograd.Function``'s forward and
+    backward end up in one joint graph, and AOTAutograd's partitioner
+    decides anew what the backward graph keeps: the chain that the
+    Function's backward recomputes from ``h`` is the forward's chain
+    again, so the compiled graph keeps the chain's intermediates instead of
+    recomputing them. Measured on a RepL ResNet-50 (docs/benchmark.md), a
+    compiled default site kept what a ``recompute=False`` site keeps, with
+    ``aot_eager`` and with inductor. A checkpoint region's ops carry
+    recompute tags that both partitioners follow, so compiled sites
+    recompute through :func:`~repl_mm.core.recompute.recompute_in_backward`
+    instead (``tests/test_core/test_compile.py`` checks the saved bytes).
+    """
+    return not is_compiling()
 
 
 def per_sample_drop_path(module: nn.Module) -> bool:

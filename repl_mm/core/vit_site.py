@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..utils.compat import autocast_disabled, is_autocast_enabled
 from .device import Fp32Synthesis, ScaleBuffer, factory_kwargs
-from .lean import lean_traceable, per_sample_drop_path, token_update
+from .lean import lean_allowed, per_sample_drop_path, token_update
 from .recompute import CheckpointedSite, needs_graph, recompute_in_backward
 from .synthesis import at_least_fp32, operator_mix
 
@@ -202,16 +202,16 @@ class TransformerSite(Fp32Synthesis, ScaleBuffer, CheckpointedSite, nn.Module):
         is exactly an affine ``nn.LayerNorm`` over the last dim, ``act``
         exactly ``nn.GELU`` (erf or tanh), drop path ``nn.Identity`` or
         per-sample (:func:`~repl_mm.core.lean.per_sample_drop_path`),
-        autocast off for ``h``'s device type, and, under ``torch.compile``,
-        a torch whose dynamo traces the Function
-        (:func:`~repl_mm.core.lean.lean_traceable`)."""
+        autocast off for ``h``'s device type, and the model running eagerly
+        (compiled, a checkpoint region recomputes instead:
+        :func:`~repl_mm.core.lean.lean_allowed`)."""
         norm, act = self.site_norm, self.act
         return type(norm) in (nn.LayerNorm, ) and \
             tuple(norm.normalized_shape) == (h.shape[-1], ) and \
             norm.elementwise_affine and type(act) in (nn.GELU, ) and \
             act.approximate in ('none', 'tanh') and \
             per_sample_drop_path(self.drop_path) and \
-            not is_autocast_enabled(h.device.type) and lean_traceable()
+            not is_autocast_enabled(h.device.type) and lean_allowed()
 
     def forward_with(self,
                      h: Tensor,
