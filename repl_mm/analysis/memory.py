@@ -23,6 +23,7 @@ from typing import Callable, Dict, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils import checkpoint as _cp
 
 _GENERATOR = '_checkpoint_without_reentrant_generator_impl'
@@ -58,7 +59,11 @@ class SavedTensorMeter:
         return sum(self.storages.values())
 
     def _record(self, t):
-        if isinstance(t, Tensor) and t.layout == torch.strided:
+        # A model compiled inside the block traces its checkpoint regions
+        # with fake tensors (no storage): what a compiled step saves is
+        # counted when it runs, not while it is traced.
+        if isinstance(t, Tensor) and t.layout == torch.strided and \
+                not is_fake(t):
             key, nbytes = _storage_key(t)
             if key not in self._exclude:
                 self.storages[key] = nbytes
