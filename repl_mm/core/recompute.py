@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..utils.compat import compiles_sites, is_compiling
+from ..utils.compat import buffers_swapped, compiles_sites, is_compiling
 
 
 class NonReentrantCheckpoint:
@@ -282,17 +282,16 @@ def recompute_in_backward(fn, *args, stateful: Union[nn.Module,
     replayed, so outputs and gradients equal a plain call's.
 
     Under ``torch.compile`` the checkpoint is traced as a region that the
-    compiler recomputes in its backward graph; the buffer updates are part
-    of the compiled forward only (functionalized), so they happen once
-    without :class:`FrozenBuffers`, whose ``context_fn`` dynamo cannot
-    trace. (Where torch cannot trace the sites, they never reach this
-    under compile: :func:`run_eagerly`.)
+    compiler recomputes in its backward graph (:func:`_compiled_region`;
+    dynamo cannot trace :class:`FrozenBuffers`' ``context_fn``). (Where
+    torch cannot trace the sites, they never reach this under compile:
+    :func:`run_eagerly`.)
     """
-    if is_compiling():
-        return checkpoint(fn, *args, use_reentrant=False)
     if isinstance(stateful, nn.Module):
         stateful = (stateful, )
     stateful = tuple(stateful)
+    if is_compiling():
+        return _compiled_region(fn, args, stateful)
 
     def context_fn():
         # Fresh, reusable context managers at every call: the recompute
@@ -300,6 +299,52 @@ def recompute_in_backward(fn, *args, stateful: Union[nn.Module,
         return nullcontext(), FrozenBuffers(*stateful)
 
     return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn)
+
+
+def _compiled_region(fn, args: tuple, stateful: tuple):
+    """``fn(*args)`` as a checkpoint region that mutates no buffer.
+
+    The region runs ``fn`` on copies of the buffers of ``stateful``
+    (swapped in with :func:`~repl_mm.utils.compat.buffers_swapped`),
+    returns the copies as the forward left them, and the buffers take
+    those values after the region: the norm statistics are updated once,
+    by the forward, however the backend treats the region. A backend that
+    functionalizes the graph (AOTAutograd: ``aot_eager``, inductor) would
+    update them once anyway; one that runs the traced region as an eager
+    checkpoint (``backend='eager'``) would otherwise replay the in-place
+    updates in backward, which torch's checkpoint rejects ("modified by an
+    inplace operation"). The region's inputs are copies too, so nothing
+    the recomputation reads changes after the forward. The copies are of
+    per-channel statistics: a few kB.
+    """
+    named = [dict(m.named_buffers()) for m in stateful]
+    flat = [b for buffers in named for b in buffers.values()]
+    if not flat:
+        return checkpoint(fn, *args, use_reentrant=False)
+    n = len(args)
+
+    def region(*inputs):
+        copies = [b.clone() for b in inputs[n:]]
+        it = iter(copies)
+        swaps = [{name: next(it) for name in buffers} for buffers in named]
+        return (_with_buffers(stateful, swaps, fn, inputs[:n]), *copies)
+
+    out, *updated = checkpoint(
+        region, *args, *(b.clone() for b in flat), use_reentrant=False)
+    with torch.no_grad():
+        for b, v in zip(flat, updated):
+            b.copy_(v)
+    return out
+
+
+def _with_buffers(modules: tuple, swaps: list, fn, args: tuple):
+    """``fn(*args)`` with ``modules[i]``'s buffers swapped for
+    ``swaps[i]``, for every i (nested ``with`` blocks: dynamo traces them
+    one by one)."""
+    if not modules:
+        return fn(*args)
+    with buffers_swapped(modules[0], swaps[0]):
+        return _with_buffers(modules[1:], swaps[1:], fn, args)
 
 
 @torch._dynamo.disable

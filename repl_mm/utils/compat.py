@@ -44,6 +44,13 @@ guard                           what differs between torch versions
                                 region. Releases in between are untested
                                 and treated like 2.1: the sites run
                                 eagerly inside compiled models.
+:func:`buffers_swapped`         ``torch.nn.utils.stateless.
+                                _reparametrize_module`` (private, the
+                                engine of ``torch.func.functional_call``,
+                                in every supported torch): a module's
+                                buffers replaced for a ``with`` block, in
+                                a way dynamo traces without a graph break
+                                (also inside a checkpoint region, 2.14).
 :func:`numpy_multiarray`        numpy's ``multiarray`` module (what its
                                 pickles reference): ``numpy._core`` from
                                 numpy 2, ``numpy.core`` in 1.x (1.26 has a
@@ -172,6 +179,14 @@ def compiles_sites() -> bool:
     """Whether ``torch.compile`` traces RepL's sites and checkpointed
     blocks (see the table above)."""
     return torch_version() >= (2, 14)
+
+
+def buffers_swapped(module: torch.nn.Module, buffers: dict):
+    """Context manager: ``module``'s buffers named in ``buffers`` (dotted
+    names, as ``named_buffers`` gives them) are the given tensors inside
+    the ``with`` block, and the module's own again after it."""
+    from torch.nn.utils.stateless import _reparametrize_module
+    return _reparametrize_module(module, buffers)
 
 
 def numpy_multiarray():

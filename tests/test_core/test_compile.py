@@ -116,6 +116,23 @@ def test_compiled_step_equals_eager(case, variant):
     assert_same_step(ref, got, atol=1e-5)
 
 
+@pytest.mark.parametrize('variant', ['default', 'with_cp'])
+def test_uncompiled_backend_step_equals_eager(variant):
+    """``backend='eager'`` (dynamo's graphs run as they are, not
+    functionalized): a traced checkpoint region runs as an eager
+    checkpoint, whose recomputation would replay the BN statistics'
+    in-place updates; the regions mutate copies of the buffers instead, so
+    the step matches eager, statistics updated once."""
+    torch._dynamo.reset()
+    case = next(c for c in CASES if c.name == 'cls-cifar-r20')
+    model = build(case, variant)
+    compiled_copy = copy.deepcopy(model)
+    x = torch.rand(case.shape)
+    ref = step(model, x)
+    got = step(compiled_copy, x, torch.compile(compiled_copy, backend='eager'))
+    assert_same_step(ref, got, atol=1e-5)
+
+
 def test_compiled_grouped_step_equals_eager():
     """A ResNeXt (grouped-conv sites, spec §9.1: GroupedConvUpdate and
     grouped folds), the default options, compiled with ``aot_eager``."""
